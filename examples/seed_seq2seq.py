@@ -1,0 +1,154 @@
+"""The seed's seq2seq model: Keras's built-in loss counts padding, kmask does not.
+
+The encoder `LSTM(return_sequences=False)` and `RepeatVector` drop the mask that
+`Masking` started, so `loss="categorical_crossentropy"` silently averages over
+the padded steps too. `kmask.MaskedCategoricalCrossentropy(mask_value=[0, 0, 1])`
+finds the padding in the targets instead.
+
+    python examples/seed_seq2seq.py                      # every installed backend
+    python examples/seed_seq2seq.py --backends jax torch
+
+Each backend runs in its own subprocess (the backend is fixed per process) with
+the same fixed weights, so every row shows the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+MAX_SENTENCE_LENGTH = 5
+PAD_VECTOR = [0, 0, 1]  # the one-hot code of the placeholder '#'
+TOLERANCE = 1e-5
+
+# The batch is ['##abb', '#babb']: left padding, pad step one-hot [0, 0, 1].
+X = [
+    [[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]],
+    [[0, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]],
+]
+Y_TRUE = [
+    [[0, 0, 1], [0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 1, 0]],
+    [[0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]],
+]
+
+
+def build_seed_model():
+    """The seed's model with fixed weights drawn by NumPy (same on every backend)."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    inputs = keras.Input(shape=(MAX_SENTENCE_LENGTH, 3))
+    masked = layers.Masking(mask_value=0.0)(inputs)
+    encoded = layers.LSTM(10, return_sequences=False, name="encoder")(masked)
+    repeated = layers.RepeatVector(MAX_SENTENCE_LENGTH)(encoded)
+    decoded = layers.LSTM(10, return_sequences=True, name="decoder")(repeated)
+    outputs = layers.Dense(3, activation="softmax")(decoded)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.RandomState(123)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape) for w in model.get_weights()])
+    return model
+
+
+def numpy_references(y_true, y_pred):
+    """Masked and unmasked mean cross-entropy, computed in NumPy."""
+    import numpy as np
+
+    y_true = np.asarray(y_true, dtype="float64")
+    y_pred = np.asarray(y_pred, dtype="float64")
+    probs = np.clip(y_pred / y_pred.sum(-1, keepdims=True), 1e-7, 1 - 1e-7)
+    per_step = -(y_true * np.log(probs)).sum(-1)
+    real = ~np.all(y_true == np.asarray(PAD_VECTOR), axis=-1)
+    return float(per_step[real].mean()), float(per_step.mean())
+
+
+def run_backend() -> dict:
+    """Evaluates the seed model on this process's backend."""
+    import keras
+    import numpy as np
+
+    import kmask
+
+    x = np.asarray(X, dtype="float32")
+    y_true = np.asarray(Y_TRUE, dtype="float32")
+    model = build_seed_model()
+    model.compile(loss="categorical_crossentropy")
+    builtin = model.evaluate(x, y_true, verbose=0)
+    model.compile(loss=kmask.MaskedCategoricalCrossentropy(mask_value=PAD_VECTOR))
+    masked = model.evaluate(x, y_true, verbose=0)
+    y_pred = model.predict(x, verbose=0)
+    masked_reference, unmasked_reference = numpy_references(y_true, y_pred)
+    return {
+        "backend": keras.backend.backend(),
+        "builtin": float(builtin),
+        "kmask": float(masked),
+        "numpy_masked": masked_reference,
+        "numpy_unmasked": unmasked_reference,
+    }
+
+
+def run_in_subprocess(backend: str) -> dict:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run(
+        [sys.executable, __file__, "--worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{backend} worker failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def agrees(a: float, b: float) -> bool:
+    return abs(a - b) <= TOLERANCE * max(1.0, abs(b))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_backend()))
+        return 0
+
+    header = (
+        "backend",
+        "Keras built-in evaluate",
+        "kmask evaluate",
+        "NumPy masked",
+        "NumPy unmasked",
+    )
+    print(" | ".join(header))
+    print(" | ".join("-" * len(name) for name in header))
+    all_ok = True
+    for backend in args.backends:
+        if importlib.util.find_spec(backend) is None:
+            print(f"{backend} | not installed | | |")
+            continue
+        row = run_in_subprocess(backend)
+        ok = agrees(row["builtin"], row["numpy_unmasked"]) and agrees(
+            row["kmask"], row["numpy_masked"]
+        )
+        all_ok &= ok
+        cells = [f"{row[key]:.6f}" for key in ("builtin", "kmask")]
+        cells += [f"{row[key]:.6f}" for key in ("numpy_masked", "numpy_unmasked")]
+        print(" | ".join([backend, *cells]) + ("" if ok else "  <- MISMATCH"))
+    print()
+    if all_ok:
+        print(
+            "On every backend the built-in loss is the unmasked mean (padding "
+            "counted) and kmask is the masked NumPy reference."
+        )
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

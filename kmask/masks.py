@@ -1,0 +1,188 @@
+"""Where masks come from: lengths, pad values, the propagated Keras mask.
+
+A mask here is a boolean tensor that is `True` on real steps and `False` on
+padding. Masks stay boolean until `kmask.reduce` casts them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+PADDINGS = ("pre", "post")
+
+
+def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"):
+    """Builds a boolean mask from sequence lengths.
+
+    Args:
+        lengths: Integer tensor of shape `[batch]`: the number of real steps of
+            each sequence.
+        maxlen: Length of the time axis. Defaults to `max(lengths)`, which
+            needs concrete lengths (pass it explicitly inside a compiled
+            function).
+        padding: `"post"` when the padding follows the real steps (right
+            padding), `"pre"` when it comes first (left padding, as in
+            `##abb`).
+
+    Returns:
+        A boolean tensor of shape `[batch, maxlen]`, `True` on real steps.
+
+    Example:
+
+    >>> import kmask
+    >>> from keras import ops
+    >>> ops.convert_to_numpy(kmask.sequence_mask([3, 4], 5, padding="pre")).astype(int)
+    array([[0, 0, 1, 1, 1],
+           [0, 1, 1, 1, 1]])
+    """
+    if padding not in PADDINGS:
+        raise ValueError(
+            f"Invalid value for argument `padding`. Expected one of {PADDINGS}. "
+            f"Received: padding={padding!r}"
+        )
+    concrete = _concrete(lengths)
+    if concrete is not None:
+        if concrete.ndim != 1:
+            raise ValueError(
+                "Argument `lengths` must have shape [batch]. "
+                f"Received: lengths.shape={concrete.shape}"
+            )
+        if maxlen is None:
+            maxlen = int(concrete.max()) if concrete.size else 0
+        out_of_range = (concrete < 0) | (concrete > maxlen)
+        if np.any(out_of_range):
+            raise ValueError(
+                f"Invalid value for argument `lengths`: every length must be in "
+                f"[0, maxlen={maxlen}]. Received: lengths={concrete.tolist()}"
+            )
+    elif maxlen is None:
+        raise ValueError(
+            "Argument `maxlen` is required when `lengths` is a symbolic tensor "
+            "(inside a compiled function). Received: maxlen=None"
+        )
+    lengths = ops.cast(ops.convert_to_tensor(lengths), "int32")
+    positions = ops.arange(maxlen, dtype="int32")[None, :]
+    if padding == "post":
+        return ops.less(positions, lengths[:, None])
+    return ops.greater_equal(positions, maxlen - lengths[:, None])
+
+
+def value_mask(y: Any, mask_value: Any):
+    """Marks the steps of `y` that are not padding.
+
+    For targets with a feature axis (rank 3 or more, or a vector
+    `mask_value`), a step is padding when every feature on the last axis
+    equals `mask_value` (a scalar, or a vector as long as the feature axis).
+    For rank-2 sparse labels the comparison is elementwise. A NaN
+    `mask_value` matches NaN.
+
+    Args:
+        y: Targets, e.g. one-hot `[batch, time, classes]` or sparse labels
+            `[batch, time]`.
+        mask_value: The pad value: a scalar such as `0` or `-100`, a vector
+            such as the one-hot pad `[0, 0, 1]`, or `float("nan")`.
+
+    Returns:
+        A boolean tensor, `True` on real steps: `y`'s shape without the
+        feature axis when one is compared, else `y`'s shape.
+
+    Example:
+
+    >>> import kmask
+    >>> from keras import ops
+    >>> y = [[[0, 0, 1], [1, 0, 0]], [[0, 1, 0], [0, 0, 1]]]
+    >>> ops.convert_to_numpy(kmask.value_mask(y, [0, 0, 1]))
+    array([[False,  True],
+           [ True, False]])
+    """
+    y = ops.convert_to_tensor(y)
+    pad = np.asarray(mask_value, dtype="float64")
+    if pad.ndim > 1:
+        raise ValueError(
+            "Argument `mask_value` must be a scalar or a vector. "
+            f"Received: mask_value with shape {pad.shape}"
+        )
+    has_feature_axis = pad.ndim == 1 or len(y.shape) >= 3
+    if pad.ndim == 1 and y.shape[-1] is not None and y.shape[-1] != pad.shape[0]:
+        raise ValueError(
+            "Argument `mask_value` must be as long as the feature axis of the "
+            f"targets. Received: mask_value={pad.tolist()} (length "
+            f"{pad.shape[0]}) for targets of shape {tuple(y.shape)}"
+        )
+    is_pad = _equals_pad(y, pad)
+    if has_feature_axis:
+        is_pad = ops.all(is_pad, axis=-1)
+    return ops.logical_not(is_pad)
+
+
+def combine_masks(*masks: Any):
+    """ANDs the masks that are not `None`; `None` when all are.
+
+    Masks of rank `[batch]` combine with per-step masks by broadcasting over
+    the trailing axes.
+    """
+    present = [ops.cast(mask, "bool") for mask in masks if mask is not None]
+    if not present:
+        return None
+    combined = present[0]
+    for mask in present[1:]:
+        rank = max(len(combined.shape), len(mask.shape))
+        combined = ops.logical_and(_align_rank(combined, rank), _align_rank(mask, rank))
+    return combined
+
+
+def keras_mask(y_pred: Any):
+    """Returns the mask Keras propagated onto `y_pred`, or `None`.
+
+    This is the one place kmask touches a Keras internal: on JAX the mask is
+    not an attribute of the array, so only Keras's own accessor finds it.
+    """
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(y_pred)
+
+
+def fits_steps(shape: tuple, step_shape: tuple) -> bool:
+    """Whether a mask or weight of `shape` fits per-step values of
+    `step_shape`: `[batch]` or any leading part of it (unknown dims match)."""
+    return len(shape) <= len(step_shape) and all(
+        got is None or want is None or got == want
+        for got, want in zip(shape, step_shape[: len(shape)], strict=True)
+    )
+
+
+def _align_rank(mask, rank: int):
+    """Appends trailing axes to `mask` until it has `rank` dimensions."""
+    while len(mask.shape) < rank:
+        mask = ops.expand_dims(mask, -1)
+    return mask
+
+
+def _equals_pad(y, pad: np.ndarray):
+    """Elementwise `y == pad`, with NaN equal to NaN."""
+    nan_positions = np.isnan(pad)
+    if not np.any(nan_positions):
+        return ops.equal(y, ops.convert_to_tensor(pad, dtype=y.dtype))
+    if pad.ndim == 0:
+        return ops.isnan(y)
+    finite_pad = np.where(nan_positions, 0.0, pad)
+    matches_value = ops.equal(y, ops.convert_to_tensor(finite_pad, dtype=y.dtype))
+    return ops.where(ops.convert_to_tensor(nan_positions), ops.isnan(y), matches_value)
+
+
+def _concrete(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array when it is concrete, `None` when symbolic.
+
+    Inside a compiled function (tf.function, jax.jit) tensors have no value
+    yet; each backend refuses the conversion with its own exception type.
+    """
+    if isinstance(value, keras.KerasTensor):
+        return None
+    try:
+        return np.asarray(ops.convert_to_numpy(value))
+    except (TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError):
+        return None

@@ -1,0 +1,163 @@
+"""`masked_reduce` and the reduction names: the one place that divides.
+
+With per-step values `l`, weights `w` (1 when none are given) and a boolean
+mask `m` (a step whose weight is 0 counts as padding too):
+
+| reduction             | result                                         |
+|-----------------------|------------------------------------------------|
+| `token_mean`          | `sum(l*w*m) / sum(w*m)`                        |
+| `sequence_mean`       | `sum(l*w*m/n) / sum(w*m/n)`, `n` = real steps  |
+|                       | of each sequence; sequences with none drop out |
+| `sum`                 | `sum(l*w*m)`                                   |
+| `sum_over_batch_size` | `sum(l*w*m) / number of per-step values`       |
+| `none`                | `l*w*m`, one value per step                    |
+
+Keras's names are accepted as aliases: `None` is `"none"`, `"mean"` is
+`"sum_over_batch_size"` and `"mean_with_sample_weight"` is `"token_mean"`.
+
+Padded values are selected away with `where`, never multiplied by zero, so
+NaN or inf at a padded step reaches neither the result nor its gradient. A
+reduction over no real step is exactly 0. Sums and counts are accumulated in
+float32 (or wider) whatever the dtype of the values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from kmask.masks import fits_steps
+
+REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
+KERAS_REDUCTION_ALIASES = {
+    None: "none",
+    "mean": "sum_over_batch_size",
+    "mean_with_sample_weight": "token_mean",
+}
+
+
+def standardize_reduction(reduction: str | None) -> str:
+    """Returns the kmask name of `reduction`, accepting Keras's names too."""
+    if reduction in REDUCTIONS:
+        return reduction
+    if reduction in KERAS_REDUCTION_ALIASES:
+        return KERAS_REDUCTION_ALIASES[reduction]
+    raise ValueError(
+        f"Invalid value for argument `reduction`. Expected one of {REDUCTIONS} "
+        f"(or Keras's {tuple(KERAS_REDUCTION_ALIASES)}). "
+        f"Received: reduction={reduction!r}"
+    )
+
+
+def masked_reduce(
+    values: Any,
+    mask: Any = None,
+    reduction: str | None = "token_mean",
+    sample_weight: Any = None,
+):
+    """Reduces per-step values over the real steps only.
+
+    See the module docstring of `kmask.reduce` for what each reduction
+    computes.
+
+    Args:
+        values: Per-step values, shape `[batch, ...]` (e.g. `[batch, time]`).
+        mask: Optional boolean tensor, `True` on real steps, of shape `[batch]`
+            or `values.shape` (any leading part of it works).
+        reduction: One of `"token_mean"` (default), `"sequence_mean"`,
+            `"sum"`, `"sum_over_batch_size"` or `"none"`.
+        sample_weight: Optional weights of shape `[batch]` (per sequence) or
+            `values.shape` (per step). A weight of 0 marks padding.
+
+    Returns:
+        A scalar in `values`' dtype, or per-step values for `"none"`.
+
+    Example:
+
+    >>> import kmask
+    >>> values = [[1.0, 2.0, 3.0], [4.0, 0.0, float("nan")]]
+    >>> mask = [[True, True, True], [True, False, False]]
+    >>> float(kmask.masked_reduce(values, mask))  # (1 + 2 + 3 + 4) / 4
+    2.5
+    >>> float(kmask.masked_reduce(values, mask, reduction="sequence_mean"))
+    3.0
+    """
+    reduction = standardize_reduction(reduction)
+    values = ops.convert_to_tensor(values)
+    result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
+    values = ops.cast(values, _accumulation_dtype(values.dtype))
+    rank = len(values.shape)
+    valid = None
+    if mask is not None:
+        valid = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
+    weight = None
+    if sample_weight is not None:
+        weight = ops.cast(
+            _fit_to_values(sample_weight, values, "sample_weight"), values.dtype
+        )
+        has_weight = ops.not_equal(weight, 0)
+        valid = has_weight if valid is None else ops.logical_and(valid, has_weight)
+
+    if valid is None:
+        step_values = values
+        step_weight = ops.ones_like(values)
+    else:
+        step_weight = ops.cast(valid, values.dtype)
+        if weight is not None:
+            step_weight = step_weight * weight
+        step_weight = ops.broadcast_to(step_weight, ops.shape(values))
+        step_values = ops.where(valid, values, ops.zeros_like(values))
+
+    weighted = step_values * step_weight
+    if reduction == "none":
+        return ops.cast(weighted, result_dtype)
+    if reduction == "sum":
+        result = ops.sum(weighted)
+    elif reduction == "sum_over_batch_size":
+        result = ops.sum(weighted) / ops.cast(ops.size(values), values.dtype)
+    elif reduction == "token_mean":
+        result = _divide_or_zero(ops.sum(weighted), ops.sum(step_weight))
+    else:
+        step_axes = tuple(range(1, rank))
+        real_steps = ops.cast(ops.not_equal(step_weight, 0), values.dtype)
+        if step_axes:
+            real_steps = ops.sum(real_steps, axis=step_axes, keepdims=True)
+        per_sequence = _divide_or_zero(ops.ones_like(real_steps), real_steps)
+        result = _divide_or_zero(
+            ops.sum(weighted * per_sequence), ops.sum(step_weight * per_sequence)
+        )
+    return ops.cast(result, result_dtype)
+
+
+def _divide_or_zero(numerator, denominator):
+    """`numerator / denominator`, exactly 0 (with a finite gradient) where the
+    denominator is 0."""
+    nonzero = ops.not_equal(denominator, 0)
+    safe_denominator = ops.where(nonzero, denominator, ops.ones_like(denominator))
+    return ops.where(nonzero, numerator / safe_denominator, ops.zeros_like(numerator))
+
+
+def _accumulation_dtype(dtype) -> str:
+    """float32 for half precision and integers, else the dtype itself."""
+    dtype = str(dtype).split(".")[-1]
+    return dtype if dtype == "float64" else "float32"
+
+
+def _fit_to_values(tensor: Any, values, name: str):
+    """Checks that `tensor` is `[batch]` or a leading part of `values.shape`
+    (trailing axes of size 1 allowed) and appends axes to match its rank."""
+    tensor = ops.convert_to_tensor(tensor)
+    shape = tuple(tensor.shape)
+    target = tuple(values.shape)
+    while len(shape) > len(target) and shape[-1] == 1:
+        tensor = ops.squeeze(tensor, axis=-1)
+        shape = shape[:-1]
+    if not fits_steps(shape, target):
+        raise ValueError(
+            f"Argument `{name}` must have shape [batch] = {target[:1]} or the "
+            f"per-step shape {target}. Received: {name}.shape={shape}"
+        )
+    while len(tensor.shape) < len(target):
+        tensor = ops.expand_dims(tensor, -1)
+    return tensor
