@@ -15,14 +15,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.masks import combine_masks, fits_steps, keras_mask, value_mask
+from kmask.masks import combine_masks, fill_padding, keras_mask, value_mask
 from kmask.reduce import _accumulation_dtype, masked_reduce, standardize_reduction
-
-# Padded steps are replaced by these before the wrapped loss sees them, so that
-# the loss is finite there whatever the padding held (0.5 is a valid
-# probability, logit and regression value; 0 a valid label).
-_PAD_PREDICTION = 0.5
-_PAD_TARGET = 0
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -99,9 +93,7 @@ class MaskedLoss(keras.losses.Loss):
             valid = combine_masks(propagated, self.target_mask(y_true), mask)
             y_true = self._cast_targets(y_true, y_pred.dtype)
             if valid is not None:
-                _check_mask(valid, y_pred, self._class_axis)
-                y_true = _fill_padding(y_true, valid, _PAD_TARGET, self._class_axis)
-                y_pred = _fill_padding(y_pred, valid, _PAD_PREDICTION, self._class_axis)
+                y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
             per_step = self.call(y_true, y_pred)
             result = masked_reduce(per_step, valid, self.reduction, sample_weight)
             return ops.cast(result, self.dtype)
@@ -606,29 +598,3 @@ def _check_shapes(y_true, y_pred) -> None:
             f"y_true.shape={true_shape}, y_pred.shape={pred_shape}. Expected "
             "equal shapes, or y_true without y_pred's last (class) axis."
         )
-
-
-def _check_mask(valid, y_pred, class_axis: int) -> None:
-    """Raises when the mask is neither `[batch]` nor the per-step shape."""
-    per_step_shape = list(y_pred.shape)
-    if len(per_step_shape) > 1:
-        del per_step_shape[class_axis]
-    mask_shape = tuple(valid.shape)
-    if not fits_steps(mask_shape, tuple(per_step_shape)):
-        raise ValueError(
-            f"The mask has shape {mask_shape}, which does not fit predictions of "
-            f"shape {tuple(y_pred.shape)}: expected [batch] or the per-step shape "
-            f"{tuple(per_step_shape)}."
-        )
-
-
-def _fill_padding(tensor, valid, fill_value, class_axis: int):
-    """Replaces the padded steps of `tensor` by `fill_value` (with `where`, so
-    neither the padding's values nor a gradient pass through)."""
-    extra_axes = len(tensor.shape) - len(valid.shape)
-    if extra_axes == 1 and len(valid.shape) > 1:
-        valid = ops.expand_dims(valid, class_axis)
-    else:
-        for _ in range(extra_axes):
-            valid = ops.expand_dims(valid, -1)
-    return ops.where(valid, tensor, ops.cast(fill_value, tensor.dtype))

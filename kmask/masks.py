@@ -13,6 +13,11 @@ import numpy as np
 from keras import ops
 
 PADDINGS = ("pre", "post")
+# Padded steps are replaced by these before a loss sees them, so the loss is
+# finite there whatever the padding held: 0.5 is a valid probability, logit
+# and regression value, 0 a valid label.
+_PAD_PREDICTION = 0.5
+_PAD_TARGET = 0
 
 
 def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"):
@@ -135,6 +140,38 @@ def combine_masks(*masks: Any):
     return combined
 
 
+def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
+    """Replaces the padded steps of `y_true` and `y_pred` by harmless values.
+
+    `where` selects them away, so whatever the padding held (NaN, inf, a label
+    of -100) reaches neither a loss nor its gradient: the gradient at a padded
+    step is exactly 0.
+
+    Args:
+        y_true: Targets, with or without `y_pred`'s class axis.
+        y_pred: Predictions, `[batch, ..., classes]`.
+        valid: Boolean mask, `[batch]` or the per-step shape (`y_pred`'s
+            shape without `class_axis`).
+        class_axis: The axis of `y_pred` the loss reduces.
+
+    Returns:
+        `(y_true, y_pred)` with padded steps replaced.
+    """
+    step_shape = list(y_pred.shape)
+    if len(step_shape) > 1:
+        del step_shape[class_axis]
+    if not fits_steps(tuple(valid.shape), tuple(step_shape)):
+        raise ValueError(
+            f"The mask has shape {tuple(valid.shape)}, which does not fit "
+            f"predictions of shape {tuple(y_pred.shape)}: expected [batch] or "
+            f"the per-step shape {tuple(step_shape)}."
+        )
+    return (
+        _fill(y_true, valid, _PAD_TARGET, class_axis),
+        _fill(y_pred, valid, _PAD_PREDICTION, class_axis),
+    )
+
+
 def keras_mask(y_pred: Any):
     """Returns the mask Keras propagated onto `y_pred`, or `None`.
 
@@ -153,6 +190,15 @@ def fits_steps(shape: tuple, step_shape: tuple) -> bool:
         got is None or want is None or got == want
         for got, want in zip(shape, step_shape[: len(shape)], strict=True)
     )
+
+
+def _fill(tensor, valid, fill_value, class_axis: int):
+    extra_axes = len(tensor.shape) - len(valid.shape)
+    if extra_axes == 1 and len(valid.shape) > 1:
+        valid = ops.expand_dims(valid, class_axis)
+    else:
+        valid = _align_rank(valid, len(tensor.shape))
+    return ops.where(valid, tensor, ops.cast(fill_value, tensor.dtype))
 
 
 def _align_rank(mask, rank: int):

@@ -86,8 +86,52 @@ def masked_reduce(
     reduction = standardize_reduction(reduction)
     values = ops.convert_to_tensor(values)
     result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
+    weighted, step_weight = _weighted_steps(values, mask, sample_weight)
+    if reduction == "none":
+        return ops.cast(weighted, result_dtype)
+    if reduction == "sum":
+        result = ops.sum(weighted)
+    elif reduction == "sum_over_batch_size":
+        result = ops.sum(weighted) / ops.cast(ops.size(weighted), weighted.dtype)
+    elif reduction == "token_mean":
+        result = divide_or_zero(ops.sum(weighted), ops.sum(step_weight))
+    else:
+        step_axes = tuple(range(1, len(weighted.shape)))
+        real_steps = ops.cast(ops.not_equal(step_weight, 0), weighted.dtype)
+        if step_axes:
+            real_steps = ops.sum(real_steps, axis=step_axes, keepdims=True)
+        per_sequence = divide_or_zero(ops.ones_like(real_steps), real_steps)
+        result = divide_or_zero(
+            ops.sum(weighted * per_sequence), ops.sum(step_weight * per_sequence)
+        )
+    return ops.cast(result, result_dtype)
+
+
+def masked_sum_and_count(values: Any, mask: Any = None, sample_weight: Any = None):
+    """The two sums every token mean is made of: `sum(l*w*m)` and `sum(w*m)`.
+
+    Metrics keep these as state so that a mean over several batches is exact;
+    the arguments are those of `masked_reduce`. Both sums are float32 (or
+    wider).
+    """
+    weighted, step_weight = _weighted_steps(
+        ops.convert_to_tensor(values), mask, sample_weight
+    )
+    return ops.sum(weighted), ops.sum(step_weight)
+
+
+def divide_or_zero(numerator: Any, denominator: Any):
+    """`numerator / denominator`, exactly 0 (with a finite gradient) where the
+    denominator is 0."""
+    nonzero = ops.not_equal(denominator, 0)
+    safe_denominator = ops.where(nonzero, denominator, ops.ones_like(denominator))
+    return ops.where(nonzero, numerator / safe_denominator, ops.zeros_like(numerator))
+
+
+def _weighted_steps(values, mask, sample_weight):
+    """Per-step `l*w*m` (padding selected away) and the per-step weight `w*m`,
+    both in the accumulation dtype and `values`' shape."""
     values = ops.cast(values, _accumulation_dtype(values.dtype))
-    rank = len(values.shape)
     valid = None
     if mask is not None:
         valid = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
@@ -98,44 +142,14 @@ def masked_reduce(
         )
         has_weight = ops.not_equal(weight, 0)
         valid = has_weight if valid is None else ops.logical_and(valid, has_weight)
-
     if valid is None:
-        step_values = values
-        step_weight = ops.ones_like(values)
-    else:
-        step_weight = ops.cast(valid, values.dtype)
-        if weight is not None:
-            step_weight = step_weight * weight
-        step_weight = ops.broadcast_to(step_weight, ops.shape(values))
-        step_values = ops.where(valid, values, ops.zeros_like(values))
-
-    weighted = step_values * step_weight
-    if reduction == "none":
-        return ops.cast(weighted, result_dtype)
-    if reduction == "sum":
-        result = ops.sum(weighted)
-    elif reduction == "sum_over_batch_size":
-        result = ops.sum(weighted) / ops.cast(ops.size(values), values.dtype)
-    elif reduction == "token_mean":
-        result = _divide_or_zero(ops.sum(weighted), ops.sum(step_weight))
-    else:
-        step_axes = tuple(range(1, rank))
-        real_steps = ops.cast(ops.not_equal(step_weight, 0), values.dtype)
-        if step_axes:
-            real_steps = ops.sum(real_steps, axis=step_axes, keepdims=True)
-        per_sequence = _divide_or_zero(ops.ones_like(real_steps), real_steps)
-        result = _divide_or_zero(
-            ops.sum(weighted * per_sequence), ops.sum(step_weight * per_sequence)
-        )
-    return ops.cast(result, result_dtype)
-
-
-def _divide_or_zero(numerator, denominator):
-    """`numerator / denominator`, exactly 0 (with a finite gradient) where the
-    denominator is 0."""
-    nonzero = ops.not_equal(denominator, 0)
-    safe_denominator = ops.where(nonzero, denominator, ops.ones_like(denominator))
-    return ops.where(nonzero, numerator / safe_denominator, ops.zeros_like(numerator))
+        return values, ops.ones_like(values)
+    step_weight = ops.cast(valid, values.dtype)
+    if weight is not None:
+        step_weight = step_weight * weight
+    step_weight = ops.broadcast_to(step_weight, ops.shape(values))
+    step_values = ops.where(valid, values, ops.zeros_like(values))
+    return step_values * step_weight, step_weight
 
 
 def _accumulation_dtype(dtype) -> str:
