@@ -15,7 +15,14 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.masks import combine_masks, fill_padding, keras_mask, value_mask
+from kmask.masks import (
+    combine_masks,
+    fill_padding,
+    keras_mask,
+    step_shape,
+    value_mask,
+    weight_mask,
+)
 from kmask.reduce import _accumulation_dtype, masked_reduce, standardize_reduction
 
 
@@ -90,7 +97,12 @@ class MaskedLoss(keras.losses.Loss):
             y_pred = ops.cast(y_pred, _accumulation_dtype(self.dtype))
             y_true = ops.convert_to_tensor(y_true)
             _check_shapes(y_true, y_pred)
-            valid = combine_masks(propagated, self.target_mask(y_true), mask)
+            weighted = None
+            if sample_weight is not None:
+                weighted = weight_mask(
+                    sample_weight, step_shape(y_pred, self._class_axis)
+                )
+            valid = combine_masks(propagated, self.target_mask(y_true), mask, weighted)
             y_true = self._cast_targets(y_true, y_pred.dtype)
             if valid is not None:
                 y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)

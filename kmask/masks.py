@@ -140,6 +140,38 @@ def combine_masks(*masks: Any):
     return combined
 
 
+def step_shape(y_pred: Any, class_axis: int = -1) -> tuple:
+    """The shape of the per-step loss: `y_pred`'s without its class axis."""
+    shape = list(y_pred.shape)
+    if len(shape) > 1:
+        del shape[class_axis]
+    return tuple(shape)
+
+
+def weight_mask(sample_weight: Any, steps: tuple):
+    """The steps a `sample_weight` keeps (a weight of 0 is padding).
+
+    Args:
+        sample_weight: Weights, `[batch]` or the per-step shape `steps`;
+            trailing axes of size 1 beyond it (Keras's `[batch, time, 1]`)
+            are squeezed.
+        steps: The per-step shape, see `step_shape`.
+
+    Returns:
+        A boolean tensor, `False` where the weight is 0.
+    """
+    sample_weight = ops.convert_to_tensor(sample_weight)
+    while len(sample_weight.shape) > len(steps) and sample_weight.shape[-1] == 1:
+        sample_weight = ops.squeeze(sample_weight, axis=-1)
+    if not fits_steps(tuple(sample_weight.shape), steps):
+        raise ValueError(
+            f"Argument `sample_weight` must have shape [batch] = {steps[:1]} or "
+            f"the per-step shape {steps}. "
+            f"Received: sample_weight.shape={tuple(sample_weight.shape)}"
+        )
+    return ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
+
+
 def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
     """Replaces the padded steps of `y_true` and `y_pred` by harmless values.
 
@@ -157,14 +189,12 @@ def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
     Returns:
         `(y_true, y_pred)` with padded steps replaced.
     """
-    step_shape = list(y_pred.shape)
-    if len(step_shape) > 1:
-        del step_shape[class_axis]
-    if not fits_steps(tuple(valid.shape), tuple(step_shape)):
+    steps = step_shape(y_pred, class_axis)
+    if not fits_steps(tuple(valid.shape), steps):
         raise ValueError(
             f"The mask has shape {tuple(valid.shape)}, which does not fit "
             f"predictions of shape {tuple(y_pred.shape)}: expected [batch] or "
-            f"the per-step shape {tuple(step_shape)}."
+            f"the per-step shape {steps}."
         )
     return (
         _fill(y_true, valid, _PAD_TARGET, class_axis),
