@@ -1,5 +1,6 @@
 """kmask: masked losses, metrics and mask tools for padded sequences in Keras 3."""
 
+from kmask import distribute
 from kmask.losses import (
     MaskedBinaryCrossentropy,
     MaskedCategoricalCrossentropy,
@@ -11,7 +12,12 @@ from kmask.losses import (
     masked_loss,
 )
 from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
-from kmask.reduce import REDUCTIONS, masked_reduce
+from kmask.reduce import (
+    REDUCTIONS,
+    accumulation_batches,
+    accumulation_weights,
+    masked_reduce,
+)
 
 __version__ = "0.1.0"
 
@@ -25,7 +31,10 @@ __all__ = [
     "MaskedMeanSquaredError",
     "MaskedSparseCategoricalCrossentropy",
     "__version__",
+    "accumulation_batches",
+    "accumulation_weights",
     "combine_masks",
+    "distribute",
     "keras_mask",
     "masked_loss",
     "masked_reduce",

@@ -19,14 +19,24 @@ Padded values are selected away with `where`, never multiplied by zero, so
 NaN or inf at a padded step reaches neither the result nor its gradient. A
 reduction over no real step is exactly 0. Sums and counts are accumulated in
 float32 (or wider) whatever the dtype of the values.
+
+Under data parallelism every denominator is global (see `kmask.distribute`),
+so a mean over N replicas equals the mean over the whole batch. For gradient
+accumulation, `accumulation_weights` and `accumulation_batches` turn each
+micro-batch's weights into `steps * w / (sum of w over its window)`, to be used
+with `reduction="sum"`: the optimizer's average of the micro-batch gradients
+is then the gradient of the window's token mean.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 from keras import ops
 
+from kmask.distribute import global_denominator
 from kmask.masks import fits_steps
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
@@ -92,9 +102,12 @@ def masked_reduce(
     if reduction == "sum":
         result = ops.sum(weighted)
     elif reduction == "sum_over_batch_size":
-        result = ops.sum(weighted) / ops.cast(ops.size(weighted), weighted.dtype)
+        size = ops.cast(ops.size(weighted), weighted.dtype)
+        result = ops.sum(weighted) / global_denominator(size)
     elif reduction == "token_mean":
-        result = divide_or_zero(ops.sum(weighted), ops.sum(step_weight))
+        result = divide_or_zero(
+            ops.sum(weighted), global_denominator(ops.sum(step_weight))
+        )
     else:
         step_axes = tuple(range(1, len(weighted.shape)))
         real_steps = ops.cast(ops.not_equal(step_weight, 0), weighted.dtype)
@@ -102,7 +115,8 @@ def masked_reduce(
             real_steps = ops.sum(real_steps, axis=step_axes, keepdims=True)
         per_sequence = divide_or_zero(ops.ones_like(real_steps), real_steps)
         result = divide_or_zero(
-            ops.sum(weighted * per_sequence), ops.sum(step_weight * per_sequence)
+            ops.sum(weighted * per_sequence),
+            global_denominator(ops.sum(step_weight * per_sequence)),
         )
     return ops.cast(result, result_dtype)
 
@@ -126,6 +140,89 @@ def divide_or_zero(numerator: Any, denominator: Any):
     nonzero = ops.not_equal(denominator, 0)
     safe_denominator = ops.where(nonzero, denominator, ops.ones_like(denominator))
     return ops.where(nonzero, numerator / safe_denominator, ops.zeros_like(numerator))
+
+
+def accumulation_weights(sample_weight: Any, batch_size: int, steps: int) -> np.ndarray:
+    """Per-step weights that make gradient accumulation equal the full batch.
+
+    Use them as `sample_weight` with a kmask loss built with
+    `reduction="sum"`, an optimizer with `gradient_accumulation_steps=steps`,
+    and `fit(..., batch_size=batch_size, shuffle=False)` (the windows are
+    fixed by the data's order; for shuffled data use `accumulation_batches`).
+
+    Args:
+        sample_weight: `[num_samples, time]` weights or a boolean mask of the
+            real steps of the whole data set (e.g. `y != pad_id`).
+        batch_size: The micro-batch size given to `fit()`.
+        steps: The optimizer's `gradient_accumulation_steps`.
+
+    Returns:
+        float32 weights of the same shape: `steps * w / sum(w)` with the sum
+        over each window of `steps` consecutive micro-batches.
+
+    Example:
+
+    >>> import kmask
+    >>> kmask.accumulation_weights([[1, 1], [1, 0], [0, 0], [1, 0]], 1, 2)
+    array([[0.6666667, 0.6666667],
+           [0.6666667, 0.       ],
+           [0.       , 0.       ],
+           [2.       , 0.       ]], dtype=float32)
+    """
+    weights = np.asarray(sample_weight, dtype="float64")
+    window = batch_size * steps
+    if len(weights) % window:
+        raise ValueError(
+            "The number of samples must be a multiple of batch_size * steps, so "
+            "that every accumulation window is complete. Received: "
+            f"{len(weights)} samples, batch_size={batch_size}, steps={steps}"
+        )
+    batches = np.split(weights, len(weights) // batch_size)
+    return np.concatenate(
+        [w for window in _windows(batches, steps) for w in _normalize(window, steps)]
+    )
+
+
+def accumulation_batches(batches: Iterable[tuple], steps: int) -> Iterator[tuple]:
+    """Rewrites the weights of a stream of batches for gradient accumulation.
+
+    Groups the batches in windows of `steps` and yields them again with
+    `sample_weight` replaced by `steps * w / sum(w over the window)`. Use with
+    a kmask loss built with `reduction="sum"` and an optimizer with
+    `gradient_accumulation_steps=steps`; pass the generator to `fit()`. An
+    epoch should have a multiple of `steps` batches.
+
+    Args:
+        batches: Iterable of `(x, y, sample_weight)` with NumPy weights or
+            masks of shape `[batch, time]` (or `[batch]`).
+        steps: The optimizer's `gradient_accumulation_steps`.
+
+    Returns:
+        An iterator of `(x, y, window_weights)`.
+    """
+    for window in _windows(batches, steps):
+        weights = _normalize([np.asarray(w, "float64") for _, _, w in window], steps)
+        for (x, y, _), normalized in zip(window, weights, strict=True):
+            yield x, y, normalized
+
+
+def _windows(items: Iterable, steps: int) -> Iterator[list]:
+    """Consecutive groups of `steps` items (the last one may be shorter)."""
+    window = []
+    for item in items:
+        window.append(item)
+        if len(window) == steps:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _normalize(window: list[np.ndarray], steps: int) -> list[np.ndarray]:
+    """`steps * w / sum(w)` with the sum over the whole window, in float32."""
+    total = sum(float(w.sum()) for w in window)
+    scale = steps / total if total else 0.0
+    return [(w * scale).astype("float32") for w in window]
 
 
 def _weighted_steps(values, mask, sample_weight):
@@ -154,8 +251,8 @@ def _weighted_steps(values, mask, sample_weight):
 
 def _accumulation_dtype(dtype) -> str:
     """float32 for half precision and integers, else the dtype itself."""
-    dtype = str(dtype).split(".")[-1]
-    return dtype if dtype == "float64" else "float32"
+    # str() of a TensorFlow dtype is "<dtype: 'float64'>", of torch's "torch.float64".
+    return "float64" if "float64" in str(dtype) else "float32"
 
 
 def _fit_to_values(tensor: Any, values, name: str):

@@ -1,4 +1,4 @@
-"""MaskedLoss and its subclasses against NumPy references (and Keras for drop-in parity)."""
+"""MaskedLoss and its subclasses against NumPy (and Keras, for drop-in parity)."""
 
 from __future__ import annotations
 
@@ -548,7 +548,7 @@ def test_sparse_z_loss_is_masked():
 
 
 def test_sparse_argument_errors():
-    with pytest.raises(ValueError, match="z_loss.*from_logits"):
+    with pytest.raises(ValueError, match=r"z_loss.*from_logits"):
         kmask.MaskedSparseCategoricalCrossentropy(z_loss=0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         kmask.MaskedSparseCategoricalCrossentropy(label_smoothing=1.5)
@@ -614,7 +614,7 @@ def test_sample_weight_that_does_not_fit():
 
 
 def test_unknown_loss_name_fails_at_construction():
-    with pytest.raises(ValueError, match="loss.*'not_a_loss'"):
+    with pytest.raises(ValueError, match=r"loss.*'not_a_loss'"):
         kmask.MaskedLoss("not_a_loss")
 
 

@@ -1,0 +1,140 @@
+"""Exact token means across devices and across gradient-accumulation steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import kmask
+
+BACKEND = keras.backend.backend()
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multi_device.py"
+
+
+def np_window_weights(weights, batch_size, steps):
+    """NumPy reference: steps * w / sum(w) over each window of steps batches."""
+    weights = np.asarray(weights, "float64")
+    window = batch_size * steps
+    out = np.zeros_like(weights)
+    for start in range(0, len(weights), window):
+        chunk = weights[start : start + window]
+        out[start : start + window] = chunk * steps / chunk.sum() if chunk.sum() else 0
+    return out
+
+
+@pytest.mark.parametrize(("batch_size", "steps"), [(1, 2), (2, 2), (1, 4), (3, 2)])
+def test_accumulation_weights_match_numpy(batch_size, steps):
+    rng = np.random.default_rng(batch_size * 10 + steps)
+    lengths = rng.integers(0, 7, size=batch_size * steps * 2)
+    mask = np.arange(6)[None, :] < lengths[:, None]
+    actual = kmask.accumulation_weights(mask, batch_size, steps)
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(
+        actual, np_window_weights(mask, batch_size, steps), rtol=1e-6
+    )
+
+
+def test_accumulated_window_sums_equal_the_window_token_mean():
+    """Averaging the micro-batch losses (as the optimizer averages gradients)
+    gives the token mean of the window, checked in NumPy."""
+    rng = np.random.default_rng(0)
+    per_step = rng.normal(size=(8, 5))
+    mask = np.arange(5)[None, :] < np.array([5, 5, 5, 5, 1, 1, 2, 1])[:, None]
+    weights = kmask.accumulation_weights(mask, 2, 4)
+    micro_losses = [
+        (per_step[i : i + 2] * weights[i : i + 2]).sum() for i in range(0, 8, 2)
+    ]
+    np.testing.assert_allclose(np.mean(micro_losses), per_step[mask].mean(), rtol=1e-6)
+
+
+def test_accumulation_weights_need_complete_windows():
+    with pytest.raises(ValueError, match=r"multiple of batch_size \* steps.*5 samples"):
+        kmask.accumulation_weights(np.ones((5, 3)), 2, 2)
+
+
+def test_accumulation_batches_rewrite_each_window():
+    rng = np.random.default_rng(1)
+    masks = [
+        np.arange(4)[None, :] < rng.integers(0, 5, size=(3,))[:, None] for _ in range(4)
+    ]
+    batches = [(f"x{i}", f"y{i}", mask) for i, mask in enumerate(masks)]
+    out = list(kmask.accumulation_batches(iter(batches), steps=2))
+    assert [x for x, _, _ in out] == ["x0", "x1", "x2", "x3"]
+    expected = np_window_weights(np.concatenate(masks), batch_size=3, steps=2)
+    np.testing.assert_allclose(
+        np.concatenate([w for _, _, w in out]), expected, rtol=1e-6
+    )
+
+
+def test_all_padding_window_gives_zero_weights():
+    out = kmask.accumulation_weights(np.zeros((4, 3), bool), 2, 2)
+    assert np.all(out == 0)
+
+
+def test_single_process_denominator_is_local():
+    values = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "float32")
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    expected = values[mask].mean()
+    assert float(kmask.masked_reduce(values, mask)) == pytest.approx(expected)
+    with kmask.distribute.local():
+        assert float(kmask.masked_reduce(values, mask)) == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def multi_device_rows(tmp_path_factory):
+    """Runs examples/multi_device.py for this backend (2 devices or 2 processes)."""
+    out = tmp_path_factory.mktemp("multi_device") / "rows.json"
+    env = dict(os.environ)
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--backends", BACKEND, "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_every_setup_is_measured(multi_device_rows):
+    setups = {row["setup"] for row in multi_device_rows}
+    expected_device_setup = {
+        "tensorflow": "MirroredStrategy, 2 CPUs",
+        "jax": "DataParallel, 2 CPUs",
+        "torch": "DDP, 2 gloo processes",
+    }[BACKEND]
+    assert setups == {
+        expected_device_setup,
+        "gradient_accumulation_steps=2",
+        "gradient_accumulation_steps=4",
+    }
+    sources = {row["mask source"] for row in multi_device_rows}
+    assert sources == {"propagated mask", "mask_value=NaN"}
+
+
+def test_kmask_matches_the_single_device_full_batch_step(multi_device_rows):
+    for row in multi_device_rows:
+        assert row["kmask gap"] <= 1e-5, row
+        assert row["logged loss rel. error"] <= 1e-5, row
+
+
+def test_the_setups_are_sharp_enough_to_catch_a_per_replica_mean(multi_device_rows):
+    """Keras's built-in loss is visibly off where it divides per replica or per
+    micro-batch, so a kmask that did the same would fail the test above."""
+    for row in multi_device_rows:
+        if row["builtin gap"] is None:
+            continue
+        if row["setup"] == "DataParallel, 2 CPUs":
+            assert row["builtin gap"] <= 1e-5, (
+                row
+            )  # JAX: the loss sees the global array
+        else:
+            assert row["builtin gap"] > 1e-2, row
