@@ -1,6 +1,12 @@
 """kmask: masked losses, metrics and mask tools for padded sequences in Keras 3."""
 
 from kmask import distribute
+from kmask.fused import (
+    FusedLinearCrossentropy,
+    fused_linear_crossentropy,
+    sparse_crossentropy_with_logits,
+)
+from kmask.layers import AttachMask, LengthMask, ValueMask
 from kmask.losses import (
     MaskedBinaryCrossentropy,
     MaskedCategoricalCrossentropy,
@@ -12,32 +18,52 @@ from kmask.losses import (
     masked_loss,
 )
 from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
+from kmask.metrics import (
+    MaskedCategoricalAccuracy,
+    MaskedMeanMetricWrapper,
+    MaskedSparseCategoricalAccuracy,
+    Perplexity,
+)
 from kmask.reduce import (
     REDUCTIONS,
     accumulation_batches,
     accumulation_weights,
     masked_reduce,
 )
+from kmask.report import LayerMasks, MaskReport, mask_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REDUCTIONS",
+    "AttachMask",
+    "FusedLinearCrossentropy",
+    "LayerMasks",
+    "LengthMask",
+    "MaskReport",
     "MaskedBinaryCrossentropy",
+    "MaskedCategoricalAccuracy",
     "MaskedCategoricalCrossentropy",
     "MaskedHuber",
     "MaskedLoss",
     "MaskedMeanAbsoluteError",
+    "MaskedMeanMetricWrapper",
     "MaskedMeanSquaredError",
+    "MaskedSparseCategoricalAccuracy",
     "MaskedSparseCategoricalCrossentropy",
+    "Perplexity",
+    "ValueMask",
     "__version__",
     "accumulation_batches",
     "accumulation_weights",
     "combine_masks",
     "distribute",
+    "fused_linear_crossentropy",
     "keras_mask",
+    "mask_report",
     "masked_loss",
     "masked_reduce",
     "sequence_mask",
+    "sparse_crossentropy_with_logits",
     "value_mask",
 ]

@@ -15,10 +15,12 @@ from typing import Any
 import keras
 from keras import ops
 
+from kmask.fused import sparse_crossentropy_with_logits
 from kmask.masks import (
     combine_masks,
     fill_padding,
     keras_mask,
+    per_step_mask,
     step_shape,
     value_mask,
     weight_mask,
@@ -104,11 +106,16 @@ class MaskedLoss(keras.losses.Loss):
                 )
             valid = combine_masks(propagated, self.target_mask(y_true), mask, weighted)
             y_true = self._cast_targets(y_true, y_pred.dtype)
-            if valid is not None:
-                y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
-            per_step = self.call(y_true, y_pred)
+            per_step = self._masked_steps(y_true, y_pred, valid)
             result = masked_reduce(per_step, valid, self.reduction, sample_weight)
             return ops.cast(result, self.dtype)
+
+    def _masked_steps(self, y_true, y_pred, valid):
+        """The per-step loss, with padded steps (where `valid` is `False`)
+        neutralised before the loss sees them."""
+        if valid is not None:
+            y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
+        return self.call(y_true, y_pred)
 
     def _cast_targets(self, y_true, dtype):
         return ops.cast(y_true, dtype)
@@ -277,6 +284,26 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
 
     def _cast_targets(self, y_true, dtype):
         return ops.cast(y_true, "int32")
+
+    def _masked_steps(self, y_true, y_pred, valid):
+        """From logits with the class axis last, the fused cross-entropy of
+        `kmask.fused`: padding is selected away inside its gradient instead
+        of by a `where` over the whole predictions."""
+        kwargs = self.loss_kwargs
+        rank = len(y_pred.shape)
+        if (
+            not kwargs["from_logits"]
+            or rank < 2
+            or kwargs["axis"] not in (-1, rank - 1)
+        ):
+            return super()._masked_steps(y_true, y_pred, valid)
+        if len(y_true.shape) == rank and y_true.shape[-1] == 1:
+            y_true = ops.squeeze(y_true, axis=-1)
+        if valid is not None:
+            valid = per_step_mask(valid, y_pred)
+        return sparse_crossentropy_with_logits(
+            y_true, y_pred, valid, kwargs["label_smoothing"], kwargs["z_loss"]
+        )
 
 
 @keras.saving.register_keras_serializable(package="kmask")

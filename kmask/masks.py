@@ -189,17 +189,36 @@ def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
     Returns:
         `(y_true, y_pred)` with padded steps replaced.
     """
-    steps = step_shape(y_pred, class_axis)
-    if not fits_steps(tuple(valid.shape), steps):
-        raise ValueError(
-            f"The mask has shape {tuple(valid.shape)}, which does not fit "
-            f"predictions of shape {tuple(y_pred.shape)}: expected [batch] or "
-            f"the per-step shape {steps}."
-        )
+    _check_fits(valid, y_pred, class_axis)
     return (
         _fill(y_true, valid, _PAD_TARGET, class_axis),
         _fill(y_pred, valid, _PAD_PREDICTION, class_axis),
     )
+
+
+def per_step_mask(valid: Any, y_pred: Any, class_axis: int = -1):
+    """`valid` broadcast to the per-step shape of `y_pred`.
+
+    Args:
+        valid: Boolean mask, `[batch]` or the per-step shape (`y_pred`'s
+            shape without `class_axis`), or any leading part of it.
+        y_pred: Predictions, `[batch, ..., classes]`.
+        class_axis: The axis of `y_pred` the loss reduces.
+
+    Returns:
+        A boolean tensor of the per-step shape.
+    """
+    _check_fits(valid, y_pred, class_axis)
+    steps = list(ops.shape(y_pred))
+    del steps[class_axis]
+    return broadcast_to_steps(valid, tuple(steps))
+
+
+def broadcast_to_steps(mask: Any, steps: tuple):
+    """`mask` (`[batch]` or a leading part of `steps`) broadcast to `steps`,
+    the per-step shape; its trailing axes are added, not its leading ones."""
+    mask = ops.convert_to_tensor(mask)
+    return ops.broadcast_to(_align_rank(mask, len(steps)), steps)
 
 
 def keras_mask(y_pred: Any):
@@ -220,6 +239,18 @@ def fits_steps(shape: tuple, step_shape: tuple) -> bool:
         got is None or want is None or got == want
         for got, want in zip(shape, step_shape[: len(shape)], strict=True)
     )
+
+
+def _check_fits(valid, y_pred, class_axis: int) -> tuple:
+    """Raises unless `valid` fits the steps of `y_pred`; returns the steps."""
+    steps = step_shape(y_pred, class_axis)
+    if not fits_steps(tuple(valid.shape), steps):
+        raise ValueError(
+            f"The mask has shape {tuple(valid.shape)}, which does not fit "
+            f"predictions of shape {tuple(y_pred.shape)}: expected [batch] or "
+            f"the per-step shape {steps}."
+        )
+    return steps
 
 
 def _fill(tensor, valid, fill_value, class_axis: int):

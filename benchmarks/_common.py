@@ -1,0 +1,142 @@
+"""What the benchmarks share: one child process per backend, timing, memory,
+Markdown tables.
+
+Not a benchmark itself (the leading underscore); each benchmark imports it
+from its own folder. Nothing here imports a backend until a child asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def installed_backends() -> list[str]:
+    import importlib.util
+
+    return [backend for backend in BACKENDS if importlib.util.find_spec(backend)]
+
+
+def run_child(script: Path, backend: str, arguments: Sequence[str]) -> dict:
+    """Runs `script --child ... arguments` with `KERAS_BACKEND=backend` and
+    returns the JSON it writes; the children run one after another, so that
+    they do not compete for the CPU."""
+    with tempfile.TemporaryDirectory(prefix="kmask-bench-") as directory:
+        out = Path(directory) / "result.json"
+        command = [sys.executable, str(script), "--child", str(out), *arguments]
+        environment = {
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        }
+        completed = subprocess.run(command, env=environment, text=True)
+        if completed.returncode != 0 or not out.exists():
+            raise SystemExit(
+                f"{script.name}: the {backend} child exited with status "
+                f"{completed.returncode}"
+            )
+        return json.loads(out.read_text())
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Times each variant `warmup + repeats` times, in rounds, rotating the
+    order each round so that no variant always runs after the same one;
+    the median of the rounds after the warm-up, and every time, in ms."""
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            variants[name]()
+            elapsed = time.perf_counter() - started
+            if round_index >= warmup:
+                times[name].append(elapsed * 1e3)
+    return {
+        name: {"median_ms": statistics.median(values), "times_ms": values}
+        for name, values in times.items()
+    }
+
+
+def rss_mib() -> float:
+    """This process's resident memory now (`VmRSS`), in MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (`VmHWM`) since the last
+    `reset_peak_rss()`, in MiB."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Resets the peak (Linux: writing 5 to `/proc/self/clear_refs`)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def machine() -> str:
+    """The CPU and how many cores this process may use."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def backend_info() -> dict[str, str]:
+    """The backend's version and the device it computes on (in a child)."""
+    import keras
+
+    backend = keras.backend.backend()
+    module = __import__(backend)
+    device = "cpu"
+    if backend == "jax":
+        device = module.devices()[0].platform
+    elif backend == "torch" and module.cuda.is_available():
+        device = f"cuda ({module.cuda.get_device_name()})"
+    elif backend == "tensorflow" and module.config.list_logical_devices("GPU"):
+        device = "gpu"
+    return {
+        "backend": backend,
+        "version": module.__version__,
+        "keras": keras.__version__,
+        "device": device,
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=1))
+        print(f"results written to {path}")

@@ -1,0 +1,273 @@
+"""Memory and time of `kmask.fused_linear_crossentropy` against `Dense` + the
+masked cross-entropy on materialised logits, and whether they agree.
+
+    python benchmarks/fused_linear.py                    # every installed backend
+    python benchmarks/fused_linear.py --quick            # small shapes: a smoke test
+    python benchmarks/fused_linear.py --backends jax --json bench_fused_linear.json
+
+The loss of the logits `hidden @ kernel + bias` (`tokens = batch * time =
+8192`, `hidden = 512`, `vocabulary = 32768` by default; lengths uniform in
+`[T/4, T]`, padding labelled -100) and its gradients with respect to
+`hidden`, `kernel` and `bias`, two ways:
+
+- `materialised`: `ops.matmul(hidden, kernel) + bias` (what `Dense` computes)
+  into `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True,
+  mask_value=-100)`: the `[tokens, vocabulary]` logits and their gradient exist;
+- `chunked`: `kmask.fused_linear_crossentropy(..., chunk_size=256)`.
+
+Each variant of each backend runs in a process of its own, compiled as
+`benchmarks/masked_ce.py` does (`jax.jit`, `tf.function(jit_compile=True)`,
+eager PyTorch). After the inputs exist the process resets its peak resident
+memory (`VmHWM`), runs one step, and reports the peak (`peak RSS`) and the
+peak less the memory held before the step (`step memory`: what the step
+itself needs, without the libraries and inputs). On JAX it also reports the
+compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Then it
+times the step (median of the rounds after the first). The parent compares
+the loss and the gradients of the two variants: the largest deviation over
+the largest magnitude of the materialised one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    backend_info,
+    installed_backends,
+    machine,
+    markdown_table,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    run_child,
+    write_json,
+)
+
+VARIANTS = ("materialised", "chunked")
+FULL = {"batch": 8, "time": 1024, "hidden": 512, "vocabulary": 32768}
+QUICK = {"batch": 4, "time": 64, "hidden": 32, "vocabulary": 1024}
+PAD_LABEL = -100
+SEED = 0
+OUTPUTS = ("loss", "hidden", "kernel", "bias")
+
+
+def make_inputs(batch: int, time: int, hidden: int, vocabulary: int) -> dict:
+    rng = np.random.default_rng(SEED)
+    lengths = rng.integers(time // 4, time + 1, batch)
+    valid = np.arange(time)[None, :] < lengths[:, None]
+    labels = np.where(valid, rng.integers(0, vocabulary, (batch, time)), PAD_LABEL)
+    return {
+        "hidden": rng.standard_normal((batch, time, hidden), dtype=np.float32),
+        "kernel": (
+            rng.standard_normal((hidden, vocabulary), dtype=np.float32)
+            / np.float32(np.sqrt(hidden))
+        ),
+        "bias": rng.standard_normal(vocabulary, dtype=np.float32) * np.float32(0.1),
+        "labels": labels.astype("int32"),
+    }
+
+
+def _loss_fn(variant: str, chunk_size: int):
+    from keras import ops
+
+    import kmask
+
+    if variant == "chunked":
+
+        def chunked(hidden, kernel, bias, labels):
+            return kmask.fused_linear_crossentropy(
+                hidden,
+                kernel,
+                labels,
+                bias,
+                mask_value=PAD_LABEL,
+                chunk_size=chunk_size,
+            )
+
+        return chunked
+    loss = kmask.MaskedSparseCategoricalCrossentropy(
+        from_logits=True, mask_value=PAD_LABEL
+    )
+
+    def materialised(hidden, kernel, bias, labels):
+        return loss(labels, ops.matmul(hidden, kernel) + bias)
+
+    return materialised
+
+
+def _step(loss_fn, backend: str):
+    """`step(hidden, kernel, bias, labels) -> (loss, (d_hidden, d_kernel,
+    d_bias))`, compiled as the module docstring says."""
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))
+
+        def jax_step(*inputs):
+            return jax.block_until_ready(compiled(*inputs))
+
+        jax_step.compiled = compiled
+        return jax_step
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def tf_step(hidden, kernel, bias, labels):
+            with tf.GradientTape() as tape:
+                tape.watch([hidden, kernel, bias])
+                loss = loss_fn(hidden, kernel, bias, labels)
+            return loss, tape.gradient(loss, [hidden, kernel, bias])
+
+        return tf_step
+    import torch
+
+    def torch_step(hidden, kernel, bias, labels):
+        params = [t.detach().requires_grad_(True) for t in (hidden, kernel, bias)]
+        loss = loss_fn(*params, labels)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    return torch_step
+
+
+def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
+    import keras
+    from keras import ops
+
+    backend = keras.backend.backend()
+    arrays = make_inputs(**shape)
+    inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
+    step = _step(_loss_fn(variant, chunk_size), backend)
+    before = rss_mib()
+    reset_peak_rss()
+    loss, grads = step(*inputs)
+    outputs = [loss, *grads]
+    peak = peak_rss_mib()
+    saved = Path(tempfile.mkdtemp(prefix="kmask-bench-")) / f"{variant}.npz"
+    np.savez(
+        saved,
+        **{
+            name: ops.convert_to_numpy(tensor)
+            for name, tensor in zip(OUTPUTS, outputs, strict=True)
+        },
+    )
+    del loss, grads, outputs
+    temp = None
+    if backend == "jax":
+        temp = step.compiled.lower(*inputs).compile().memory_analysis()
+        temp = temp.temp_size_in_bytes
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        result = step(*inputs)
+        ops.convert_to_numpy(result[0])
+        times.append(time.perf_counter() - started)
+        del result
+    write_json(
+        out,
+        {
+            **backend_info(),
+            "variant": variant,
+            "rss_before_mib": before,
+            "peak_rss_mib": peak,
+            "step_mib": peak - before,
+            "jax_temp_bytes": temp,
+            "times_s": times[1:],
+            "median_s": statistics.median(times[1:]),
+            "outputs": str(saved),
+        },
+    )
+
+
+def _relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    scale = max(float(np.abs(reference).max(initial=0.0)), 1e-6)
+    return float(np.abs(actual - reference).max(initial=0.0) / scale)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", choices=installed_backends())
+    parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps")
+    parser.add_argument("--json", type=Path, metavar="PATH")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    chunk_size = min(args.chunk_size, 64) if args.quick else args.chunk_size
+    if args.child:
+        _child(args.child, args.variant, shape, chunk_size, args.repeats)
+        return 0
+    forwarded = ["--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
+    forwarded += ["--quick"] if args.quick else []
+    reports: dict[str, dict[str, dict]] = {}
+    for backend in args.backends or installed_backends():
+        reports[backend] = {
+            variant: run_child(
+                Path(__file__), backend, [*forwarded, "--variant", variant]
+            )
+            for variant in VARIANTS
+        }
+    rows, match_rows, failed = [], [], False
+    for backend, variants in reports.items():
+        reference, chunked = variants["materialised"], variants["chunked"]
+        for variant in VARIANTS:
+            report = variants[variant]
+            temp = report["jax_temp_bytes"]
+            rows.append(
+                [
+                    backend,
+                    variant,
+                    f"{report['peak_rss_mib']:.0f}",
+                    f"{report['step_mib']:.0f}",
+                    "-" if temp is None else f"{temp / 2**20:.0f}",
+                    f"{report['median_s']:.2f}",
+                ]
+            )
+        temp = reference["jax_temp_bytes"], chunked["jax_temp_bytes"]
+        rows.append(
+            [
+                backend,
+                "ratio",
+                f"{reference['peak_rss_mib'] / chunked['peak_rss_mib']:.1f}x less",
+                f"{reference['step_mib'] / chunked['step_mib']:.1f}x less",
+                "-" if temp[0] is None else f"{temp[0] / temp[1]:.1f}x less",
+                f"{chunked['median_s'] / reference['median_s']:.2f}x the time",
+            ]
+        )
+        with np.load(reference["outputs"]) as want, np.load(chunked["outputs"]) as got:
+            errors = [_relative_error(got[name], want[name]) for name in OUTPUTS]
+        failed |= not all(error <= 1e-5 for error in errors)
+        match_rows.append([backend, *(f"{error:.1e}" for error in errors)])
+        for variant in VARIANTS:
+            Path(variants[variant]["outputs"]).unlink()
+    sizes = ", ".join(f"{key} {value}" for key, value in shape.items())
+    print(
+        f"\nFused linear cross-entropy, {sizes}, chunk_size {chunk_size} "
+        f"({machine()}; "
+        + ", ".join(
+            f"{b} {v['chunked']['version']} on {v['chunked']['device']}"
+            for b, v in reports.items()
+        )
+        + ")\n"
+    )
+    headers = ["backend", "variant", "peak RSS MiB", "step MiB", "JAX temp MiB"]
+    print(markdown_table([*headers, "time s"], rows))
+    print("\nchunked vs materialised, relative error (tolerance 1e-5)\n")
+    print(markdown_table(["backend", *OUTPUTS], match_rows))
+    write_json(
+        args.json,
+        {"machine": machine(), "argv": sys.argv, "shape": shape, **reports},
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

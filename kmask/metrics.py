@@ -1,0 +1,353 @@
+"""Token-weighted masked metrics: a sum and a count, exact across batches.
+
+Each metric keeps two float32 variables, the sum of its per-step values over
+the real steps and the number of real steps (weighted by `sample_weight`),
+both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
+so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
+mean of two batch means. The mask is found as a kmask loss finds it: the mask
+Keras propagated onto `y_pred`, AND the padding `mask_value` marks in
+`y_true` (AND the padding a wrapped kmask loss finds), AND the steps whose
+`sample_weight` is 0; padded steps are replaced before the per-step function
+runs, so NaN there is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+from kmask.masks import (
+    combine_masks,
+    fill_padding,
+    keras_mask,
+    step_shape,
+    value_mask,
+    weight_mask,
+)
+from kmask.reduce import _accumulation_dtype, divide_or_zero, masked_sum_and_count
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class MaskedMeanMetricWrapper(keras.metrics.Metric):
+    """The mean of any per-step function over the real steps of every batch.
+
+    The masked, token-weighted form of `keras.metrics.MeanMetricWrapper`.
+    Given a kmask loss, it reports that loss's token mean over all batches
+    since the last reset, which is what the loss gives on the concatenated
+    batches.
+
+    Args:
+        fn: `(y_true, y_pred, **fn_kwargs) -> per-step values` that reduces
+            the class axis (e.g. `keras.metrics.sparse_categorical_accuracy`),
+            the name of a Keras loss or metric function (`"mae"`,
+            `"categorical_accuracy"`), or a `keras.losses.Loss` instance. A
+            kmask loss also contributes the padding it finds in `y_true`.
+        mask_value: Optional pad value of `y_true` (see
+            `kmask.masks.value_mask`): `0`, `-100`, a one-hot pad vector such
+            as `[0, 0, 1]`, or `float("nan")`.
+        name: Name of the metric; defaults to `"masked_" + fn's name`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+        **fn_kwargs: Passed to `fn` (e.g. `from_logits=True`).
+
+    Returns:
+        `result()`: the mean of `fn` over the real steps seen since the last
+        `reset_state()`, 0 when there were none.
+
+    Example:
+
+    >>> from kmask.metrics import MaskedMeanMetricWrapper
+    >>> metric = MaskedMeanMetricWrapper("mae", mask_value=-1.0)
+    >>> metric.update_state([[[1.0], [-1.0]]], [[[3.0], [9.0]]])
+    >>> metric.update_state([[[0.0], [0.0]]], [[[1.0], [1.0]]])
+    >>> float(metric.result())  # (2 + 1 + 1) / 3 real steps
+    1.3333333730697632
+    """
+
+    def __init__(
+        self,
+        fn: str | keras.losses.Loss | Callable,
+        mask_value: Any = None,
+        name: str | None = None,
+        dtype: Any = None,
+        **fn_kwargs: Any,
+    ):
+        super().__init__(name=name or _default_name(fn), dtype=dtype)
+        self.fn = fn
+        self.mask_value = mask_value
+        self.fn_kwargs = dict(fn_kwargs)
+        self._per_step = _per_step_function(fn, self.fn_kwargs)
+        self._class_axis = getattr(fn, "loss_kwargs", self.fn_kwargs).get("axis", -1)
+        # Sums and counts are float32 even under mixed precision: a float16
+        # count stops growing at 2048 tokens.
+        self.total = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="total"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="count"
+        )
+
+    def target_mask(self, y_true):
+        """The padding found in `y_true` (`mask_value`, and a wrapped kmask
+        loss's own), or `None`."""
+        masks = []
+        if self.mask_value is not None:
+            masks.append(value_mask(y_true, self.mask_value))
+        if hasattr(self.fn, "target_mask"):
+            masks.append(self.fn.target_mask(y_true))
+        return combine_masks(*masks)
+
+    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
+        """Adds the real steps of one batch to the sum and the count.
+
+        Args:
+            y_true: Targets, `[batch, time]` labels or `[batch, time, ...]`.
+            y_pred: Predictions, `[batch, time, ...]`; a mask Keras
+                propagated onto them counts.
+            sample_weight: Optional weights, `[batch]` or `[batch, time]`; a
+                weight of 0 marks padding.
+        """
+        propagated = keras_mask(y_pred)
+        y_pred = ops.convert_to_tensor(y_pred)
+        if "float" in str(y_pred.dtype):
+            y_pred = ops.cast(y_pred, _accumulation_dtype(y_pred.dtype))
+        y_true = ops.convert_to_tensor(y_true)
+        weighted = None
+        if sample_weight is not None:
+            weighted = weight_mask(sample_weight, step_shape(y_pred, self._class_axis))
+        valid = combine_masks(propagated, self.target_mask(y_true), weighted)
+        if valid is not None:
+            y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
+        per_step = self._per_step(y_true, y_pred)
+        total, count = masked_sum_and_count(per_step, valid, sample_weight)
+        self.total.assign_add(ops.cast(total, "float32"))
+        self.count.assign_add(ops.cast(count, "float32"))
+
+    def result(self):
+        return ops.cast(self._mean(), self.dtype)
+
+    def _mean(self):
+        """The token mean so far: total over count, 0 before any real step."""
+        total = ops.convert_to_tensor(self.total)
+        return divide_or_zero(total, ops.convert_to_tensor(self.count))
+
+    def get_config(self) -> dict[str, Any]:
+        fn = self.fn
+        if not isinstance(fn, str):
+            fn = keras.saving.serialize_keras_object(fn)
+        return {
+            "fn": fn,
+            "mask_value": self.mask_value,
+            "name": self.name,
+            "dtype": self.dtype,
+            **self.fn_kwargs,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MaskedMeanMetricWrapper:
+        config = dict(config)
+        if isinstance(config.get("fn"), dict):
+            config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
+        return cls(**config)
+
+
+class _NamedMaskedMetric(MaskedMeanMetricWrapper):
+    """A `MaskedMeanMetricWrapper` whose function is fixed by the subclass."""
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        del config["fn"]
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MaskedMeanMetricWrapper:
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
+    """Accuracy of integer labels over the real steps of every batch.
+
+    Args:
+        mask_value: Optional pad label, e.g. `0` or `-100`.
+        name: Name of the metric.
+        dtype: Dtype of the result.
+
+    Returns:
+        `result()`: the fraction of real steps whose label is the arg max of
+        `y_pred`, over all batches since the last reset. `y_true` is
+        `[batch, time]`, `y_pred` `[batch, time, classes]`.
+
+    Example:
+
+    >>> from kmask.metrics import MaskedSparseCategoricalAccuracy
+    >>> metric = MaskedSparseCategoricalAccuracy(mask_value=-100)
+    >>> metric.update_state([[1, 0, -100]], [[[0.2, 0.8], [0.3, 0.7], [0.9, 0.1]]])
+    >>> float(metric.result())  # 1 right out of 2 real steps
+    0.5
+    """
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        name: str = "masked_sparse_categorical_accuracy",
+        dtype: Any = None,
+    ):
+        super().__init__(
+            keras.metrics.sparse_categorical_accuracy,
+            mask_value=mask_value,
+            name=name,
+            dtype=dtype,
+        )
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class MaskedCategoricalAccuracy(_NamedMaskedMetric):
+    """Accuracy of one-hot targets over the real steps of every batch.
+
+    Args:
+        mask_value: Optional pad of `y_true`, e.g. the one-hot pad vector
+            `[0, 0, 1]`.
+        name: Name of the metric.
+        dtype: Dtype of the result.
+
+    Returns:
+        `result()`: the fraction of real steps where the arg max of `y_true`
+        and `y_pred` agree, over all batches since the last reset. Both are
+        `[batch, time, classes]`.
+
+    Example:
+
+    >>> from kmask.metrics import MaskedCategoricalAccuracy
+    >>> metric = MaskedCategoricalAccuracy(mask_value=[0, 0, 1])
+    >>> y_true = [[[1, 0, 0], [0, 0, 1]]]  # the 2nd step is padding
+    >>> metric.update_state(y_true, [[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]])
+    >>> float(metric.result())
+    1.0
+    """
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        name: str = "masked_categorical_accuracy",
+        dtype: Any = None,
+    ):
+        super().__init__(
+            keras.metrics.categorical_accuracy,
+            mask_value=mask_value,
+            name=name,
+            dtype=dtype,
+        )
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class Perplexity(_NamedMaskedMetric):
+    """`exp(total cross-entropy / total real tokens)` over every batch.
+
+    Labels are sparse (`[batch, time]` or `[batch, time, 1]`) or one-hot
+    (`y_pred`'s shape); the shape tells which.
+
+    Args:
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        mask_value: Optional pad of `y_true`: a label such as `0` or `-100`,
+            or a one-hot pad vector.
+        name: Name of the metric.
+        dtype: Dtype of the result.
+
+    Returns:
+        `result()`: the perplexity over the real tokens since the last reset;
+        1 when there were none.
+
+    Example:
+
+    >>> from kmask.metrics import Perplexity
+    >>> metric = Perplexity(from_logits=True, mask_value=-100)
+    >>> metric.update_state([[2, -100]], [[[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    >>> round(float(metric.result()), 4)  # exp(log(3))
+    3.0
+    """
+
+    def __init__(
+        self,
+        from_logits: bool = False,
+        mask_value: Any = None,
+        name: str = "perplexity",
+        dtype: Any = None,
+    ):
+        super().__init__(
+            _cross_entropy,
+            mask_value=mask_value,
+            name=name,
+            dtype=dtype,
+            from_logits=from_logits,
+        )
+
+    def result(self):
+        return ops.cast(ops.exp(self._mean()), self.dtype)
+
+
+def _cross_entropy(y_true, y_pred, from_logits: bool = False):
+    """Per-step cross-entropy; one-hot when `y_true` has `y_pred`'s shape."""
+    one_hot = len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] != 1
+    if one_hot:
+        return keras.losses.categorical_crossentropy(
+            y_true, y_pred, from_logits=from_logits
+        )
+    if len(y_true.shape) == len(y_pred.shape):
+        y_true = ops.squeeze(y_true, axis=-1)
+    return keras.losses.sparse_categorical_crossentropy(
+        ops.cast(y_true, "int32"), y_pred, from_logits=from_logits
+    )
+
+
+def _default_name(fn: Any) -> str:
+    """`masked_` and `fn`'s name; a kmask loss's name already says it."""
+    if isinstance(fn, str):
+        base = fn
+    elif isinstance(fn, keras.losses.Loss):
+        base = fn.name
+    else:
+        base = getattr(fn, "__name__", type(fn).__name__)
+    return base if base.startswith("masked_") else f"masked_{base}"
+
+
+def _per_step_function(fn: Any, fn_kwargs: dict) -> Callable:
+    """Resolves `fn` to `(y_true, y_pred) -> per-step values`."""
+    if isinstance(fn, str):
+        fn = _function_by_name(fn)
+    if isinstance(fn, keras.losses.Loss):
+        if fn_kwargs:
+            raise ValueError(
+                "Keyword arguments configure a function, not a "
+                f"keras.losses.Loss instance. Received: fn={fn!r}, "
+                f"fn_kwargs={fn_kwargs}"
+            )
+        return fn.call
+    if not callable(fn) or isinstance(fn, type):
+        raise ValueError(
+            "Invalid value for argument `fn`: expected a callable "
+            "(y_true, y_pred) -> per-step values, the name of a Keras loss or "
+            f"metric function, or a keras.losses.Loss instance. Received: fn={fn!r}"
+        )
+
+    def per_step(y_true, y_pred):
+        return fn(y_true, y_pred, **fn_kwargs)
+
+    return per_step
+
+
+def _function_by_name(name: str) -> Callable:
+    """A Keras loss function (aliases such as `"mae"` included) or a
+    function from `keras.metrics` (`"sparse_categorical_accuracy"`)."""
+    try:
+        return keras.losses.get(name)
+    except ValueError:
+        function = getattr(keras.metrics, name, None)
+    if function is None or isinstance(function, type) or not callable(function):
+        raise ValueError(
+            "Invalid value for argument `fn`: not a Keras loss or metric "
+            f"function name. Received: fn={name!r}"
+        )
+    return function

@@ -1,0 +1,76 @@
+"""Every example runs as a script under the current KERAS_BACKEND and exits 0.
+
+Examples that take `--backends` (they start one subprocess per backend) get
+the current backend only. `multi_device.py` is run, and its numbers checked,
+by tests/test_distribute.py. `KMASK_EXAMPLE_EPOCHS=1` keeps training short. Each
+runs in a temporary folder, so a PNG it may save lands there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CHECKED_ELSEWHERE = {"multi_device.py"}
+SCRIPTS = sorted(
+    p
+    for p in EXAMPLES.glob("*.py")
+    if not p.name.startswith("_") and p.name not in CHECKED_ELSEWHERE
+)
+TIMEOUT_S = 300
+
+
+def test_the_examples_are_found():
+    names = {script.name for script in SCRIPTS}
+    assert {"seed_seq2seq.py", "tagging.py", "timeseries_nan.py", "lengths.py"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[script.stem for script in SCRIPTS])
+def test_example_runs(script, tmp_path):
+    backend = keras.backend.backend()
+    command = [sys.executable, str(script)]
+    if '"--backends"' in script.read_text():
+        command += ["--backends", backend]
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        KMASK_EXAMPLE_EPOCHS="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        MPLBACKEND="Agg",
+    )
+
+    completed = _run(command, cwd=tmp_path, env=env)
+
+    assert completed.returncode == 0, (
+        f"{script.name} exited {completed.returncode}\n"
+        f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    )
+    assert "MISMATCH" not in completed.stdout
+
+
+def _run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Runs `command` in its own process group, all of which a timeout kills:
+    examples start subprocesses of their own."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command} ran past {TIMEOUT_S} s\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -1,0 +1,481 @@
+"""The fused cross-entropy and the chunked linear cross-entropy against NumPy."""
+
+from __future__ import annotations
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+from keras import ops
+
+import kmask
+from tests._grad import value_and_grad
+
+BACKEND = keras.backend.backend()
+B, T, H, V = 3, 7, 5, 11
+LENGTHS = np.array([7, 3, 1])
+PAD = -100
+
+
+# ----------------------------------------------------------------------------
+# NumPy references, float64.
+
+
+def _valid(lengths=LENGTHS, steps=T):
+    return np.arange(steps)[None, :] < np.asarray(lengths)[:, None]
+
+
+def np_crossentropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
+    """Per-step loss and its gradient with respect to the logits."""
+    logits = np.asarray(logits, "float64")
+    top = logits.max(-1, keepdims=True)
+    log_normalizer = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    probs = np.exp(logits - log_normalizer[..., None])
+    one_hot = np.eye(logits.shape[-1])[labels]
+    target = (1 - label_smoothing) * one_hot + label_smoothing / logits.shape[-1]
+    per_step = -(target * (logits - log_normalizer[..., None])).sum(-1)
+    per_step = per_step + z_loss * log_normalizer**2
+    grad = probs * (1 + 2 * z_loss * log_normalizer[..., None]) - target
+    return per_step, grad
+
+
+def np_reduce(per_step, valid, weight, reduction):
+    """The reduced value and `d value / d per_step` (for `"none"`: of the sum
+    of the per-step values)."""
+    weight = np.ones(per_step.shape) if weight is None else np.asarray(weight, float)
+    weight = np.broadcast_to(
+        weight.reshape(weight.shape + (1,) * (per_step.ndim - weight.ndim)),
+        per_step.shape,
+    )
+    used = valid & (weight != 0)
+    used_weight = np.where(used, weight, 0.0)
+    if reduction == "none":
+        return np.where(used, per_step * weight, 0.0), used_weight
+    if reduction == "sum":
+        coefficient = used_weight
+    elif reduction == "sum_over_batch_size":
+        coefficient = used_weight / per_step.size
+    elif reduction == "token_mean":
+        total = used_weight.sum()
+        coefficient = used_weight / total if total else used_weight * 0
+    else:
+        steps = used.sum(1, keepdims=True)
+        per_sequence = np.where(steps > 0, 1.0 / np.maximum(steps, 1), 0.0)
+        scaled = used_weight * per_sequence
+        total = scaled.sum()
+        coefficient = scaled / total if total else scaled * 0
+    return np.where(used, coefficient * per_step, 0.0).sum(), coefficient
+
+
+def np_linear(hidden, kernel, bias, labels, valid, weight=None, reduction="token_mean",
+              label_smoothing=0.0, z_loss=0.0):  # fmt: skip
+    """Value and gradients (hidden, kernel, bias) of the linear cross-entropy."""
+    hidden = np.where(valid[..., None], np.asarray(hidden, "float64"), 0.0)
+    logits = hidden @ np.asarray(kernel, "float64")
+    if bias is not None:
+        logits = logits + np.asarray(bias, "float64")
+    safe_labels = np.where(valid, labels, 0)
+    per_step, grad = np_crossentropy(logits, safe_labels, label_smoothing, z_loss)
+    value, coefficient = np_reduce(per_step, valid, weight, reduction)
+    d_logits = np.where(valid[..., None], coefficient[..., None] * grad, 0.0)
+    d_hidden = d_logits @ np.asarray(kernel, "float64").T
+    d_kernel = np.einsum("bth,btv->hv", hidden, d_logits)
+    return value, d_hidden, d_kernel, d_logits.sum((0, 1))
+
+
+def _close(actual, expected, rtol=1e-5):
+    actual = np.asarray(ops.convert_to_numpy(actual), "float64")
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
+    assert np.abs(actual - expected).max(initial=0.0) <= rtol * scale, (
+        actual,
+        expected,
+    )
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "hidden": rng.normal(size=(B, T, H)).astype("float32"),
+        "kernel": rng.normal(size=(H, V)).astype("float32"),
+        "bias": rng.normal(size=V).astype("float32"),
+        "labels": rng.integers(0, V, (B, T)).astype("int32"),
+        "logits": rng.normal(scale=2.0, size=(B, T, V)).astype("float32"),
+    }
+
+
+# ----------------------------------------------------------------------------
+# sparse_crossentropy_with_logits
+
+
+@pytest.mark.parametrize(("label_smoothing", "z_loss"), [(0.0, 0.0), (0.1, 0.05)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_sparse_crossentropy_matches_numpy(label_smoothing, z_loss, jit):
+    data = _data()
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    logits = np.where(valid[..., None], data["logits"], np.nan).astype("float32")
+    upstream = np.random.default_rng(1).normal(size=(B, T)).astype("float32")
+    upstream_tensor = ops.convert_to_tensor(upstream)
+
+    def objective(x):
+        per_step = kmask.sparse_crossentropy_with_logits(
+            labels, x, valid, label_smoothing, z_loss
+        )
+        return ops.sum(per_step * upstream_tensor)
+
+    value, grad = value_and_grad(objective, logits, jit=jit)
+    per_step, step_grad = np_crossentropy(
+        data["logits"], np.where(valid, labels, 0), label_smoothing, z_loss
+    )
+    _close(value, np.where(valid, per_step * upstream, 0.0).sum())
+    _close(grad, np.where(valid[..., None], step_grad * upstream[..., None], 0.0))
+    assert np.all(grad[~valid] == 0.0)
+
+
+def test_sparse_crossentropy_without_mask_and_all_padding():
+    data = _data(2)
+    per_step = kmask.sparse_crossentropy_with_logits(data["labels"], data["logits"])
+    _close(per_step, np_crossentropy(data["logits"], data["labels"])[0])
+    nothing = np.zeros((B, T), bool)
+    value, grad = value_and_grad(
+        lambda x: ops.sum(
+            kmask.sparse_crossentropy_with_logits(data["labels"], x, nothing)
+        ),
+        np.full((B, T, V), np.nan, "float32"),
+    )
+    assert value == 0.0
+    assert np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sparse_crossentropy_computes_half_precision_in_float32(dtype):
+    data = _data(3)
+    rounded = data["logits"].astype(
+        ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    )
+    per_step = kmask.sparse_crossentropy_with_logits(
+        data["labels"], ops.cast(data["logits"], dtype)
+    )
+    assert keras.backend.standardize_dtype(per_step.dtype) == "float32"
+    # Half-precision arithmetic would be off by ~1e-3.
+    _close(per_step, np_crossentropy(rounded.astype("float64"), data["labels"])[0])
+
+
+def test_masked_sparse_loss_takes_labels_with_a_trailing_axis():
+    data = _data(4)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=PAD)
+    per_step, _ = np_crossentropy(data["logits"], np.where(valid, labels, 0))
+    expected, _ = np_reduce(per_step, valid, None, "token_mean")
+    _close(loss(labels[..., None], data["logits"]), expected)
+
+
+# ----------------------------------------------------------------------------
+# fused_linear_crossentropy
+
+
+def _check_linear(data, labels, valid, weight=None, jit=False, **kwargs):
+    """Value and the three gradients against `np_linear`."""
+    reduction = kwargs.get("reduction", "token_mean")
+    use_bias = kwargs.pop("use_bias", True)
+    bias = data["bias"] if use_bias else None
+
+    def loss(hidden, kernel, bias):
+        value = kmask.fused_linear_crossentropy(
+            hidden, kernel, labels, bias, sample_weight=weight, **kwargs
+        )
+        return ops.sum(value)
+
+    expected = np_linear(
+        data["hidden"],
+        data["kernel"],
+        bias,
+        labels,
+        valid,
+        weight,
+        reduction,
+        kwargs.get("label_smoothing", 0.0),
+        kwargs.get("z_loss", 0.0),
+    )
+    hidden = np.where(valid[..., None], data["hidden"], np.nan).astype("float32")
+    value, d_hidden = value_and_grad(
+        lambda x: loss(x, data["kernel"], bias), hidden, jit=jit
+    )
+    _, d_kernel = value_and_grad(
+        lambda x: loss(hidden, x, bias), data["kernel"], jit=jit
+    )
+    _close(value, np.sum(expected[0]))
+    _close(d_hidden, expected[1])
+    _close(d_kernel, expected[2])
+    assert np.all(np.isfinite(d_kernel))
+    assert np.all(d_hidden[~valid] == 0.0)
+    if use_bias:
+        _, d_bias = value_and_grad(
+            lambda x: loss(hidden, data["kernel"], x), data["bias"], jit=jit
+        )
+        _close(d_bias, expected[3])
+
+
+@pytest.mark.parametrize("reduction", kmask.REDUCTIONS)
+@pytest.mark.parametrize("chunk_size", [1, 4, 21, 100])
+def test_linear_matches_numpy_for_every_reduction_and_chunk(reduction, chunk_size):
+    data = _data(5)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    _check_linear(
+        data,
+        labels,
+        valid,
+        mask_value=PAD,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "source", ["mask", "sequence_mask", "step_weight", "sequence_weight"]
+)
+def test_linear_mask_sources(source, jit):
+    data = _data(6)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], 3)  # a valid label at the padding
+    kwargs, weight = {}, None
+    if source == "mask":
+        kwargs["mask"] = valid
+    elif source == "sequence_mask":
+        # [batch] masks drop whole sequences; the lengths come in as weights.
+        kwargs["mask"] = np.array([True, False, True])
+        weight = valid.astype("float32")
+        valid = valid & kwargs["mask"][:, None]
+    elif source == "step_weight":
+        weight = (np.linspace(0.5, 2, B * T).reshape(B, T) * valid).astype("float32")
+    else:
+        kwargs["mask"] = valid
+        weight = np.array([1.0, 0.0, 2.0], "float32")
+        valid = valid & (weight[:, None] != 0)
+    _check_linear(
+        data,
+        labels,
+        valid,
+        weight,
+        jit=jit,
+        chunk_size=4,
+        label_smoothing=0.1,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linear_smoothing_z_loss_and_no_bias(jit):
+    data = _data(7)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    _check_linear(
+        data,
+        labels,
+        valid,
+        jit=jit,
+        mask_value=PAD,
+        chunk_size=5,
+        label_smoothing=0.2,
+        z_loss=0.01,
+        use_bias=False,
+    )
+
+
+def test_linear_all_padding_gives_zero_and_zero_gradients():
+    data = _data(8)
+    labels = np.full((B, T), PAD, "int32")
+    hidden = np.full((B, T, H), np.nan, "float32")
+    value, d_hidden = value_and_grad(
+        lambda x: kmask.fused_linear_crossentropy(
+            x, data["kernel"], labels, data["bias"], mask_value=PAD, chunk_size=4
+        ),
+        hidden,
+    )
+    _, d_kernel = value_and_grad(
+        lambda x: kmask.fused_linear_crossentropy(
+            hidden, x, labels, data["bias"], mask_value=PAD, chunk_size=4
+        ),
+        data["kernel"],
+    )
+    assert value == 0.0
+    assert np.all(d_hidden == 0.0)
+    assert np.all(d_kernel == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_linear_computes_half_precision_in_float32(dtype):
+    data = _data(9)
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    hidden = data["hidden"].astype(half).astype("float32")
+    kernel = data["kernel"].astype(half).astype("float32")
+    loss = kmask.fused_linear_crossentropy(
+        ops.cast(data["hidden"], dtype),
+        ops.cast(data["kernel"], dtype),
+        data["labels"],
+        chunk_size=4,
+    )
+    assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+    expected = np_linear(hidden, kernel, None, data["labels"], np.ones((B, T), bool))
+    _close(loss, expected[0])
+
+
+def test_linear_one_dimensional_tokens():
+    data = _data(10)
+    hidden, labels = data["hidden"].reshape(-1, H), data["labels"].reshape(-1)
+    loss = kmask.fused_linear_crossentropy(
+        hidden, data["kernel"], labels, reduction="sum", chunk_size=8
+    )
+    expected = np_linear(
+        hidden[None], data["kernel"], None, labels[None], np.ones((1, B * T), bool),
+        reduction="sum",
+    )  # fmt: skip
+    _close(loss, expected[0])
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="unknown dims exist in TF graphs")
+def test_linear_with_an_unknown_batch_size_in_a_tf_graph():
+    import tensorflow as tf
+
+    data = _data(11)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, T, H], "float32"),
+            tf.TensorSpec([None, T], "int32"),
+        ]
+    )
+    def loss(hidden, labels):
+        return kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, data["bias"], mask_value=PAD, chunk_size=4
+        )
+
+    expected = np_linear(data["hidden"], data["kernel"], data["bias"], labels, valid)
+    _close(loss(data["hidden"], labels), expected[0])
+
+
+def test_linear_argument_errors():
+    data = _data()
+    args = (data["hidden"], data["kernel"], data["labels"])
+    with pytest.raises(ValueError, match=r"chunk_size.*Received: chunk_size=0"):
+        kmask.fused_linear_crossentropy(*args, chunk_size=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        kmask.fused_linear_crossentropy(*args, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"reduction.*'average'"):
+        kmask.fused_linear_crossentropy(*args, reduction="average")
+    with pytest.raises(ValueError, match=r"kernel.*\(3, 7, 5\).*\(4, 11\)"):
+        kmask.fused_linear_crossentropy(
+            data["hidden"], data["kernel"][:4], data["labels"]
+        )
+    with pytest.raises(ValueError, match=r"labels.*\(3, 6\).*\(3, 7, 5\)"):
+        kmask.fused_linear_crossentropy(
+            data["hidden"], data["kernel"], data["labels"][:, :6]
+        )
+    with pytest.raises(ValueError, match=r"bias.*\(11,\).*\(10,\)"):
+        kmask.fused_linear_crossentropy(*args, bias=data["bias"][:10])
+
+
+# ----------------------------------------------------------------------------
+# FusedLinearCrossentropy
+
+
+def _head(**kwargs):
+    head = kmask.FusedLinearCrossentropy(V, chunk_size=4, **kwargs)
+    head.build([(None, T, H), (None, T)])
+    data = _data(12)
+    head.set_weights([data["kernel"], data["bias"]])
+    return head, data
+
+
+def test_layer_adds_the_loss_and_returns_per_step_losses():
+    head, data = _head(mask_value=PAD, reduction="sequence_mean")
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    per_step = head([data["hidden"], labels])
+    logits = data["hidden"].astype("float64") @ data["kernel"] + data["bias"]
+    expected_steps = np_crossentropy(logits, np.where(valid, labels, 0))[0]
+    _close(per_step, np.where(valid, expected_steps, 0.0))
+    (added,) = head.losses
+    _close(added, np_reduce(expected_steps, valid, None, "sequence_mean")[0])
+
+
+def test_layer_returns_logits_without_labels_and_reads_a_propagated_mask():
+    head, data = _head()
+    _close(head(data["hidden"]), data["hidden"] @ data["kernel"] + data["bias"])
+    valid = _valid()
+    padded = np.where(valid[..., None], data["hidden"], 0.0).astype("float32")
+    masked = keras.layers.Masking(0.0)(padded)
+    head([masked, data["labels"]])
+    expected = np_linear(
+        data["hidden"], data["kernel"], data["bias"], data["labels"], valid
+    )
+    _close(head.losses[-1], expected[0])
+
+
+def _language_model(**kwargs):
+    tokens = keras.Input((T,), dtype="int32")
+    labels = keras.Input((T,), dtype="int32")
+    hidden = keras.layers.Embedding(V, H, mask_zero=True)(tokens)
+    hidden = keras.layers.Dense(H, activation="tanh")(hidden)
+    head = kmask.FusedLinearCrossentropy(V, chunk_size=4, name="head", **kwargs)
+    model = keras.Model([tokens, labels], head([hidden, labels]))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=None)
+    return model
+
+
+def _tokens_and_labels():
+    data = _data(13)
+    valid = _valid()
+    tokens = np.where(valid, data["labels"] % (V - 1) + 1, 0).astype("int32")
+    labels = np.where(valid, np.roll(tokens, -1, axis=1), PAD).astype("int32")
+    return tokens, labels, valid
+
+
+def test_layer_trains_in_a_model_and_matches_numpy():
+    keras.utils.set_random_seed(0)
+    model = _language_model(mask_value=PAD)
+    tokens, labels, valid = _tokens_and_labels()
+    before = model.evaluate([tokens, labels], verbose=0)
+    history = model.fit([tokens, labels], epochs=3, batch_size=B, verbose=0)
+    after = model.evaluate([tokens, labels], verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert after < before
+    features = keras.Model(model.inputs[0], model.get_layer("head").input[0])
+    hidden = ops.convert_to_numpy(features(tokens))
+    kernel, bias = model.get_layer("head").get_weights()
+    _close(after, np_linear(hidden, kernel, bias, labels, valid)[0], rtol=1e-4)
+
+
+def test_layer_config_round_trip_and_keras_file(tmp_path):
+    kwargs = {
+        "use_bias": False,
+        "mask_value": PAD,
+        "reduction": "sum",
+        "chunk_size": 3,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-4,
+    }
+    head = kmask.FusedLinearCrossentropy(V, **kwargs)
+    config = head.get_config()
+    assert {key: config[key] for key in kwargs} == kwargs
+    assert kmask.FusedLinearCrossentropy.from_config(config).get_config() == config
+    model = _language_model(mask_value=PAD)
+    tokens, labels, _ = _tokens_and_labels()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.get_layer("head"), kmask.FusedLinearCrossentropy)
+    _close(
+        restored.evaluate([tokens, labels], verbose=0),
+        model.evaluate([tokens, labels], verbose=0),
+    )
+
+
+def test_layer_rejects_reduction_none():
+    with pytest.raises(ValueError, match=r"reduction.*Received: reduction='none'"):
+        kmask.FusedLinearCrossentropy(V, reduction="none")

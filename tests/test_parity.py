@@ -1,0 +1,288 @@
+"""The parity harness: its NumPy references, its suite, and that it can fail.
+
+The tests that run `python -m kmask.parity` need TensorFlow, JAX and PyTorch
+installed together (the `parity` nox session); where one is missing (the
+one-backend test sessions) they skip. The rest is NumPy and runs anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import kmask
+from kmask import layers, metrics, parity
+
+MISSING_BACKENDS = [b for b in parity.BACKENDS if importlib.util.find_spec(b) is None]
+needs_all_backends = pytest.mark.skipif(
+    bool(MISSING_BACKENDS),
+    reason="runs the harness on tensorflow, jax and torch together (nox -s "
+    f"parity); not installed here: {', '.join(MISSING_BACKENDS)}",
+)
+# Loss cases are named loss/source/reduction[/dtype][/jit].
+LOSS_CASES = [case for case in parity.build_suite() if case.runner == "loss"]
+
+
+def _parts(case):
+    return case.name.split("/")
+
+
+# ----------------------------------------------------------------------------
+# The NumPy references.
+
+
+@pytest.mark.parametrize("loss", parity.LOSSES, ids=lambda loss: loss.name)
+def test_reference_gradient_matches_finite_differences(loss):
+    rng = np.random.default_rng(0)
+    y_true, y_pred = parity._clean(rng, loss)
+    y_true = y_true.reshape(-1, *y_true.shape[2:])
+    y_pred = y_pred.reshape(-1, y_pred.shape[-1]).astype("float64")
+    cotangent = rng.normal(size=len(y_pred))
+
+    def objective(x):
+        return float((loss.reference(y_true, x)[0] * cotangent).sum())
+
+    step = 1e-6
+    numeric = np.zeros_like(y_pred)
+    for index in np.ndindex(y_pred.shape):
+        shift = np.zeros_like(y_pred)
+        shift[index] = step
+        numeric[index] = (objective(y_pred + shift) - objective(y_pred - shift)) / (
+            2 * step
+        )
+    analytic = loss.reference(y_true, y_pred)[1] * cotangent[:, None]
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [loss for loss in parity.LOSSES if loss.keras_loss],
+    ids=lambda loss: loss.name,
+)
+def test_reference_loss_matches_keras(loss):
+    """The references against Keras's own loss functions (not kmask's)."""
+    y_true, y_pred = parity._clean(np.random.default_rng(1), loss)
+    expected = keras.losses.get(loss.keras_loss)(y_true, y_pred, **loss.kwargs)
+    rows = y_true.reshape(-1, *y_true.shape[2:])
+    actual = loss.reference(rows, y_pred.reshape(-1, y_pred.shape[-1]))[0]
+    np.testing.assert_allclose(
+        actual, keras.ops.convert_to_numpy(expected).reshape(-1), rtol=1e-5
+    )
+
+
+def test_sparse_reference_smoothing_and_z_loss():
+    logits = np.array([[1.0, 2.0, 0.5]])
+    labels = np.array([1])
+    log_probs = logits - np.log(np.exp(logits).sum())
+    smoothed = -(0.9 * log_probs[0, 1] + 0.1 * log_probs.mean())
+    z_term = 0.05 * np.log(np.exp(logits).sum()) ** 2
+    loss, _ = parity._np_sparse_categorical(
+        labels, logits, from_logits=True, label_smoothing=0.1, z_loss=0.05
+    )
+    np.testing.assert_allclose(loss, [smoothed + z_term], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("reduction", "expected"),
+    [
+        ("token_mean", 10 / 4),
+        ("sequence_mean", 3.0),  # the means 2 and 4; the empty sequence drops out
+        ("sum", 10.0),
+        ("sum_over_batch_size", 10 / 9),
+        ("none", [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+    ],
+)
+def test_reference_reductions(reduction, expected):
+    per_step = np.array([[1.0, 2.0, 3.0], [4.0, np.nan, 9.0], [7.0, 8.0, 9.0]])
+    valid = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)
+    value, _ = parity._np_reduce(per_step, valid, None, reduction)
+    np.testing.assert_allclose(value, expected)
+
+
+def test_relative_error():
+    assert parity.relative_error([1.0, 3.0], [1.0, 2.0]) == 0.5
+    assert parity.relative_error(2e-12, 0.0) == pytest.approx(2e-6)
+    assert parity.relative_error([np.nan, 1.0], [np.nan, 1.0]) == 0.0
+    assert parity.relative_error([np.nan, 1.0], [0.0, 1.0]) == np.inf
+    assert parity.relative_error([0.0, 1.0], [np.nan, 1.0]) == np.inf
+    assert parity.relative_error([np.inf], [1.0]) == np.inf
+    assert parity.relative_error([1.0, 2.0], [1.0, 2.0, 3.0]) == np.inf
+
+
+# ----------------------------------------------------------------------------
+# The suite.
+
+
+def test_case_names_are_unique_and_inputs_fixed():
+    names = [case.name for case in parity.build_suite()]
+    assert len(names) == len(set(names))
+    selected = parity.build_suite(["mse/", "metric/perplexity"])
+    assert selected
+    by_name = {case.name: case for case in parity.build_suite()}
+    for case in selected:
+        same = by_name[case.name]
+        assert case.inputs.keys() == same.inputs.keys()
+        for key, array in case.inputs.items():
+            np.testing.assert_array_equal(array, same.inputs[key])
+
+
+def test_every_loss_reduction_and_mask_source_pair_is_covered():
+    float32 = [_parts(case) for case in LOSS_CASES if case.dtype == "float32"]
+    pairs = {(loss, source, reduction) for loss, source, reduction, *_ in float32}
+    losses = [loss.name for loss in parity.LOSSES]
+    for loss in parity.LOSSES:
+        for reduction in kmask.REDUCTIONS:
+            assert any(p[0] == loss.name and p[2] == reduction for p in pairs)
+        for source in parity.MASK_SOURCES:
+            if parity.MASK_SOURCES[source].fits(loss):
+                assert any(p[:2] == (loss.name, source) for p in pairs)
+        for source in parity.EDGE_SOURCES:
+            assert any(p[:2] == (loss.name, source) for p in pairs)
+    for source in parity.MASK_SOURCES:
+        for reduction in kmask.REDUCTIONS:
+            assert any(p[1:] == (source, reduction) for p in pairs), (source, reduction)
+    for dtype in parity.HALF_DTYPES:
+        assert {_parts(c)[0] for c in LOSS_CASES if c.dtype == dtype} == set(losses)
+    assert {_parts(c)[0] for c in LOSS_CASES if c.name.endswith("/jit")} == set(losses)
+
+
+def test_every_public_loss_metric_and_layer_has_a_case():
+    suite = parity.build_suite()
+    public_losses = {
+        name
+        for name in kmask.__all__
+        if inspect.isclass(getattr(kmask, name))
+        and issubclass(getattr(kmask, name), keras.losses.Loss)
+    }
+    assert {case.spec["cls"] for case in LOSS_CASES} == public_losses
+    assert any(case.spec["api"] == "function" for case in LOSS_CASES)  # masked_loss
+    public_metrics = _public_classes(metrics, keras.metrics.Metric)
+    assert {c.spec["metric"] for c in suite if c.runner == "metric"} == public_metrics
+    public_layers = _public_classes(layers, keras.layers.Layer)
+    assert {c.spec["layer"] for c in suite if c.runner == "layer"} == public_layers
+
+
+def _public_classes(module, base) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and inspect.isclass(value)
+        and issubclass(value, base)
+        and value.__module__ == module.__name__
+    }
+
+
+# ----------------------------------------------------------------------------
+# The harness itself, on all three backends.
+
+REDUCED = ["scce_logits_ls_z/", "bce_probs/", "metric/perplexity", "layer/attach"]
+
+
+def _run_harness(tmp_path, *arguments, sitecustomize=None):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if sitecustomize is not None:
+        (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(sitecustomize))
+        path = [str(tmp_path), environment.get("PYTHONPATH", "")]
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+    report = tmp_path / "parity.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "kmask.parity", "--json", str(report), *arguments],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = json.loads(report.read_text()) if report.exists() else None
+    return completed, results
+
+
+@needs_all_backends
+def test_clean_reduced_suite_passes(tmp_path):
+    completed, results = _run_harness(tmp_path, "--cases", *REDUCED)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert results["passed"]
+    assert set(results["backends"]) == set(parity.BACKENDS)
+    assert {case["runner"] for case in results["cases"]} == {"loss", "metric", "layer"}
+    assert {case["dtype"] for case in results["cases"]} >= {"float32", "bfloat16"}
+    for case in results["cases"]:
+        assert set(case["errors"]) == set(parity.BACKENDS)
+        for finding in [*case["errors"].values(), *case["gaps"].values()]:
+            assert finding["error"] <= case["tolerance"], case["name"]
+
+
+INJECTED_ERROR = """
+    import os
+
+    if os.environ.get("KERAS_BACKEND") == "torch":
+        import kmask
+
+        _call = kmask.MaskedLoss.__call__
+
+        def _off_by_a_thousandth(self, y_true, y_pred, sample_weight=None):
+            return _call(self, y_true, y_pred, sample_weight) * 1.001
+
+        kmask.MaskedLoss.__call__ = _off_by_a_thousandth
+"""
+
+
+@needs_all_backends
+def test_a_thousandth_off_on_torch_fails_naming_case_and_backend(tmp_path):
+    completed, results = _run_harness(
+        tmp_path, "--cases", *REDUCED, sitecustomize=INJECTED_ERROR
+    )
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert not results["passed"]
+    assert "FAIL" in completed.stdout
+    off = [
+        case
+        for case in results["cases"]
+        if case["runner"] == "loss"
+        and case["spec"]["api"] == "call"
+        and case["dtype"] == "float32"
+        and np.any(np.asarray(case["values"]["value"]["numpy"], float) != 0)
+    ]
+    assert len(off) > 10
+    for case in off:
+        torch = case["errors"]["torch"]
+        assert torch["error"] == pytest.approx(1e-3, rel=0.01), case["name"]
+        assert case["errors"]["jax"]["error"] <= case["tolerance"]
+        assert case["errors"]["tensorflow"]["error"] <= case["tolerance"]
+        message = (
+            f"{case['name']}: torch {torch['output']}"
+            + "".join(f"[{i}]" for i in torch["index"])
+            + f" = {torch['got']!r}, NumPy float64 reference = {torch['expected']!r}"
+        )
+        assert any(failure.startswith(message) for failure in results["failures"])
+    assert all("torch" in failure for failure in results["failures"])
+    assert f"FAIL {results['failures'][0]}" in completed.stdout
+
+
+@needs_all_backends
+def test_a_backend_that_cannot_run_fails_the_run(tmp_path):
+    completed, results = _run_harness(
+        tmp_path,
+        "--cases",
+        "mse/lengths_post/",
+        # `site` reports and swallows an exception raised here; a module set
+        # to None fails every import of it instead.
+        sitecustomize="""
+            import os
+            import sys
+
+            if os.environ.get("KERAS_BACKEND") == "torch":
+                sys.modules["torch"] = None
+        """,
+    )
+    assert completed.returncode == 1
+    assert "torch: the child exited with status 1" in results["failures"]
+    assert "ModuleNotFoundError" in results["backends"]["torch"]["log"]
