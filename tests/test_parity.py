@@ -189,7 +189,10 @@ REDUCED = ["scce_logits_ls_z/", "bce_probs/", "metric/perplexity", "layer/attach
 
 
 def _run_harness(tmp_path, *arguments, sitecustomize=None):
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # The parent only builds inputs and compares; it runs under JAX so that a
+    # sitecustomize sabotaging one backend (torch) never reaches the parent,
+    # whatever KERAS_BACKEND the test session has.
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "jax"}
     if sitecustomize is not None:
         (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(sitecustomize))
         path = [str(tmp_path), environment.get("PYTHONPATH", "")]
