@@ -205,6 +205,27 @@ def _compare(builtin, kmask_run, x, y, valid):
     return row
 
 
+def _device_rows(backend, setup, run_distributed):
+    """Rows for one multi-device setup: `run_distributed(loss, targets,
+    masking, epochs)` trains on the whole batch split over the devices."""
+    x, y, y_nan, valid = make_data()
+    targets = {"y": y, "y_nan": y_nan}
+    rows = []
+    for scenario, builtin, masked, key, masking in losses():
+        row = {"backend": backend, "setup": setup, "mask source": scenario}
+        row.update(
+            _compare(
+                builtin=builtin and partial(run_distributed, builtin, y, masking),
+                kmask_run=partial(run_distributed, masked, targets[key], masking),
+                x=x,
+                y=y,
+                valid=valid,
+            )
+        )
+        rows.append(row)
+    return rows + accumulation_rows(backend)
+
+
 def tensorflow_rows():
     import tensorflow as tf
 
@@ -214,47 +235,25 @@ def tensorflow_rows():
     )
     import keras
 
-    x, y, y_nan, valid = make_data()
-    targets = {"y": y, "y_nan": y_nan}
+    x = make_data()[0]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
-    def distributed(loss, target, masking):
-        def run(epochs):
-            with strategy.scope():
-                model = build_model(masking)
-                model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=loss)
-            history = model.fit(
-                x, target, batch_size=len(x), epochs=epochs, shuffle=False, verbose=0
-            )
-            return model.get_weights(), history.history["loss"][0]
-
-        return run
-
-    rows = []
-    for scenario, builtin, masked, key, masking in losses():
-        row = {
-            "backend": "tensorflow",
-            "setup": "MirroredStrategy, 2 CPUs",
-            "mask source": scenario,
-        }
-        row.update(
-            _compare(
-                builtin=None if builtin is None else distributed(builtin, y, masking),
-                kmask_run=distributed(masked, targets[key], masking),
-                x=x,
-                y=y,
-                valid=valid,
-            )
+    def run(loss, target, masking, epochs):
+        with strategy.scope():
+            model = build_model(masking)
+            model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=loss)
+        history = model.fit(
+            x, target, batch_size=len(x), epochs=epochs, shuffle=False, verbose=0
         )
-        rows.append(row)
-    return rows + accumulation_rows("tensorflow")
+        return model.get_weights(), history.history["loss"][0]
+
+    return _device_rows("tensorflow", "MirroredStrategy, 2 CPUs", run)
 
 
 def jax_rows():
     import keras
 
-    x, y, y_nan, valid = make_data()
-    targets = {"y": y, "y_nan": y_nan}
+    x = make_data()[0]
     devices = keras.distribution.list_devices("cpu")
     if len(devices) < 2:
         raise RuntimeError(
@@ -263,31 +262,11 @@ def jax_rows():
         )
     data_parallel = keras.distribution.DataParallel(devices=devices[:2])
 
-    def distributed(loss, target, masking):
-        def run(epochs):
-            with data_parallel.scope():
-                return fit(loss, x, target, epochs, len(x), masking=masking)
+    def run(loss, target, masking, epochs):
+        with data_parallel.scope():
+            return fit(loss, x, target, epochs, len(x), masking=masking)
 
-        return run
-
-    rows = []
-    for scenario, builtin, masked, key, masking in losses():
-        row = {
-            "backend": "jax",
-            "setup": "DataParallel, 2 CPUs",
-            "mask source": scenario,
-        }
-        row.update(
-            _compare(
-                builtin=None if builtin is None else distributed(builtin, y, masking),
-                kmask_run=distributed(masked, targets[key], masking),
-                x=x,
-                y=y,
-                valid=valid,
-            )
-        )
-        rows.append(row)
-    return rows + accumulation_rows("jax")
+    return _device_rows("jax", "DataParallel, 2 CPUs", run)
 
 
 def torch_rows():
