@@ -42,8 +42,15 @@ float16 and bfloat16; every loss on all-padding, no-padding and one-token
 batches; every loss compiled (`jax.jit`, `tf.function`; torch runs eagerly);
 then the metrics, the layers, and the fused cross-entropy of `kmask.fused`
 (its gradients with respect to the logits, or to the hidden states, kernel
-and bias of the chunked linear one). A case's inputs come from a generator
-seeded with `SEED` and its name, so they do not depend on which cases run.
+and bias of the chunked linear one). The `devices/` cases check devices as
+well as backends: a few SGD steps of a masked model on one device, on two
+(TensorFlow `MirroredStrategy` on 2 logical CPUs, JAX `DataParallel` on 2 CPU
+devices, PyTorch DDP in 2 `gloo` processes) and with gradient accumulation,
+each against NumPy's full-batch weights and, per backend, the two-device
+weights against the one-device ones (`kmask/parity_devices.py`; each
+backend's child runs them in a process of its own with 2 devices set up).
+A case's inputs come from a generator seeded with `SEED` and its name, so
+they do not depend on which cases run.
 
 To add cases, write a function that returns a list of `Case`s and decorate it
 with `@_family`; `_loss_case`, `_metric_case`, `_layer_case` and `_fused_case`
@@ -66,7 +73,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -1229,6 +1236,32 @@ def _fused() -> list[Case]:
     ]
 
 
+@_family
+def _devices() -> list[Case]:
+    """One device against two (and against accumulated micro-batches): SGD
+    steps of kmask's masked MSE in each of `parity_devices.COMMON_SETUPS`,
+    the weights after 1 and 3 steps and the first logged loss against NumPy's
+    full-batch run. The child runs them all in one process with 2 devices
+    (`parity_devices.run_backend`); see `kmask/parity_devices.py`."""
+    from kmask import parity_devices
+
+    expected = {
+        "weights": parity_devices.expected_weights(),
+        "loss": np.float64(parity_devices.expected_loss()),
+    }
+    return [
+        Case(
+            name=f"devices/{setup}/{source}",
+            runner="devices",
+            spec={"setup": setup, "source": source, "half": []},
+            inputs={},
+            expected=expected,
+        )
+        for setup in parity_devices.COMMON_SETUPS
+        for source in parity_devices.SOURCES
+    ]
+
+
 def _pick(options: Sequence, index: int):
     return options[index % len(options)]
 
@@ -1476,11 +1509,42 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
     return _value_and_grads(linear, params, spec["compiled"])
 
 
+@cache
+def _device_rows() -> dict[tuple[str, str], dict[str, Any]] | Exception:
+    """Every device setup of this backend, run once in a process of its own
+    (or the error it failed with, reported by each device case)."""
+    import keras
+
+    from kmask import parity_devices
+
+    try:
+        rows = parity_devices.run_backend(
+            keras.backend.backend(), parity_devices.COMMON_SETUPS, builtin=False
+        )
+    except RuntimeError as error:
+        return error
+    return {(row["setup"], row["mask source"]): row for row in rows}
+
+
+def _run_devices(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
+    """The weights and first logged loss of one device setup; see `_devices`."""
+    del inputs
+    rows = _device_rows()
+    if isinstance(rows, Exception):
+        raise rows
+    row = rows[spec["setup"], spec["source"]]
+    return {
+        "weights": (np.asarray(row["weights"], "float64"), "float32"),
+        "loss": (np.asarray(row["logged loss"], "float64"), "float32"),
+    }
+
+
 _RUNNERS: dict[str, Callable[[dict, dict], dict]] = {
     "loss": _run_loss,
     "metric": _run_metric,
     "layer": _run_layer,
     "fused": _run_fused,
+    "devices": _run_devices,
 }
 
 
@@ -1873,6 +1937,40 @@ def _summary(results, backends) -> list[str]:
     return lines
 
 
+def _one_device_gaps(results) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Per backend, each `devices/` setup's weights against the same
+    backend's one-device weights (relative to NumPy's), and a message for
+    each gap off tolerance."""
+    from kmask import parity_devices
+
+    by_name = {result["case"].name: result for result in results}
+    gaps: dict[str, dict[str, float]] = {}
+    messages = []
+    for result in results:
+        case = result["case"]
+        if case.runner != "devices" or case.spec["setup"] == "one_device":
+            continue
+        one = by_name.get(f"devices/one_device/{case.spec['source']}")
+        for backend, outputs in result["outputs"].items():
+            if one is None or backend not in one["outputs"]:
+                continue
+            error = _deviation(
+                outputs["weights"],
+                one["outputs"][backend]["weights"],
+                case.expected["weights"],
+            )[0]
+            setup = parity_devices.label(backend, case.spec["setup"])
+            gaps.setdefault(backend, {})
+            gaps[backend][setup] = max(gaps[backend].get(setup, 0.0), error)
+            if not error <= result["tolerance"]:
+                messages.append(
+                    f"{case.name}: {backend} ({setup}) weights differ from its "
+                    f"one-device run by {error:.2e} > tolerance "
+                    f"{result['tolerance']:.0e}"
+                )
+    return gaps, messages
+
+
 def _json_value(value: Any) -> Any:
     """Numbers for strict JSON: NaN and infinities become null."""
     array = np.asarray(value, "float64")
@@ -2016,6 +2114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     results = _compare(cases, runs)
     failures = [message for result in results for message in result["failures"]]
+    device_gaps, device_failures = _one_device_gaps(results)
+    failures += device_failures
     for backend, run in runs.items():
         if run.returncode != 0:
             failures.insert(
@@ -2027,8 +2127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(_table(results, backends, runs))
     for line in _summary(results, backends):
         console.print(line, highlight=False)
+    for backend, gaps in device_gaps.items():
+        console.print(
+            f"{backend}, one device vs "
+            + "; ".join(f"{setup}: {gap:.1e}" for setup, gap in gaps.items()),
+            highlight=False,
+        )
     if args.json:
         report = _report(results, runs, failures, seconds)
+        report["one_device_gaps"] = device_gaps
         args.json.write_text(json.dumps(report, indent=1, allow_nan=False))
         console.print(f"results written to {args.json}")
     console.print(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kmask
+from kmask import parity_devices
 
 BACKEND = keras.backend.backend()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multi_device.py"
@@ -89,15 +90,15 @@ def test_single_process_denominator_is_local():
 
 @pytest.fixture(scope="module")
 def multi_device_rows(tmp_path_factory):
-    """Runs examples/multi_device.py for this backend (2 devices or 2 processes)."""
+    """Runs examples/multi_device.py for this backend: every setup, 2 devices
+    or 2 processes each, in child processes of its own."""
     out = tmp_path_factory.mktemp("multi_device") / "rows.json"
-    env = dict(os.environ)
     completed = subprocess.run(
         [sys.executable, str(EXAMPLE), "--backends", BACKEND, "--json", str(out)],
-        env=env,
+        env=dict(os.environ),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr[-4000:]
@@ -105,36 +106,62 @@ def multi_device_rows(tmp_path_factory):
 
 
 def test_every_setup_is_measured(multi_device_rows):
-    setups = {row["setup"] for row in multi_device_rows}
-    expected_device_setup = {
-        "tensorflow": "MirroredStrategy, 2 CPUs",
-        "jax": "DataParallel, 2 CPUs",
-        "torch": "DDP, 2 gloo processes",
+    extra = {
+        "tensorflow": {"two_workers"},
+        "jax": {"data_and_model_axes"},
+        "torch": set(),
     }[BACKEND]
-    assert setups == {
-        expected_device_setup,
-        "gradient_accumulation_steps=2",
-        "gradient_accumulation_steps=4",
+    found = {(row["setup"], row["mask source"]) for row in multi_device_rows}
+    setups = {"one_device", "two_devices", "accumulation_2", "accumulation_4"}
+    assert found == {
+        (setup, source)
+        for setup in setups | extra
+        for source in ("propagated_mask", "mask_value_nan")
     }
-    sources = {row["mask source"] for row in multi_device_rows}
-    assert sources == {"propagated mask", "mask_value=NaN"}
 
 
-def test_kmask_matches_the_single_device_full_batch_step(multi_device_rows):
+def test_rows_hold_the_numpy_full_batch_weights(multi_device_rows):
+    """The gaps are recomputed here from the raw weights and a NumPy SGD of
+    this test's own, so a wrong gap in the harness cannot pass."""
+    x, y, _, valid = parity_devices.make_data()
+    kernel = parity_devices.initial_weights()[0].astype("float64")
+    bias = parity_devices.initial_weights()[1].astype("float64")
+    expected = []
+    for step in range(1, max(parity_devices.EPOCHS) + 1):
+        error = np.where(valid, (x @ kernel + bias)[..., 0] - y[..., 0], 0.0)
+        kernel = kernel - 0.1 * 2 * np.einsum("bt,btf->f", error, x)[:, None] / 28
+        bias = bias - 0.1 * 2 * error.sum(keepdims=True).reshape(1) / 28
+        if step in parity_devices.EPOCHS:
+            expected.append(np.concatenate([kernel.ravel(), bias]))
+    assert valid.sum() == 28
     for row in multi_device_rows:
+        np.testing.assert_allclose(row["weights"], expected, rtol=0, atol=1e-5)
         assert row["kmask gap"] <= 1e-5, row
-        assert row["logged loss rel. error"] <= 1e-5, row
+
+
+def test_kmask_matches_one_device_and_logs_the_global_mean(multi_device_rows):
+    one_device = {
+        row["mask source"]: np.asarray(row["weights"])
+        for row in multi_device_rows
+        if row["setup"] == "one_device"
+    }
+    x, y, _, valid = parity_devices.make_data()
+    kernel, bias = parity_devices.initial_weights()
+    reference_loss = ((x @ kernel + bias)[..., 0] - y[..., 0])[valid] ** 2
+    for row in multi_device_rows:
+        gap = np.abs(np.asarray(row["weights"]) - one_device[row["mask source"]])
+        assert gap.max() <= 1e-5, row
+        assert row["logged loss"] == pytest.approx(reference_loss.mean(), rel=1e-5)
 
 
 def test_the_setups_are_sharp_enough_to_catch_a_per_replica_mean(multi_device_rows):
     """Keras's built-in loss is visibly off where it divides per replica or per
-    micro-batch, so a kmask that did the same would fail the test above."""
-    for row in multi_device_rows:
-        if row["builtin gap"] is None:
-            continue
-        if row["setup"] == "DataParallel, 2 CPUs":
-            assert row["builtin gap"] <= 1e-5, (
-                row
-            )  # JAX: the loss sees the global array
+    micro-batch, so a kmask that did the same would fail the tests above."""
+    exact_builtin = {"DataParallel, 2 CPUs", "ModelParallel, batch 2 x model 1"}
+    measured = [row for row in multi_device_rows if row["builtin gap"] is not None]
+    assert len(measured) == len(multi_device_rows) // 2 - 1
+    for row in measured:
+        if row["label"] in exact_builtin:
+            assert row["builtin gap"] <= 1e-5, row  # the loss sees the global array
         else:
             assert row["builtin gap"] > 1e-2, row

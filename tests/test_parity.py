@@ -289,3 +289,45 @@ def test_a_backend_that_cannot_run_fails_the_run(tmp_path):
     assert completed.returncode == 1
     assert "torch: the child exited with status 1" in results["failures"]
     assert "ModuleNotFoundError" in results["backends"]["torch"]["log"]
+
+
+PER_REPLICA_DENOMINATOR = """
+    import os
+
+    if os.environ.get("KERAS_BACKEND") == "torch":
+        import kmask
+
+        kmask.reduce.global_denominator = lambda local: local
+"""
+
+
+@needs_all_backends
+def test_a_per_replica_token_mean_fails_the_device_cases(tmp_path):
+    """With each DDP process dividing by its own token count (what Keras's
+    built-in losses do), torch's two-device cases fail, against NumPy and
+    against its own one-device run; the single-process setups still pass."""
+    completed, results = _run_harness(
+        tmp_path, "--cases", "devices/", sitecustomize=PER_REPLICA_DENOMINATOR
+    )
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    failed = {
+        case["name"]
+        for case in results["cases"]
+        for backend, finding in case["errors"].items()
+        if finding["error"] > case["tolerance"] and backend == "torch"
+    }
+    assert failed == {
+        "devices/two_devices/propagated_mask",
+        "devices/two_devices/mask_value_nan",
+    }
+    for case in results["cases"]:
+        if case["name"] in failed:
+            assert case["errors"]["torch"]["error"] > 1e-2
+            assert case["errors"]["jax"]["error"] <= case["tolerance"]
+    gaps = results["one_device_gaps"]["torch"]
+    assert gaps["DDP, 2 gloo processes"] > 1e-2
+    assert gaps["gradient_accumulation_steps=2"] <= 1e-5
+    assert any(
+        "torch (DDP, 2 gloo processes) weights differ from its one-device run" in f
+        for f in results["failures"]
+    )
