@@ -50,6 +50,23 @@ class EpochEndLosses(keras.callbacks.Callback):
             self.curves.setdefault(name, []).append(value)
 
 
+def fit_with_curves(model, inputs, targets, numpy_losses, batch_size: int = 16):
+    """`model.fit` for `epochs()` epochs in a fixed order; prints and returns
+    the NumPy losses after each epoch (see `EpochEndLosses`) and the history."""
+    recorder = EpochEndLosses(inputs, numpy_losses)
+    history = model.fit(
+        inputs,
+        targets,
+        batch_size=batch_size,
+        epochs=epochs(),
+        shuffle=False,
+        verbose=0,
+        callbacks=[recorder],
+    )
+    print_curves(recorder.curves)
+    return recorder.curves, history
+
+
 def print_curves(curves: dict[str, list[float]]) -> None:
     names = list(curves)
     print("epoch | " + " | ".join(names))

@@ -19,10 +19,8 @@ import sys
 import keras
 import numpy as np
 from _common import (
-    EpochEndLosses,
     check,
-    epochs,
-    print_curves,
+    fit_with_curves,
     save_plot,
     set_numpy_weights,
 )
@@ -88,17 +86,7 @@ def main() -> int:
         found = numpy_numbers(y, y_pred, real)
         return {name: found[name] for name in ("masked loss", "unmasked loss")}
 
-    curves = EpochEndLosses([x, lengths], losses)
-    model.fit(
-        [x, lengths],
-        y,
-        batch_size=BATCH_SIZE,
-        epochs=epochs(),
-        shuffle=False,
-        verbose=0,
-        callbacks=[curves],
-    )
-    print_curves(curves.curves)
+    curves, _ = fit_with_curves(model, [x, lengths], y, losses, BATCH_SIZE)
     print()
 
     # One batch, so Keras's loss is the token mean of the whole data set.
@@ -113,7 +101,7 @@ def main() -> int:
             ("accuracy", results["accuracy"], reference["masked accuracy"]),
         ]
     )
-    save_plot(curves.curves, "lengths_loss.png", "lengths: real steps vs all steps")
+    save_plot(curves, "lengths_loss.png", "lengths: real steps vs all steps")
     return 0 if ok else 1
 
 

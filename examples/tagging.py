@@ -20,10 +20,8 @@ import sys
 import keras
 import numpy as np
 from _common import (
-    EpochEndLosses,
     check,
-    epochs,
-    print_curves,
+    fit_with_curves,
     save_plot,
     set_numpy_weights,
 )
@@ -106,17 +104,7 @@ def main() -> int:
         found = numpy_numbers(labels, logits)
         return {name: found[name] for name in ("masked loss", "unmasked loss")}
 
-    curves = EpochEndLosses(tokens, losses)
-    model.fit(
-        tokens,
-        labels,
-        batch_size=BATCH_SIZE,
-        epochs=epochs(),
-        shuffle=False,
-        verbose=0,
-        callbacks=[curves],
-    )
-    print_curves(curves.curves)
+    curves, _ = fit_with_curves(model, tokens, labels, losses, BATCH_SIZE)
     print()
 
     results = model.evaluate(
@@ -138,7 +126,7 @@ def main() -> int:
             ("perplexity", results["perplexity"], reference["masked perplexity"]),
         ]
     )
-    save_plot(curves.curves, "tagging_loss.png", "tagging: real tokens vs all steps")
+    save_plot(curves, "tagging_loss.png", "tagging: real tokens vs all steps")
     return 0 if ok else 1
 
 

@@ -21,10 +21,8 @@ import sys
 import keras
 import numpy as np
 from _common import (
-    EpochEndLosses,
     check,
-    epochs,
-    print_curves,
+    fit_with_curves,
     save_plot,
     set_numpy_weights,
 )
@@ -89,17 +87,7 @@ def main() -> int:
         found = numpy_numbers(y, y_pred)
         return {name: found[name] for name in ("masked mse", "unmasked mse")}
 
-    curves = EpochEndLosses(x, losses)
-    history = model.fit(
-        x,
-        y,
-        batch_size=BATCH_SIZE,
-        epochs=epochs(),
-        shuffle=False,
-        verbose=0,
-        callbacks=[curves],
-    )
-    print_curves(curves.curves)
+    curves, history = fit_with_curves(model, x, y, losses, BATCH_SIZE)
     finite = all(math.isfinite(value) for value in history.history["loss"])
     print(f"every training loss finite: {finite}")
     print()
@@ -117,7 +105,7 @@ def main() -> int:
             ("masked mae", results["masked_mae"], reference["masked mae"]),
         ]
     )
-    save_plot(curves.curves, "timeseries_nan_loss.png", "NaN-padded regression")
+    save_plot(curves, "timeseries_nan_loss.png", "NaN-padded regression")
     return 0 if ok and finite else 1
 
 

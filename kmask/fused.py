@@ -13,6 +13,13 @@ costs no extra pass, and whatever it holds (NaN, inf) reaches neither the loss
 nor its gradient. PyTorch runs op by op, so there the same computation is
 `kmask.torch_kernels` (its docstring has the profile that asked for it).
 
+`categorical_crossentropy_with_logits` (one-hot or soft targets) and
+`mean_squared_error` do the same for dense targets: the gradient is one
+expression with the `where` of the padding inside it, so neither the targets
+nor the predictions pass through a `where` of their own (or its backward
+pass). `MaskedCategoricalCrossentropy(from_logits=True)` and
+`MaskedMeanSquaredError` use them.
+
 `fused_linear_crossentropy` goes one step further for large vocabularies: the
 logits `hidden @ kernel + bias` are computed a chunk of tokens at a time, in
 the forward pass (for the normalizer and the label's logit) and again in the
@@ -32,7 +39,7 @@ import keras
 from keras import ops
 
 from kmask.masks import broadcast_to_steps, combine_masks, value_mask, weight_mask
-from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.reduce import _accumulation_dtype, masked_reduce, standardize_reduction
 
 
 def sparse_crossentropy_with_logits(
@@ -101,6 +108,146 @@ def sparse_crossentropy_with_logits(
         return per_step, grad
 
     return crossentropy(logits)
+
+
+def categorical_crossentropy_with_logits(
+    targets: Any,
+    logits: Any,
+    valid: Any = None,
+    label_smoothing: float = 0.0,
+):
+    """The per-step cross-entropy of probability targets from logits, fused.
+
+    `-sum(t * log_softmax(logits))` over the last axis, with `t` the targets
+    smoothed towards the uniform distribution; the gradient with respect to
+    the logits is `sum(t) * softmax(logits) - t`, one expression (see
+    `kmask.fused`). Computed in float32 (float64 stays float64).
+
+    Args:
+        targets: One-hot or soft targets, `logits`' shape; anything (NaN,
+            inf) at a step that is not `valid`.
+        logits: `[..., classes]`.
+        valid: Optional boolean mask of the per-step shape (`logits`' shape
+            without the last axis), `True` on real steps.
+        label_smoothing: Smoothing towards the uniform distribution over the
+            classes, in `[0, 1]`.
+
+    Returns:
+        Per-step losses, 0 where not `valid`; their gradients with respect to
+        `logits` and `targets` are exactly 0 at those steps whatever the
+        inputs hold there.
+
+    Example:
+
+    >>> from keras import ops
+    >>> from kmask.fused import categorical_crossentropy_with_logits
+    >>> targets = [[[0.0, 0.0, 1.0], [float("nan"), 0.0, 0.0]]]
+    >>> logits = [[[0.0, 0.0, 0.0], [float("inf"), 1.0, 2.0]]]
+    >>> per_step = categorical_crossentropy_with_logits(
+    ...     targets, logits, valid=[[True, False]]
+    ... )
+    >>> ops.convert_to_numpy(per_step).round(4)  # log(3), then padding
+    array([[1.0986, 0.    ]], dtype=float32)
+    """
+    targets, logits, valid = _dense_inputs(targets, logits, valid)
+    if keras.backend.backend() == "torch":
+        # Imported here: the module imports torch.
+        from kmask import torch_kernels
+
+        return torch_kernels.categorical_crossentropy_with_logits(
+            targets, logits, valid, label_smoothing
+        )
+
+    keep_exponentials = keras.backend.backend() == "tensorflow"
+
+    @ops.custom_gradient
+    def crossentropy(logits, targets):
+        top, exponentials, log_sum = _log_normalizer(logits)
+        target_sum, target_logit = _target_sums(
+            targets, logits, label_smoothing, keep_exponentials
+        )
+        if keep_exponentials:
+            log_probs = _log_probs(logits, top, log_sum)
+            smoothed = _smooth(targets, label_smoothing)
+            per_step = -ops.sum(smoothed * log_probs, axis=-1)
+        else:
+            # sum(t * logits) - sum(t) * logsumexp(logits), the maximum taken
+            # out first: exact for one-hot targets.
+            per_step = (target_sum * top - target_logit) + target_sum * log_sum
+        per_step = _where_valid(valid, per_step)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            coefficient = ops.expand_dims(_where_valid(valid, upstream), -1)
+            log_probs = _log_probs(logits, top, log_sum)
+            if keep_exponentials:
+                scale = target_sum / ops.exp(log_sum)
+                probs = exponentials * ops.expand_dims(scale, -1)
+            else:
+                probs = ops.exp(log_probs) * ops.expand_dims(target_sum, -1)
+            d_logits = coefficient * (probs - _smooth(targets, label_smoothing))
+            d_targets = coefficient * ((label_smoothing - 1.0) * log_probs)
+            return _where_valid(valid, d_logits), _where_valid(valid, d_targets)
+
+        return per_step, grad
+
+    return crossentropy(logits, targets)
+
+
+def mean_squared_error(targets: Any, predictions: Any, valid: Any = None):
+    """The per-step mean squared error over the last axis, fused.
+
+    `mean((predictions - targets) ** 2)`, whose gradient is one expression,
+    `where(valid, 2 * (predictions - targets) * upstream / features, 0)`: no
+    `where` over the inputs, and XLA fuses the backward pass into one loop.
+    Computed in float32 (float64 stays float64).
+
+    Args:
+        targets: `predictions`' shape; anything (NaN, inf) at a step that is
+            not `valid`.
+        predictions: `[..., features]`.
+        valid: Optional boolean mask of the per-step shape (`predictions`'
+            shape without the last axis), `True` on real steps.
+
+    Returns:
+        Per-step losses, 0 where not `valid`; their gradients with respect to
+        `predictions` and `targets` are exactly 0 at those steps whatever the
+        inputs hold there.
+
+    Example:
+
+    >>> from keras import ops
+    >>> from kmask.fused import mean_squared_error
+    >>> targets = [[[1.0, 3.0], [float("nan"), 0.0]]]
+    >>> predictions = [[[0.0, 0.0], [1.0, float("inf")]]]
+    >>> per_step = mean_squared_error(targets, predictions, valid=[[True, False]])
+    >>> ops.convert_to_numpy(per_step)  # (1 + 9) / 2, then padding
+    array([[5., 0.]], dtype=float32)
+    """
+    targets, predictions, valid = _dense_inputs(targets, predictions, valid)
+    if keras.backend.backend() == "torch":
+        from kmask import torch_kernels
+
+        return torch_kernels.mean_squared_error(targets, predictions, valid)
+    features = predictions.shape[-1]
+
+    @ops.custom_gradient
+    def squared_error(predictions, targets):
+        per_step = ops.mean(ops.square(predictions - targets), axis=-1)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            coefficient = _where_valid(valid, upstream) * (2.0 / features)
+            d_predictions = _where_valid(
+                valid, ops.expand_dims(coefficient, -1) * (predictions - targets)
+            )
+            return d_predictions, -d_predictions
+
+        return _where_valid(valid, per_step), grad
+
+    return squared_error(predictions, targets)
 
 
 def fused_linear_crossentropy(
@@ -382,6 +529,96 @@ def _crossentropy_grad(
     if valid is not None:
         grad = ops.where(ops.expand_dims(valid, -1), grad, ops.zeros_like(grad))
     return grad
+
+
+# ----------------------------------------------------------------------------
+# Dense targets: what the fused one-hot cross-entropy and squared error share.
+
+
+def _dense_inputs(targets, predictions, valid):
+    """`(targets, predictions, valid)` as tensors: both values in float32 (or
+    float64), `valid` boolean (or `None`); raises unless the shapes match."""
+    predictions = ops.convert_to_tensor(predictions)
+    dtype = _accumulation_dtype(predictions.dtype)
+    predictions = ops.cast(predictions, dtype)
+    targets = ops.cast(ops.convert_to_tensor(targets), dtype)
+    if not _same_shape(targets.shape, predictions.shape):
+        raise ValueError(
+            "Arguments `targets` and `predictions` must have the same shape. "
+            f"Received: targets.shape={tuple(targets.shape)}, "
+            f"predictions.shape={tuple(predictions.shape)}"
+        )
+    if valid is not None:
+        valid = ops.cast(ops.convert_to_tensor(valid), "bool")
+    return targets, predictions, valid
+
+
+def _smooth(targets, label_smoothing: float):
+    """`targets` moved `label_smoothing` of the way to the uniform distribution."""
+    if not label_smoothing:
+        return targets
+    return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
+
+
+def _target_sums(targets, logits, label_smoothing: float, elementwise: bool):
+    """`sum(t)` and `sum(t * logits)` over the last axis, `t` the smoothed
+    targets; the second as a dot product (no `[..., classes]` product is
+    held), or not at all when `elementwise` (see `_log_normalizer`)."""
+    target_sum = ops.sum(targets, axis=-1)
+    target_logit = None
+    if not elementwise:
+        target_logit = ops.einsum("...c,...c->...", targets, logits)
+    if label_smoothing:
+        target_sum = (1.0 - label_smoothing) * target_sum + label_smoothing
+        if target_logit is not None:
+            target_logit = (1.0 - label_smoothing) * target_logit + (
+                label_smoothing * ops.mean(logits, axis=-1)
+            )
+    return target_sum, target_logit
+
+
+def _log_normalizer(logits):
+    """`(top, exponentials, log_sum)` of the last axis: `exponentials =
+    exp(logits - top)` and `logsumexp(logits) = top + log_sum`; see
+    `_crossentropy_forward`.
+
+    Which form costs least depends on the compiler, measured at `[16, 256,
+    4096]` on a 2-core CPU (`benchmarks/masked_ce.py`, forward + backward,
+    ms). On JAX, XLA fuses the exponential into the sum and holds no
+    `[..., classes]` temporary beyond the gradient's buffer (0.1 MiB of
+    temporaries, the native loss 192 MiB), so the backward pass recomputes
+    the exponentials and `sum(t * logits)` is a dot product (67; 89 with an
+    elementwise product, 110 keeping the exponentials; Keras's loss 98).
+    TensorFlow's XLA writes the exponentials out for the sum on CPU anyway
+    and its batched dot is slow, so there the backward pass reuses them and
+    the product is elementwise (36; 40 recomputing them, 45 with the dot;
+    Keras's loss 36).
+    """
+    top = ops.max(logits, axis=-1)
+    # A row of -inf has no finite maximum; any shift works there.
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    exponentials = ops.exp(logits - ops.expand_dims(top, -1))
+    return top, exponentials, ops.log(ops.sum(exponentials, axis=-1))
+
+
+def _log_probs(logits, top, log_sum):
+    """`log_softmax(logits)`, differences taken from the row's maximum."""
+    return (logits - ops.expand_dims(top, -1)) - ops.expand_dims(log_sum, -1)
+
+
+def _where_valid(valid, values):
+    """`values` (per-step, or with a trailing class axis) with the steps that
+    are not `valid` selected to 0; `values` itself when `valid` is `None`."""
+    if valid is None:
+        return values
+    if len(values.shape) > len(valid.shape):
+        valid = ops.expand_dims(valid, -1)
+    return ops.where(valid, values, ops.zeros_like(values))
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Whether two static shapes can be equal (unknown dims match)."""
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,11 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.fused import sparse_crossentropy_with_logits
+from kmask.fused import (
+    categorical_crossentropy_with_logits,
+    mean_squared_error,
+    sparse_crossentropy_with_logits,
+)
 from kmask.masks import (
     combine_masks,
     fill_padding,
@@ -199,6 +203,22 @@ class MaskedCategoricalCrossentropy(_NamedMaskedLoss):
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
+        )
+
+    def _masked_steps(self, y_true, y_pred, valid):
+        """From logits with the class axis last and targets of the logits'
+        shape, the fused cross-entropy of `kmask.fused`: padding is selected
+        away inside its gradient instead of by a `where` over the whole
+        targets and predictions."""
+        kwargs = self.loss_kwargs
+        if not kwargs["from_logits"] or not _is_class_axis_last(
+            y_true, y_pred, kwargs["axis"]
+        ):
+            return super()._masked_steps(y_true, y_pred, valid)
+        if valid is not None:
+            valid = per_step_mask(valid, y_pred)
+        return categorical_crossentropy_with_logits(
+            y_true, y_pred, valid, kwargs["label_smoothing"]
         )
 
 
@@ -395,6 +415,16 @@ class MaskedMeanSquaredError(_NamedMaskedLoss):
             name=name,
             dtype=dtype,
         )
+
+    def _masked_steps(self, y_true, y_pred, valid):
+        """With targets of the predictions' shape, the fused squared error of
+        `kmask.fused`: padding is selected away inside its gradient instead
+        of by a `where` over the whole targets and predictions."""
+        if not _is_class_axis_last(y_true, y_pred, -1):
+            return super()._masked_steps(y_true, y_pred, valid)
+        if valid is not None:
+            valid = per_step_mask(valid, y_pred)
+        return mean_squared_error(y_true, y_pred, valid)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -615,6 +645,17 @@ def _per_step_function(loss: Any, loss_kwargs: dict) -> Callable:
         return loss(y_true, y_pred, **loss_kwargs)
 
     return per_step
+
+
+def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
+    """Whether a dense loss can take the fused path: `y_true` of `y_pred`'s
+    shape (no broadcasting), rank 2 or more, reduced over the last axis."""
+    rank = len(y_pred.shape)
+    return (
+        rank >= 2
+        and axis in (-1, rank - 1)
+        and tuple(y_true.shape) == tuple(y_pred.shape)
+    )
 
 
 def _check_shapes(y_true, y_pred) -> None:

@@ -281,13 +281,24 @@ def run_setup(backend: str, setup: str, source: str, which: str):
 # Two processes: PyTorch DDP over gloo, TensorFlow MultiWorkerMirroredStrategy.
 
 
-def _processes(setup: str, source: str, which: str):
+def _processes(setup: str, source: str, which: str, attempts: int = 2):
     """Runs 2 processes of `python -m kmask.parity_devices --process`; returns
-    rank 0's weights and the mean of the ranks' first losses."""
-    ports = [_free_port(), _free_port()]
+    rank 0's weights and the mean of the ranks' first losses. A TensorFlow
+    worker that finds its port taken (picked free, then grabbed by someone
+    else before the worker bound it) is run again, once."""
+    for attempt in range(attempts):
+        try:
+            return _two_processes(setup, source, which)
+        except RuntimeError as error:
+            if "already in use" not in str(error) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _two_processes(setup: str, source: str, which: str):
     with tempfile.TemporaryDirectory(prefix="kmask-devices-") as folder:
         logs = [open(os.path.join(folder, f"rank{rank}.log"), "w") for rank in (0, 1)]  # noqa: SIM115
-        case = json.dumps([setup, source, which, folder, ports])
+        case = json.dumps([setup, source, which, folder, _free_ports(2)])
         processes = [
             subprocess.Popen(
                 [*_MODULE, "--process", case, "--rank", str(rank)],
@@ -314,10 +325,13 @@ def _processes(setup: str, source: str, which: str):
         return results[0]["weights"], first_loss
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports that are free now (all held until all are found)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("localhost", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def _tail(path: str) -> str:

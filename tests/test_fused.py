@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 import kmask
+from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
 from tests._grad import value_and_grad
 
 BACKEND = keras.backend.backend()
@@ -479,3 +480,162 @@ def test_layer_config_round_trip_and_keras_file(tmp_path):
 def test_layer_rejects_reduction_none():
     with pytest.raises(ValueError, match=r"reduction.*Received: reduction='none'"):
         kmask.FusedLinearCrossentropy(V, reduction="none")
+
+
+# ----------------------------------------------------------------------------
+# categorical_crossentropy_with_logits and mean_squared_error (dense targets)
+
+
+def _soft_targets(seed, soft):
+    """One-hot targets, or random soft ones (rows summing to 1)."""
+    rng = np.random.default_rng(seed)
+    if not soft:
+        return np.eye(V, dtype="float32")[rng.integers(0, V, (B, T))]
+    weights = rng.random((B, T, V))
+    return (weights / weights.sum(-1, keepdims=True)).astype("float32")
+
+
+def np_dense_crossentropy(logits, targets, label_smoothing=0.0):
+    """Per-step loss and its gradients (logits, targets), float64."""
+    logits = np.asarray(logits, "float64")
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    smoothed = (1 - label_smoothing) * targets + label_smoothing / logits.shape[-1]
+    per_step = -(smoothed * log_probs).sum(-1)
+    d_logits = smoothed.sum(-1, keepdims=True) * np.exp(log_probs) - smoothed
+    return per_step, d_logits, (label_smoothing - 1) * log_probs
+
+
+def _poisoned(values, valid, value):
+    """`values` with every padded step set to `value` (NaN, inf)."""
+    return np.where(valid[..., None], values, value).astype("float32")
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(("soft", "label_smoothing"), [(False, 0.0), (True, 0.2)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_categorical_crossentropy_matches_numpy(soft, label_smoothing, jit, poison):
+    data = _data(13)
+    valid = _valid()
+    targets = _soft_targets(13, soft)
+    # Positive, so that the sum has no cancellation to lose float32 digits to.
+    upstream = np.random.default_rng(2).uniform(0.5, 1.5, (B, T)).astype("float32")
+    upstream_tensor = ops.convert_to_tensor(upstream)
+    poisoned_logits = _poisoned(data["logits"], valid, poison)
+    poisoned_targets = _poisoned(targets, valid, poison)
+
+    def objective(logits, targets):
+        per_step = categorical_crossentropy_with_logits(
+            targets, logits, valid, label_smoothing
+        )
+        return ops.sum(per_step * upstream_tensor)
+
+    per_step, d_logits, d_targets = np_dense_crossentropy(
+        data["logits"], targets, label_smoothing
+    )
+    value, grad = value_and_grad(
+        lambda x: objective(x, poisoned_targets), poisoned_logits, jit=jit
+    )
+    _, target_grad = value_and_grad(
+        lambda t: objective(poisoned_logits, t), poisoned_targets, jit=jit
+    )
+    mask = valid[..., None]
+    _close(value, np.where(valid, per_step * upstream, 0.0).sum())
+    _close(grad, np.where(mask, d_logits * upstream[..., None], 0.0))
+    _close(target_grad, np.where(mask, d_targets * upstream[..., None], 0.0))
+    assert np.all(grad[~valid] == 0.0)
+    assert np.all(target_grad[~valid] == 0.0)
+
+
+def test_categorical_crossentropy_without_mask_and_all_padding():
+    data = _data(14)
+    targets = _soft_targets(14, soft=True)
+    per_step = categorical_crossentropy_with_logits(targets, data["logits"])
+    _close(per_step, np_dense_crossentropy(data["logits"], targets)[0])
+    nothing = np.zeros((B, T), bool)
+    value, grad = value_and_grad(
+        lambda x: ops.sum(categorical_crossentropy_with_logits(x, x, nothing)),
+        np.full((B, T, V), np.nan, "float32"),
+    )
+    assert value == 0.0
+    assert np.all(grad == 0.0)
+
+
+def test_categorical_crossentropy_is_exact_for_large_logits():
+    # Differences from the row's maximum: logits of 1e4 that differ by 1.
+    logits = np.array([[1e4, 1e4 + 1.0, 1e4 - 1.0]], "float32")
+    targets = np.array([[0.0, 0.0, 1.0]], "float32")
+    per_step = categorical_crossentropy_with_logits(targets, logits)
+    expected = np_dense_crossentropy(logits, targets)[0]
+    _close(per_step, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_dense_losses_compute_half_precision_in_float32(dtype):
+    if dtype == "float64" and BACKEND == "jax":
+        pytest.skip("JAX runs without float64 unless jax_enable_x64 is set")
+    data = _data(15)
+    targets = _soft_targets(15, soft=False)
+    half = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    rounded = data["logits"].astype(half).astype("float64")
+    logits = ops.cast(data["logits"], dtype)
+    crossentropy = categorical_crossentropy_with_logits(targets, logits)
+    squared = mean_squared_error(targets, logits)
+    expected = "float64" if dtype == "float64" else "float32"
+    for per_step in (crossentropy, squared):
+        assert keras.backend.standardize_dtype(per_step.dtype) == expected
+    _close(crossentropy, np_dense_crossentropy(rounded, targets)[0])
+    _close(squared, ((rounded - targets) ** 2).mean(-1))
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+@pytest.mark.parametrize("jit", [False, True])
+def test_mean_squared_error_matches_numpy(jit, poison):
+    data = _data(16)
+    valid = _valid()
+    targets = np.random.default_rng(16).normal(size=(B, T, V)).astype("float32")
+    upstream = np.random.default_rng(3).uniform(0.5, 1.5, (B, T)).astype("float32")
+    upstream_tensor = ops.convert_to_tensor(upstream)
+    predictions = _poisoned(data["logits"], valid, poison)
+    poisoned_targets = _poisoned(targets, valid, poison)
+
+    def objective(predictions, targets):
+        per_step = mean_squared_error(targets, predictions, valid)
+        return ops.sum(per_step * upstream_tensor)
+
+    value, grad = value_and_grad(
+        lambda x: objective(x, poisoned_targets), predictions, jit=jit
+    )
+    _, target_grad = value_and_grad(
+        lambda t: objective(predictions, t), poisoned_targets, jit=jit
+    )
+    difference = data["logits"].astype("float64") - targets
+    per_step = (difference**2).mean(-1)
+    expected_grad = np.where(
+        valid[..., None], 2 * difference * upstream[..., None] / V, 0.0
+    )
+    _close(value, np.where(valid, per_step * upstream, 0.0).sum())
+    _close(grad, expected_grad)
+    _close(target_grad, -expected_grad)
+    assert np.all(grad[~valid] == 0.0)
+    assert np.all(target_grad[~valid] == 0.0)
+
+
+def test_mean_squared_error_without_mask_and_all_padding():
+    data = _data(17)
+    per_step = mean_squared_error(data["hidden"], data["hidden"] + 2.0)
+    _close(per_step, np.full((B, T), 4.0))
+    nothing = np.zeros((B, T), bool)
+    value, grad = value_and_grad(
+        lambda x: ops.sum(mean_squared_error(x, x * 2.0, nothing)),
+        np.full((B, T, H), np.nan, "float32"),
+    )
+    assert value == 0.0
+    assert np.all(grad == 0.0)
+
+
+def test_dense_losses_reject_different_shapes():
+    data = _data()
+    for loss in (categorical_crossentropy_with_logits, mean_squared_error):
+        with pytest.raises(ValueError, match=r"same shape.*\(3, 7, 1\).*\(3, 7, 11\)"):
+            loss(data["logits"][..., :1], data["logits"])
