@@ -75,9 +75,10 @@ class MaskedLoss(keras.losses.Loss):
         **loss_kwargs: Any,
     ):
         reduction = standardize_reduction(reduction)
+        loss, loss_kwargs = _instantiate_class(loss, loss_kwargs)
         super().__init__(name=name or _default_name(loss), reduction=None, dtype=dtype)
         self.reduction = reduction
-        self.loss, self.loss_kwargs = _instantiate_class(loss, loss_kwargs)
+        self.loss, self.loss_kwargs = loss, loss_kwargs
         self.mask_value = mask_value
         self.dtype_arg = dtype
         self._per_step = _per_step_function(self.loss, self.loss_kwargs)
@@ -593,14 +594,16 @@ def _sparse_categorical_crossentropy(
     return per_step
 
 
-def _default_name(loss: Any) -> str:
-    if isinstance(loss, str):
-        base = loss
-    elif isinstance(loss, keras.losses.Loss):
-        base = loss.name
+def _default_name(fn: Any) -> str:
+    """`masked_` and the wrapped function's name; a kmask loss's name already
+    says it."""
+    if isinstance(fn, str):
+        base = fn
+    elif isinstance(fn, keras.losses.Loss):
+        base = fn.name
     else:
-        base = getattr(loss, "__name__", type(loss).__name__)
-    return f"masked_{base}"
+        base = getattr(fn, "__name__", type(fn).__name__)
+    return base if base.startswith("masked_") else f"masked_{base}"
 
 
 def _instantiate_class(loss: Any, loss_kwargs: dict) -> tuple[Any, dict]:
@@ -610,41 +613,59 @@ def _instantiate_class(loss: Any, loss_kwargs: dict) -> tuple[Any, dict]:
     return loss, dict(loss_kwargs)
 
 
-def _per_step_function(loss: Any, loss_kwargs: dict) -> Callable:
-    """Resolves `loss` to `(y_true, y_pred) -> per-step loss`."""
-    if isinstance(loss, str):
-        try:
-            resolved = keras.losses.get(loss)
-        except ValueError:
-            resolved = None
+def _per_step_function(
+    fn: Any,
+    fn_kwargs: dict,
+    argument: str = "loss",
+    by_name: Callable[[str], Any] | None = None,
+) -> Callable:
+    """Resolves `fn` to `(y_true, y_pred) -> per-step values`: a Keras loss
+    name (or whatever `by_name` finds for a name), a `keras.losses.Loss`
+    instance or class, or a callable taking `fn_kwargs`. Errors name the
+    constructor's `argument`."""
+    if isinstance(fn, str):
+        resolved = _loss_by_name(fn)
+        if resolved is None and by_name is not None:
+            resolved = by_name(fn)
         if resolved is None:
+            kinds = "Keras loss" if by_name is None else "Keras loss or metric function"
             raise ValueError(
-                "Invalid value for argument `loss`: not a Keras loss name. "
-                f"Received: loss={loss!r}"
+                f"Invalid value for argument `{argument}`: not a {kinds} name. "
+                f"Received: {argument}={fn!r}"
             )
-        if isinstance(resolved, keras.losses.Loss):
-            if loss_kwargs:
-                resolved = type(resolved)(**loss_kwargs)
-            return resolved.call
-        loss = resolved
-    if isinstance(loss, keras.losses.Loss):
-        if loss_kwargs:
+        if isinstance(resolved, keras.losses.Loss) and fn_kwargs:
+            resolved = type(resolved)(**fn_kwargs)
+            fn_kwargs = {}
+        fn = resolved
+    fn, fn_kwargs = _instantiate_class(fn, fn_kwargs)
+    if isinstance(fn, keras.losses.Loss):
+        if fn_kwargs:
             raise ValueError(
                 "Keyword arguments configure a loss given by name or class, not "
-                f"an instance. Received: loss={loss!r}, loss_kwargs={loss_kwargs}"
+                f"an instance. Received: {argument}={fn!r}, "
+                f"{argument}_kwargs={fn_kwargs}"
             )
-        return loss.call
-    if not callable(loss):
+        return fn.call
+    if not callable(fn) or isinstance(fn, type):
         raise ValueError(
-            "Invalid value for argument `loss`: expected a Keras loss name, a "
-            "keras.losses.Loss instance or class, or a callable "
-            f"(y_true, y_pred). Received: loss={loss!r}"
+            f"Invalid value for argument `{argument}`: expected a Keras loss "
+            "name, a keras.losses.Loss instance or class, or a callable "
+            f"(y_true, y_pred) -> per-step values. Received: {argument}={fn!r}"
         )
 
     def per_step(y_true, y_pred):
-        return loss(y_true, y_pred, **loss_kwargs)
+        return fn(y_true, y_pred, **fn_kwargs)
 
     return per_step
+
+
+def _loss_by_name(name: str) -> Any:
+    """A Keras loss function or Loss instance by name (aliases such as
+    `"mae"` included), or `None`."""
+    try:
+        return keras.losses.get(name)
+    except ValueError:
+        return None
 
 
 def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:

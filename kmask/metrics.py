@@ -19,6 +19,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from kmask.losses import _default_name, _instantiate_class, _per_step_function
 from kmask.masks import (
     combine_masks,
     fill_padding,
@@ -43,8 +44,9 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         fn: `(y_true, y_pred, **fn_kwargs) -> per-step values` that reduces
             the class axis (e.g. `keras.metrics.sparse_categorical_accuracy`),
             the name of a Keras loss or metric function (`"mae"`,
-            `"categorical_accuracy"`), or a `keras.losses.Loss` instance. A
-            kmask loss also contributes the padding it finds in `y_true`.
+            `"categorical_accuracy"`), or a `keras.losses.Loss` instance or
+            class (a class is instantiated with `fn_kwargs`). A kmask loss
+            also contributes the padding it finds in `y_true`.
         mask_value: Optional pad value of `y_true` (see
             `kmask.masks.value_mask`): `0`, `-100`, a one-hot pad vector such
             as `[0, 0, 1]`, or `float("nan")`.
@@ -74,11 +76,13 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         dtype: Any = None,
         **fn_kwargs: Any,
     ):
+        fn, fn_kwargs = _instantiate_class(fn, fn_kwargs)
         super().__init__(name=name or _default_name(fn), dtype=dtype)
-        self.fn = fn
+        self.fn, self.fn_kwargs = fn, fn_kwargs
         self.mask_value = mask_value
-        self.fn_kwargs = dict(fn_kwargs)
-        self._per_step = _per_step_function(fn, self.fn_kwargs)
+        self._per_step = _per_step_function(
+            self.fn, self.fn_kwargs, argument="fn", by_name=_metric_by_name
+        )
         self._class_axis = getattr(fn, "loss_kwargs", self.fn_kwargs).get("axis", -1)
         # Sums and counts are float32 even under mixed precision: a float16
         # count stops growing at 2048 tokens.
@@ -302,52 +306,9 @@ def _cross_entropy(y_true, y_pred, from_logits: bool = False):
     )
 
 
-def _default_name(fn: Any) -> str:
-    """`masked_` and `fn`'s name; a kmask loss's name already says it."""
-    if isinstance(fn, str):
-        base = fn
-    elif isinstance(fn, keras.losses.Loss):
-        base = fn.name
-    else:
-        base = getattr(fn, "__name__", type(fn).__name__)
-    return base if base.startswith("masked_") else f"masked_{base}"
-
-
-def _per_step_function(fn: Any, fn_kwargs: dict) -> Callable:
-    """Resolves `fn` to `(y_true, y_pred) -> per-step values`."""
-    if isinstance(fn, str):
-        fn = _function_by_name(fn)
-    if isinstance(fn, keras.losses.Loss):
-        if fn_kwargs:
-            raise ValueError(
-                "Keyword arguments configure a function, not a "
-                f"keras.losses.Loss instance. Received: fn={fn!r}, "
-                f"fn_kwargs={fn_kwargs}"
-            )
-        return fn.call
-    if not callable(fn) or isinstance(fn, type):
-        raise ValueError(
-            "Invalid value for argument `fn`: expected a callable "
-            "(y_true, y_pred) -> per-step values, the name of a Keras loss or "
-            f"metric function, or a keras.losses.Loss instance. Received: fn={fn!r}"
-        )
-
-    def per_step(y_true, y_pred):
-        return fn(y_true, y_pred, **fn_kwargs)
-
-    return per_step
-
-
-def _function_by_name(name: str) -> Callable:
-    """A Keras loss function (aliases such as `"mae"` included) or a
-    function from `keras.metrics` (`"sparse_categorical_accuracy"`)."""
-    try:
-        return keras.losses.get(name)
-    except ValueError:
-        function = getattr(keras.metrics, name, None)
+def _metric_by_name(name: str) -> Callable | None:
+    """A function from `keras.metrics` (`"sparse_categorical_accuracy"`)."""
+    function = getattr(keras.metrics, name, None)
     if function is None or isinstance(function, type) or not callable(function):
-        raise ValueError(
-            "Invalid value for argument `fn`: not a Keras loss or metric "
-            f"function name. Received: fn={name!r}"
-        )
+        return None
     return function

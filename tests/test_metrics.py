@@ -496,6 +496,21 @@ def test_default_names():
     assert Perplexity().name == "perplexity"
 
 
+def test_a_loss_class_is_instantiated_and_round_trips():
+    metric = MaskedMeanMetricWrapper(
+        keras.losses.BinaryCrossentropy, mask_value=-1.0, from_logits=True
+    )
+    restored = MaskedMeanMetricWrapper.from_config(metric.get_config())
+    y_true = np.array([[[0.0], [-1.0], [1.0]]], "float32")
+    logits = np.array([[[1.0], [5.0], [-0.5]]], "float32")
+    x, y = logits[0, [0, 2], 0].astype("float64"), y_true[0, [0, 2], 0]
+    bce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))
+    for each in (metric, restored):
+        each.update_state(y_true, logits)
+        assert float(each.result()) == pytest.approx(bce.mean(), rel=1e-6)
+    assert restored.name == "masked_binary_crossentropy"
+
+
 def test_invalid_fn_raises():
     with pytest.raises(ValueError, match="not a Keras loss or metric function name"):
         MaskedMeanMetricWrapper("no_such_metric")
