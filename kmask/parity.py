@@ -1083,6 +1083,21 @@ def _metrics() -> list[Case]:
     wrapper = "MaskedMeanMetricWrapper"
     scce = losses["scce_logits_ls_z"]
     kmask_loss = {**scce.spec(), "kwargs": {**scce.kwargs, "mask_value": -100}}
+
+    def perplexity_of_labels(name: str, padding: str, **options: Any) -> Case:
+        return _metric_case(
+            name,
+            {
+                "metric": "Perplexity",
+                "kwargs": {"from_logits": True, "mask_value": -100},
+            },
+            losses["scce_logits"],
+            lambda t, p: losses["scce_logits"].reference(t, p)[0],
+            padding,
+            perplexity=True,
+            **options,
+        )
+
     return [
         _metric_case(
             "mae/nan_targets",
@@ -1125,17 +1140,7 @@ def _metrics() -> list[Case]:
             lambda t, p: (p.argmax(-1) == t.argmax(-1)).astype(float),
             "pad",
         ),
-        _metric_case(
-            "perplexity/labels",
-            {
-                "metric": "Perplexity",
-                "kwargs": {"from_logits": True, "mask_value": -100},
-            },
-            losses["scce_logits"],
-            lambda t, p: losses["scce_logits"].reference(t, p)[0],
-            "pad",
-            perplexity=True,
-        ),
+        perplexity_of_labels("perplexity/labels", "pad"),
         _metric_case(
             "perplexity/one_hot",
             {"metric": "Perplexity", "kwargs": {"mask_value": _ONE_HOT_PAD}},
@@ -1144,17 +1149,7 @@ def _metrics() -> list[Case]:
             "weights",
             perplexity=True,
         ),
-        _metric_case(
-            "perplexity/all_padding",
-            {
-                "metric": "Perplexity",
-                "kwargs": {"from_logits": True, "mask_value": -100},
-            },
-            losses["scce_logits"],
-            lambda t, p: losses["scce_logits"].reference(t, p)[0],
-            "all_padding",
-            perplexity=True,
-        ),
+        perplexity_of_labels("perplexity/all_padding", "all_padding"),
         _metric_case(
             "mae/nan_targets",
             {"metric": wrapper, "kwargs": {"fn": "mae", "mask_value": NAN}},
@@ -1163,18 +1158,7 @@ def _metrics() -> list[Case]:
             "weights",
             dtype="float16",
         ),
-        _metric_case(
-            "perplexity/labels",
-            {
-                "metric": "Perplexity",
-                "kwargs": {"from_logits": True, "mask_value": -100},
-            },
-            losses["scce_logits"],
-            lambda t, p: losses["scce_logits"].reference(t, p)[0],
-            "weights",
-            dtype="bfloat16",
-            perplexity=True,
-        ),
+        perplexity_of_labels("perplexity/labels", "weights", dtype="bfloat16"),
     ]
 
 
