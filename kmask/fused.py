@@ -315,10 +315,19 @@ def fused_linear_crossentropy(
     labels = ops.convert_to_tensor(labels)
     _check_linear_shapes(hidden, kernel, labels, bias)
     valid = _steps_valid(labels, mask_value, mask, sample_weight)
-    per_step = _linear_crossentropy_steps(
-        hidden, kernel, labels, bias, valid, chunk_size, label_smoothing, z_loss
+    _, value = _linear_crossentropy(
+        hidden,
+        kernel,
+        labels,
+        bias,
+        valid,
+        sample_weight,
+        reduction,
+        chunk_size,
+        label_smoothing,
+        z_loss,
     )
-    return masked_reduce(per_step, valid, reduction, sample_weight)
+    return value
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -425,17 +434,19 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         labels = ops.convert_to_tensor(labels)
         _check_linear_shapes(hidden, self.kernel, labels, self.bias)
         valid = _steps_valid(labels, self.mask_value, hidden_mask, None)
-        per_step = _linear_crossentropy_steps(
+        per_step, value = _linear_crossentropy(
             hidden,
             self.kernel,
             labels,
             self.bias,
             valid,
+            None,
+            self.reduction,
             self.chunk_size,
             self.label_smoothing,
             self.z_loss,
         )
-        self.add_loss(masked_reduce(per_step, valid, self.reduction))
+        self.add_loss(value)
         return per_step
 
     def compute_output_shape(self, input_shape):
@@ -625,21 +636,28 @@ def _same_shape(a: tuple, b: tuple) -> bool:
 # The chunked linear cross-entropy.
 
 
-def _linear_crossentropy_steps(
+def _linear_crossentropy(
     hidden,
     kernel,
     labels,
     bias,
     valid,
+    sample_weight,
+    reduction: str,
     chunk_size: int,
     label_smoothing: float,
     z_loss: float,
 ):
-    """Per-step losses of `labels`' shape, 0 where not `valid`.
+    """`(per_step, value)`: the per-step losses of `labels`' shape (0 where
+    not `valid`) and `masked_reduce` of them.
 
-    The tokens are flattened and padded to whole chunks; padded rows of
-    `hidden` are zeroed (a `where`, so NaN there cannot reach `kernel`'s
-    gradient through `0 * NaN`) and carry a zero coefficient.
+    The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,
+    so NaN there cannot reach `kernel`'s gradient through `0 * NaN`) and carry
+    a zero coefficient. PyTorch loops over the chunks in
+    `kmask.torch_kernels.linear_crossentropy`, which computes the value's
+    gradient in the forward pass (three matmuls instead of four; its
+    docstring has the profile); the other backends pad the tokens to whole
+    chunks for `_chunked_crossentropy`.
     """
     steps_shape = ops.shape(labels)
     hidden = ops.cast(hidden, "float32")
@@ -648,12 +666,42 @@ def _linear_crossentropy_steps(
     hidden = ops.reshape(hidden, (-1, width))
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     tokens = ops.shape(labels)[0]
+    steps_valid = valid
     if valid is None:
         valid = ops.ones_like(labels, dtype="bool")
     else:
         valid = ops.reshape(broadcast_to_steps(valid, steps_shape), (-1,))
     labels = ops.where(valid, labels, ops.zeros_like(labels))
     hidden = ops.where(ops.expand_dims(valid, -1), hidden, ops.zeros_like(hidden))
+    if bias is not None:
+        bias = ops.cast(ops.convert_to_tensor(bias), "float32")
+    if keras.backend.backend() == "torch":
+        # Imported here: the module imports torch.
+        from kmask import torch_kernels
+
+        reduce = None
+        # The weights' own gradient needs the per-step losses.
+        if reduction != "none" and not getattr(sample_weight, "requires_grad", False):
+
+            def reduce(values):
+                return masked_reduce(values, steps_valid, reduction, sample_weight)
+
+        per_step, value = torch_kernels.linear_crossentropy(
+            hidden,
+            kernel,
+            bias,
+            labels,
+            valid,
+            reduce,
+            tuple(steps_shape),
+            chunk_size,
+            label_smoothing,
+            z_loss,
+        )
+        per_step = ops.reshape(per_step, steps_shape)
+        if value is None:
+            value = masked_reduce(per_step, steps_valid, reduction, sample_weight)
+        return per_step, value
     # A batch smaller than a chunk is one chunk of its own size.
     chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
     chunks = (tokens + chunk - 1) // chunk
@@ -662,14 +710,13 @@ def _linear_crossentropy_steps(
     labels = ops.reshape(ops.pad(labels, [[0, extra]]), (chunks, chunk))
     valid = ops.pad(ops.cast(valid, "int32"), [[0, extra]])
     valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
-    params = [hidden, kernel]
-    if bias is not None:
-        params.append(ops.cast(ops.convert_to_tensor(bias), "float32"))
+    params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
     per_step = _chunked_crossentropy(
         labels, valid, label_smoothing, z_loss, chunks, *params
     )
     per_step = ops.reshape(per_step, (-1,))[:tokens]
-    return ops.reshape(per_step, steps_shape)
+    per_step = ops.reshape(per_step, steps_shape)
+    return per_step, masked_reduce(per_step, steps_valid, reduction, sample_weight)
 
 
 def _chunked_crossentropy(labels, valid, label_smoothing, z_loss, chunks, *params):

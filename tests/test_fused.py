@@ -381,6 +381,110 @@ def test_linear_argument_errors():
         kmask.fused_linear_crossentropy(*args, bias=data["bias"][:10])
 
 
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "sum"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_linear_value_and_per_step_losses_differentiated_together(reduction, use_bias):
+    # The value (PyTorch: gradient computed in the forward pass, scaled by
+    # its upstream) and the per-step losses (the logits recomputed), both in
+    # one objective: what a layer's loss plus its returned losses need.
+    from kmask.fused import _linear_crossentropy
+
+    data = _data(13)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    bias = data["bias"] if use_bias else None
+    cotangent = np.random.default_rng(14).normal(size=(B, T)).astype("float32")
+
+    def objective(hidden, kernel, bias):
+        per_step, value = _linear_crossentropy(
+            hidden, kernel, labels, bias, ops.convert_to_tensor(valid), None,
+            reduction, 4, 0.1, 0.01,
+        )  # fmt: skip
+        return 2.5 * value + ops.sum(per_step * ops.convert_to_tensor(cotangent))
+
+    options = {"label_smoothing": 0.1, "z_loss": 0.01}
+    reduced = np_linear(data["hidden"], data["kernel"], bias, labels, valid,
+                        reduction=reduction, **options)  # fmt: skip
+    per_step = np_linear(data["hidden"], data["kernel"], bias, labels, valid,
+                         cotangent, "sum", **options)  # fmt: skip
+    expected = [2.5 * a + b for a, b in zip(reduced, per_step, strict=True)]
+    hidden = np.where(valid[..., None], data["hidden"], np.nan).astype("float32")
+    value, d_hidden = value_and_grad(
+        lambda x: objective(x, data["kernel"], bias), hidden
+    )
+    _, d_kernel = value_and_grad(lambda x: objective(hidden, x, bias), data["kernel"])
+    _close(value, expected[0])
+    _close(d_hidden, expected[1])
+    _close(d_kernel, expected[2])
+    assert np.all(d_hidden[~valid] == 0.0)
+    if use_bias:
+        _, d_bias = value_and_grad(
+            lambda x: objective(hidden, data["kernel"], x), data["bias"]
+        )
+        _close(d_bias, expected[3])
+
+
+@pytest.mark.parametrize("reduction", kmask.REDUCTIONS)
+def test_linear_value_alone_and_an_empty_batch(reduction):
+    data = _data(15)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    value = kmask.fused_linear_crossentropy(
+        data["hidden"], data["kernel"], labels, data["bias"], mask_value=PAD,
+        reduction=reduction, chunk_size=4,
+    )  # fmt: skip
+    expected = np_linear(data["hidden"], data["kernel"], data["bias"], labels,
+                         valid, reduction=reduction)  # fmt: skip
+    _close(value, expected[0])
+    if BACKEND != "torch":
+        return  # an empty batch fails in `ops.fori_loop`'s trace on JAX
+    empty = kmask.fused_linear_crossentropy(
+        np.zeros((0, T, H), "float32"), data["kernel"], np.zeros((0, T), "int32"),
+        reduction=reduction,
+    )  # fmt: skip
+    assert tuple(empty.shape) == ((0, T) if reduction == "none" else ())
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's chunk loop")
+def test_linear_torch_gradient_modes():
+    import torch
+
+    data = _data(16)
+    valid = _valid()
+    labels = torch.tensor(np.where(valid, data["labels"], PAD))
+    hidden = torch.tensor(data["hidden"], requires_grad=True)
+    kernel = torch.tensor(data["kernel"], requires_grad=True)
+    expected = np_linear(data["hidden"], data["kernel"], None, labels.numpy(), valid)
+
+    def loss(**kwargs):
+        return kmask.fused_linear_crossentropy(
+            hidden, kernel, labels, mask_value=PAD, chunk_size=4, **kwargs
+        )
+
+    # Under no_grad: the value alone, no gradient computed in advance.
+    with torch.no_grad():
+        _close(loss(), expected[0])
+    # The gradient computed in the forward pass is used once.
+    value = loss()
+    value.backward(retain_graph=True)
+    _close(hidden.grad, expected[1])
+    _close(kernel.grad, expected[2])
+    with pytest.raises(RuntimeError, match="backward through its graph runs once"):
+        value.backward()
+    # Weights that want a gradient: it is the per-step losses (masked).
+    weight = torch.tensor(valid.astype("float32") * 0.5, requires_grad=True)
+    value = loss(reduction="sum", sample_weight=weight)
+    d_hidden, d_weight = torch.autograd.grad(value, [hidden, weight])
+    summed = np_linear(
+        data["hidden"], data["kernel"], None, labels.numpy(), valid, reduction="sum"
+    )
+    _close(d_hidden, 0.5 * summed[1])
+    per_step = kmask.fused_linear_crossentropy(
+        hidden, kernel, labels, mask_value=PAD, chunk_size=4, reduction="none"
+    )
+    _close(d_weight, per_step.detach().numpy().astype("float64"))
+
+
 # ----------------------------------------------------------------------------
 # FusedLinearCrossentropy
 
