@@ -705,6 +705,8 @@ def _linear_crossentropy(
     # A batch smaller than a chunk is one chunk of its own size.
     chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
     chunks = (tokens + chunk - 1) // chunk
+    # An empty batch runs one chunk of padding, so the loop has a body.
+    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
     extra = chunks * chunk - tokens
     hidden = ops.reshape(ops.pad(hidden, [[0, extra], [0, 0]]), (chunks, chunk, width))
     labels = ops.reshape(ops.pad(labels, [[0, extra]]), (chunks, chunk))

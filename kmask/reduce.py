@@ -103,7 +103,8 @@ def masked_reduce(
         result = ops.sum(weighted)
     elif reduction == "sum_over_batch_size":
         size = ops.cast(ops.size(weighted), weighted.dtype)
-        result = ops.sum(weighted) / global_denominator(size)
+        # An empty batch gives 0, as Keras's `divide_no_nan` does.
+        result = divide_or_zero(ops.sum(weighted), global_denominator(size))
     elif reduction == "token_mean":
         result = divide_or_zero(
             ops.sum(weighted), global_denominator(ops.sum(step_weight))

@@ -238,6 +238,17 @@ def test_one_token(reduction):
     assert_close(result, reference_reduce(np.nan_to_num(values), mask, reduction))
 
 
+@pytest.mark.parametrize("reduction", SCALAR_REDUCTIONS)
+def test_an_empty_batch_is_zero_with_a_zero_gradient(reduction):
+    """No sequences at all: 0 like Keras's `divide_no_nan`, never 0 / 0."""
+    empty = np.zeros((0, 5), "float32")
+    value, grad = value_and_grad(
+        lambda v: kmask.masked_reduce(v, None, reduction), empty
+    )
+    assert float(value) == 0.0
+    assert tuple(grad.shape) == (0, 5)
+
+
 # --- dtypes ----------------------------------------------------------------
 
 
