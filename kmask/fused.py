@@ -230,7 +230,7 @@ def mean_squared_error(targets: Any, predictions: Any, valid: Any = None):
         from kmask import torch_kernels
 
         return torch_kernels.mean_squared_error(targets, predictions, valid)
-    features = predictions.shape[-1]
+    features = _last_size(predictions)
 
     @ops.custom_gradient
     def squared_error(predictions, targets):
@@ -568,7 +568,7 @@ def _smooth(targets, label_smoothing: float):
     """`targets` moved `label_smoothing` of the way to the uniform distribution."""
     if not label_smoothing:
         return targets
-    return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
+    return targets * (1.0 - label_smoothing) + label_smoothing / _last_size(targets)
 
 
 def _target_sums(targets, logits, label_smoothing: float, elementwise: bool):
@@ -610,6 +610,15 @@ def _log_normalizer(logits):
     top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
     exponentials = ops.exp(logits - ops.expand_dims(top, -1))
     return top, exponentials, ops.log(ops.sum(exponentials, axis=-1))
+
+
+def _last_size(tensor):
+    """The size of the last axis: an int where it is static, else a tensor of
+    `tensor`'s dtype (a `None` dimension under `tf.function`)."""
+    size = tensor.shape[-1]
+    if size is None:
+        size = ops.cast(ops.shape(tensor)[-1], tensor.dtype)
+    return size
 
 
 def _log_probs(logits, top, log_sum):
@@ -681,6 +690,8 @@ def _linear_crossentropy(
 
         reduce = None
         # The weights' own gradient needs the per-step losses.
+        if sample_weight is not None:  # a Keras variable shows its own grad
+            sample_weight = ops.convert_to_tensor(sample_weight)
         if reduction != "none" and not getattr(sample_weight, "requires_grad", False):
 
             def reduce(values):

@@ -82,7 +82,7 @@ class MaskedLoss(keras.losses.Loss):
         self.mask_value = mask_value
         self.dtype_arg = dtype
         self._per_step = _per_step_function(self.loss, self.loss_kwargs)
-        self._class_axis = self.loss_kwargs.get("axis", -1)
+        self._class_axis = _class_axis(self.loss, self.loss_kwargs)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         return self._masked_call(y_true, y_pred, sample_weight)
@@ -657,6 +657,15 @@ def _per_step_function(
         return fn(y_true, y_pred, **fn_kwargs)
 
     return per_step
+
+
+def _class_axis(fn: Any, fn_kwargs: dict) -> int:
+    """The class axis the wrapped loss reduces: from the keyword arguments,
+    else the loss's own (`axis` of a Keras loss, a kmask loss's kwargs)."""
+    if "axis" in fn_kwargs:
+        return fn_kwargs["axis"]
+    axis = getattr(fn, "loss_kwargs", {}).get("axis", getattr(fn, "axis", None))
+    return -1 if axis is None else axis
 
 
 def _loss_by_name(name: str) -> Any:

@@ -19,7 +19,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.losses import _default_name, _instantiate_class, _per_step_function
+from kmask.losses import (
+    _class_axis,
+    _default_name,
+    _instantiate_class,
+    _per_step_function,
+)
 from kmask.masks import (
     combine_masks,
     fill_padding,
@@ -83,7 +88,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         self._per_step = _per_step_function(
             self.fn, self.fn_kwargs, argument="fn", by_name=_metric_by_name
         )
-        self._class_axis = getattr(fn, "loss_kwargs", self.fn_kwargs).get("axis", -1)
+        self._class_axis = _class_axis(self.fn, self.fn_kwargs)
         # Sums and counts are float32 even under mixed precision: a float16
         # count stops growing at 2048 tokens.
         self.total = self.add_variable(

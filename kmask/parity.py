@@ -1220,6 +1220,10 @@ def _fused() -> list[Case]:
     ]
 
 
+def _replicas(setup: str) -> int:
+    return 2 if setup == "two_devices" else 1
+
+
 @_family
 def _devices() -> list[Case]:
     """One device against two (and against accumulated micro-batches): SGD
@@ -1239,7 +1243,9 @@ def _devices() -> list[Case]:
             runner="devices",
             spec={"setup": setup, "source": source, "half": []},
             inputs={},
-            expected=expected,
+            # `replicas`: what `fit` ran on, so a setup that quietly fell
+            # back to one device fails.
+            expected={**expected, "replicas": np.float64(_replicas(setup))},
         )
         for setup in parity_devices.COMMON_SETUPS
         for source in parity_devices.SOURCES
@@ -1520,6 +1526,7 @@ def _run_devices(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
     return {
         "weights": (np.asarray(row["weights"], "float64"), "float32"),
         "loss": (np.asarray(row["logged loss"], "float64"), "float32"),
+        "replicas": (np.asarray(row["replicas"], "float64"), "float64"),
     }
 
 

@@ -46,10 +46,13 @@ import functools
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +80,8 @@ TWO_DEVICES = {
     "jax": "DataParallel, 2 CPUs",
     "torch": "DDP, 2 gloo processes",
 }
-_TIMEOUT = 180
+_TIMEOUT = 180  # seconds, for a pair of processes
+_WORKER_TIMEOUT = 900  # seconds, for every setup of one backend
 _MODULE = (sys.executable, "-m", "kmask.parity_devices")
 
 
@@ -186,34 +190,53 @@ def fit(
     sample_weight=None,
     accumulation: int | None = None,
     scope: Any = None,
-) -> tuple[np.ndarray, float]:
-    """`model.fit` for `max(EPOCHS)` epochs: weights after each of `EPOCHS`
-    (flattened, `[len(EPOCHS), 4]`) and the first logged loss."""
+) -> tuple[np.ndarray, float, int]:
+    """`model.fit` for `max(EPOCHS)` epochs, all of it inside `scope`: the
+    weights after each of `EPOCHS` (flattened, `[len(EPOCHS), 4]`), the first
+    logged loss, and the number of replicas `fit` ran on."""
     import keras
 
     x = make_data()[0]
+    snapshots, replicas = [], []
     with scope or contextlib.nullcontext():
         model = build_model(masking)
         optimizer = keras.optimizers.SGD(
             LEARNING_RATE, gradient_accumulation_steps=accumulation
         )
         model.compile(optimizer=optimizer, loss=loss)
-    snapshots = []
-    record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: snapshots.append(_flat(model.get_weights()))
-    )
-    history = model.fit(
-        x,
-        targets,
-        sample_weight=sample_weight,
-        batch_size=batch_size or len(x),
-        epochs=max(EPOCHS),
-        shuffle=False,
-        verbose=0,
-        callbacks=[record],
-    )
+        record = keras.callbacks.LambdaCallback(
+            on_train_begin=lambda logs: replicas.append(_replicas(model)),
+            on_epoch_end=lambda epoch, logs: snapshots.append(
+                _flat(model.get_weights())
+            ),
+        )
+        history = model.fit(
+            x,
+            targets,
+            sample_weight=sample_weight,
+            batch_size=batch_size or len(x),
+            epochs=max(EPOCHS),
+            shuffle=False,
+            verbose=0,
+            callbacks=[record],
+        )
     weights = np.stack([snapshots[epochs - 1] for epochs in EPOCHS])
-    return weights, float(history.history["loss"][0])
+    return weights, float(history.history["loss"][0]), replicas[0]
+
+
+def _replicas(model) -> int:
+    """How many devices `fit` spreads a batch over, as training starts: the
+    `tf.distribute` strategy's replicas, or the batch axis of the active
+    `keras.distribution` (1 when neither is set)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return model.distribute_strategy.num_replicas_in_sync
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return mesh.shape[mesh.axis_names.index(distribution.batch_dim_name)]
 
 
 def _two_devices_scope(backend: str):
@@ -283,7 +306,8 @@ def run_setup(backend: str, setup: str, source: str, which: str):
 
 def _processes(setup: str, source: str, which: str, attempts: int = 2):
     """Runs 2 processes of `python -m kmask.parity_devices --process`; returns
-    rank 0's weights and the mean of the ranks' first losses. A TensorFlow
+    the weights (checked equal on both ranks), the mean of the ranks' first
+    losses and the number of replicas they trained on. A TensorFlow
     worker that finds its port taken (picked free, then grabbed by someone
     else before the worker bound it) is run again, once."""
     for attempt in range(attempts):
@@ -308,21 +332,32 @@ def _two_processes(setup: str, source: str, which: str):
             )
             for rank in (0, 1)
         ]
+        deadline = time.monotonic() + _TIMEOUT
         try:
-            codes = [process.wait(timeout=_TIMEOUT) for process in processes]
+            codes = [
+                process.wait(timeout=max(deadline - time.monotonic(), 1))
+                for process in processes
+            ]
         except subprocess.TimeoutExpired:
             codes = ["timeout"]
         finally:
             for process in processes:
                 process.kill()
+                process.wait()
             for log in logs:
                 log.close()
         if codes != [0, 0]:
             output = "".join(_tail(log.name) for log in logs)
             raise RuntimeError(f"a {setup} process failed ({codes}):\n{output}")
         results = [np.load(os.path.join(folder, f"rank{r}.npz")) for r in (0, 1)]
+        weights = [result["weights"] for result in results]
+        if not np.array_equal(weights[0], weights[1]):
+            raise RuntimeError(
+                f"{setup}: the two ranks ended with different weights: "
+                f"{weights[0].tolist()} and {weights[1].tolist()}"
+            )
         first_loss = float(np.mean([result["first_loss"] for result in results]))
-        return results[0]["weights"], first_loss
+        return weights[0], first_loss, int(results[0]["replicas"])
 
 
 def _free_ports(count: int) -> list[int]:
@@ -347,11 +382,14 @@ def _process(case: list, rank: int) -> None:
     half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
     targets = {"y": y, "y_nan": y_nan}[key][half]
     train = _torch_ddp if setup == "two_devices" else _tensorflow_workers
-    snapshots, first_loss = train(rank, folder, ports, loss, masking, x[half], targets)
+    snapshots, first_loss, replicas = train(
+        rank, folder, ports, loss, masking, x[half], targets
+    )
     np.savez(
         os.path.join(folder, f"rank{rank}.npz"),
         weights=np.stack([snapshots[epochs - 1] for epochs in EPOCHS]),
         first_loss=first_loss,
+        replicas=replicas,
     )
 
 
@@ -379,7 +417,7 @@ def _torch_ddp(rank, folder, ports, loss, masking, x, y):
         optimizer.step()
         losses.append(float(value.detach()))
         snapshots.append(_flat(model.get_weights()))
-    return snapshots, losses[0]
+    return snapshots, losses[0], dist.get_world_size()
 
 
 def _tensorflow_workers(rank, folder, ports, loss, masking, x, y):
@@ -418,7 +456,8 @@ def _tensorflow_workers(rank, folder, ports, loss, masking, x, y):
     for _ in range(max(EPOCHS)):
         losses.append(float(step(tf.constant(x), tf.constant(y))))
         snapshots.append(_flat(model.get_weights()))
-    return snapshots, losses[0]  # the replicas' sum: the global loss
+    # The first loss is the replicas' sum: the global loss.
+    return snapshots, losses[0], strategy.num_replicas_in_sync
 
 
 # ----------------------------------------------------------------------------
@@ -439,11 +478,17 @@ def rows(
     """Trains every setup with each mask source in this process (the backend
     set up for 2 devices); one row each, with the kmask weights."""
     setups = list(setups or setups_for(backend))
+    unknown = sorted(set(setups) - set(setups_for(backend)))
+    if unknown:
+        raise ValueError(
+            f"Invalid value for argument `setups`: {unknown} are not setups of "
+            f"{backend}; its setups are {list(setups_for(backend))}"
+        )
     reference, reference_loss = expected_weights(), expected_loss()
     out, one_device = [], {}
     for setup in ["one_device", *(s for s in setups if s != "one_device")]:
         for source in SOURCES:
-            weights, logged = run_setup(backend, setup, source, "kmask")
+            weights, logged, replicas = run_setup(backend, setup, source, "kmask")
             one_device.setdefault(source, weights)
             row = {
                 "backend": backend,
@@ -452,6 +497,7 @@ def rows(
                 "mask source": source,
                 "weights": weights.tolist(),
                 "logged loss": logged,
+                "replicas": replicas,
                 "kmask gap": gap(weights, reference),
                 "one-device gap": gap(weights, one_device[source]),
                 "logged loss rel. error": abs(logged - reference_loss) / reference_loss,
@@ -484,17 +530,24 @@ def run_backend(
         command += ["--json", path, *(["--no-builtin"] if not builtin else [])]
         if setups:
             command += ["--setups", *setups]
-        completed = subprocess.run(
+        # A session of its own: on a timeout the worker and the processes it
+        # started (DDP ranks, TensorFlow workers) are killed together.
+        worker = subprocess.Popen(
             command,
             env=_environment(backend),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            check=False,
+            start_new_session=True,
         )
-        if completed.returncode != 0:
-            raise RuntimeError(
-                f"{backend} device worker failed:\n{completed.stderr[-4000:]}"
-            )
+        try:
+            _, stderr = worker.communicate(timeout=_WORKER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            _, stderr = worker.communicate()
+            stderr += f"\n(killed after {_WORKER_TIMEOUT} s)"
+        if worker.returncode != 0:
+            raise RuntimeError(f"{backend} device worker failed:\n{stderr[-4000:]}")
         with open(path) as handle:
             return json.load(handle)
 
@@ -540,7 +593,11 @@ def markdown(table_rows: list[dict[str, Any]]) -> str:
 
 def failures(table_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checked = ("kmask gap", "one-device gap", "logged loss rel. error")
-    return [row for row in table_rows if max(row[c] for c in checked) > TOLERANCE]
+    return [
+        row
+        for row in table_rows
+        if not all(row[column] <= TOLERANCE for column in checked)  # NaN fails
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,8 +615,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.process:
-        _process(json.loads(args.process), args.rank)
         # Skip interpreter teardown: with gloo's threads alive it can hang.
+        try:
+            _process(json.loads(args.process), args.rank)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        sys.stdout.flush()
         os._exit(0)
     if args.worker:  # the caller judges the rows
         _setup_before_import(args.worker)

@@ -120,6 +120,14 @@ def test_every_setup_is_measured(multi_device_rows):
     }
 
 
+def test_each_setup_trains_on_the_devices_it_names(multi_device_rows):
+    """A scope that `fit` left before training would run on one device and
+    pass every gap below without testing anything."""
+    for row in multi_device_rows:
+        expected = 1 if row["setup"].startswith(("one_", "accumulation_")) else 2
+        assert row["replicas"] == expected, row
+
+
 def test_rows_hold_the_numpy_full_batch_weights(multi_device_rows):
     """The gaps are recomputed here from the raw weights and a NumPy SGD of
     this test's own, so a wrong gap in the harness cannot pass."""

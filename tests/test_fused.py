@@ -482,6 +482,38 @@ def test_linear_torch_gradient_modes():
         hidden, kernel, labels, mask_value=PAD, chunk_size=4, reduction="none"
     )
     _close(d_weight, per_step.detach().numpy().astype("float64"))
+    # A trainable Keras variable as the weights gets the same gradient.
+    variable = keras.Variable(valid.astype("float32") * 0.5)
+    value = loss(reduction="sum", sample_weight=variable)
+    (d_variable,) = torch.autograd.grad(value, [variable.value])
+    _close(d_variable, per_step.detach().numpy().astype("float64"))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="a None axis under tf.function")
+def test_dense_fused_losses_with_an_unknown_last_axis():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(2, 3, 4)).astype("float32")
+    p = rng.normal(size=(2, 3, 4)).astype("float32")
+    probs = np.exp(p) / np.exp(p).sum(-1, keepdims=True)
+    valid = np.array([[True, True, False], [True, False, False]])
+    spec = tf.TensorSpec([None, None, None])
+
+    @tf.function(input_signature=[spec, spec, tf.TensorSpec([None, None], tf.bool)])
+    def losses(y, p, valid):
+        return (
+            kmask.fused.mean_squared_error(y, p, valid),
+            kmask.fused.categorical_crossentropy_with_logits(
+                tf.nn.softmax(p * 2.0), p, valid, label_smoothing=0.1
+            ),
+        )
+
+    squared, crossentropy = losses(y, p, valid)
+    smoothed = (np.exp(2 * p) / np.exp(2 * p).sum(-1, keepdims=True)) * 0.9 + 0.1 / 4
+    expected_ce = -(smoothed * np.log(probs)).sum(-1)
+    _close(squared, np.where(valid, ((p - y) ** 2).mean(-1), 0.0))
+    _close(crossentropy, np.where(valid, expected_ce, 0.0))
 
 
 # ----------------------------------------------------------------------------

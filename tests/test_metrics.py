@@ -511,6 +511,22 @@ def test_a_loss_class_is_instantiated_and_round_trips():
     assert restored.name == "masked_binary_crossentropy"
 
 
+def test_a_loss_with_its_own_class_axis_masks_the_other_axes():
+    """`CategoricalCrossentropy(axis=1)` on `[batch, classes, time]`: the
+    per-step shape, so the weights' shape, is `[batch, time]`."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=(2, 4))
+    y_true = np.eye(3, dtype="float32")[labels].transpose(0, 2, 1)
+    y_pred = rng.uniform(0.1, 1.0, size=(2, 3, 4)).astype("float32")
+    y_pred /= y_pred.sum(1, keepdims=True)
+    weight = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], "float32")
+    metric = MaskedMeanMetricWrapper(keras.losses.CategoricalCrossentropy(axis=1))
+    metric.update_state(y_true, y_pred, sample_weight=weight)
+    per_step = -np.log((y_true * y_pred).sum(1))
+    expected = (per_step * weight).sum() / weight.sum()
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5)
+
+
 def test_invalid_fn_raises():
     with pytest.raises(ValueError, match="not a Keras loss or metric function name"):
         MaskedMeanMetricWrapper("no_such_metric")
