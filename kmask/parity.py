@@ -235,12 +235,13 @@ def _np_huber(y_true, y_pred, delta=1.0):
 
 
 def _np_step_weight(weight, shape) -> np.ndarray:
-    """A `[batch]` or `[batch, time]` weight (ones when `None`) per step."""
+    """A `[batch]` or `[batch, time, ...]` weight (ones when `None`) per step
+    of `shape`."""
     if weight is None:
         return np.ones(shape)
     weight = np.asarray(weight, "float64")
     return np.broadcast_to(
-        weight.reshape(weight.shape + (1,) * (2 - weight.ndim)), shape
+        weight.reshape(weight.shape + (1,) * (len(shape) - weight.ndim)), shape
     )
 
 

@@ -304,19 +304,18 @@ def run_setup(backend: str, setup: str, source: str, which: str):
 # Two processes: PyTorch DDP over gloo, TensorFlow MultiWorkerMirroredStrategy.
 
 
-def _processes(setup: str, source: str, which: str, attempts: int = 2):
+def _processes(setup: str, source: str, which: str):
     """Runs 2 processes of `python -m kmask.parity_devices --process`; returns
     the weights (checked equal on both ranks), the mean of the ranks' first
     losses and the number of replicas they trained on. A TensorFlow
     worker that finds its port taken (picked free, then grabbed by someone
     else before the worker bound it) is run again, once."""
-    for attempt in range(attempts):
-        try:
-            return _two_processes(setup, source, which)
-        except RuntimeError as error:
-            if "already in use" not in str(error) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return _two_processes(setup, source, which)
+    except RuntimeError as error:
+        if "already in use" not in str(error):
+            raise
+    return _two_processes(setup, source, which)
 
 
 def _two_processes(setup: str, source: str, which: str):
@@ -530,26 +529,37 @@ def run_backend(
         command += ["--json", path, *(["--no-builtin"] if not builtin else [])]
         if setups:
             command += ["--setups", *setups]
-        # A session of its own: on a timeout the worker and the processes it
-        # started (DDP ranks, TensorFlow workers) are killed together.
-        worker = subprocess.Popen(
-            command,
-            env=_environment(backend),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            _, stderr = worker.communicate(timeout=_WORKER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            _, stderr = worker.communicate()
-            stderr += f"\n(killed after {_WORKER_TIMEOUT} s)"
+        worker = run_in_own_session(command, _environment(backend), _WORKER_TIMEOUT)
         if worker.returncode != 0:
-            raise RuntimeError(f"{backend} device worker failed:\n{stderr[-4000:]}")
+            raise RuntimeError(
+                f"{backend} device worker failed:\n{worker.stderr[-4000:]}"
+            )
         with open(path) as handle:
             return json.load(handle)
+
+
+def run_in_own_session(
+    command: Sequence[str], env: dict, timeout: float, cwd: str | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `command` in a session of its own, its output captured. On a
+    timeout the whole session is killed, with the processes it started (DDP
+    ranks, TensorFlow workers), and stderr ends by saying so."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout} s)"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _setup_before_import(backend: str) -> None:

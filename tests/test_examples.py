@@ -9,13 +9,13 @@ runs in a temporary folder, so a PNG it may save lands there.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import keras
 import pytest
+
+from kmask.parity_devices import run_in_own_session
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CHECKED_ELSEWHERE = {"multi_device.py"}
@@ -46,31 +46,12 @@ def test_example_runs(script, tmp_path):
         MPLBACKEND="Agg",
     )
 
-    completed = _run(command, cwd=tmp_path, env=env)
+    # Its own session, all of which a timeout kills: examples start
+    # subprocesses of their own.
+    completed = run_in_own_session(command, env, TIMEOUT_S, cwd=tmp_path)
 
     assert completed.returncode == 0, (
         f"{script.name} exited {completed.returncode}\n"
         f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     )
     assert "MISMATCH" not in completed.stdout
-
-
-def _run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """Runs `command` in its own process group, all of which a timeout kills:
-    examples start subprocesses of their own."""
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{command} ran past {TIMEOUT_S} s\n{stdout}\n{stderr}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

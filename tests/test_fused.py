@@ -10,6 +10,8 @@ from keras import ops
 
 import kmask
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
+from kmask.parity import _np_linear
+from kmask.parity import _np_reduce as np_reduce
 from tests._grad import value_and_grad
 
 BACKEND = keras.backend.backend()
@@ -40,48 +42,14 @@ def np_crossentropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
     return per_step, grad
 
 
-def np_reduce(per_step, valid, weight, reduction):
-    """The reduced value and `d value / d per_step` (for `"none"`: of the sum
-    of the per-step values)."""
-    weight = np.ones(per_step.shape) if weight is None else np.asarray(weight, float)
-    weight = np.broadcast_to(
-        weight.reshape(weight.shape + (1,) * (per_step.ndim - weight.ndim)),
-        per_step.shape,
-    )
-    used = valid & (weight != 0)
-    used_weight = np.where(used, weight, 0.0)
-    if reduction == "none":
-        return np.where(used, per_step * weight, 0.0), used_weight
-    if reduction == "sum":
-        coefficient = used_weight
-    elif reduction == "sum_over_batch_size":
-        coefficient = used_weight / per_step.size
-    elif reduction == "token_mean":
-        total = used_weight.sum()
-        coefficient = used_weight / total if total else used_weight * 0
-    else:
-        steps = used.sum(1, keepdims=True)
-        per_sequence = np.where(steps > 0, 1.0 / np.maximum(steps, 1), 0.0)
-        scaled = used_weight * per_sequence
-        total = scaled.sum()
-        coefficient = scaled / total if total else scaled * 0
-    return np.where(used, coefficient * per_step, 0.0).sum(), coefficient
-
-
 def np_linear(hidden, kernel, bias, labels, valid, weight=None, reduction="token_mean",
               label_smoothing=0.0, z_loss=0.0):  # fmt: skip
-    """Value and gradients (hidden, kernel, bias) of the linear cross-entropy."""
-    hidden = np.where(valid[..., None], np.asarray(hidden, "float64"), 0.0)
-    logits = hidden @ np.asarray(kernel, "float64")
-    if bias is not None:
-        logits = logits + np.asarray(bias, "float64")
-    safe_labels = np.where(valid, labels, 0)
-    per_step, grad = np_crossentropy(logits, safe_labels, label_smoothing, z_loss)
-    value, coefficient = np_reduce(per_step, valid, weight, reduction)
-    d_logits = np.where(valid[..., None], coefficient[..., None] * grad, 0.0)
-    d_hidden = d_logits @ np.asarray(kernel, "float64").T
-    d_kernel = np.einsum("bth,btv->hv", hidden, d_logits)
-    return value, d_hidden, d_kernel, d_logits.sum((0, 1))
+    """Value and gradients (hidden, kernel, bias) of the linear cross-entropy:
+    the float64 NumPy reference of the parity suite."""
+    found = _np_linear(hidden, kernel, bias, labels, valid, weight, reduction,
+                       label_smoothing=label_smoothing, z_loss=z_loss)  # fmt: skip
+    return (found["value"], found["grad_hidden"], found["grad_kernel"],
+            found["grad_bias"])  # fmt: skip
 
 
 def _close(actual, expected, rtol=1e-5):
