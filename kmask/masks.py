@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kmask._keras_compat import get_keras_mask
+
 PADDINGS = ("pre", "post")
 # Padded steps are replaced by these before a loss sees them, so the loss is
 # finite there whatever the padding held: 0.5 is a valid probability, logit
@@ -224,11 +226,9 @@ def broadcast_to_steps(mask: Any, steps: tuple):
 def keras_mask(y_pred: Any):
     """Returns the mask Keras propagated onto `y_pred`, or `None`.
 
-    This is the one place kmask touches a Keras internal: on JAX the mask is
-    not an attribute of the array, so only Keras's own accessor finds it.
+    On JAX the mask is not an attribute of the array, so only Keras's own
+    (internal) accessor finds it; `kmask._keras_compat` looks it up.
     """
-    from keras.src.backend import get_keras_mask
-
     return get_keras_mask(y_pred)
 
 

@@ -14,6 +14,13 @@ from typing import Any
 
 import keras
 
+from kmask._keras_compat import (
+    node_input_tensors,
+    node_mask_argument,
+    node_operation,
+    node_outputs,
+    producing_node,
+)
 from kmask.masks import keras_mask
 
 _NO_MASK = "-"
@@ -149,12 +156,12 @@ def _calls_in_order(outputs: list) -> list:
     """The calls (layers, and ops such as `x * 1`) that produce `outputs`,
     each after the calls that feed it.
 
-    Keras records each call as a `Node`, reached through the `_keras_history`
-    of its output tensors; this walk is the one place the report reads those
-    internals. It is iterative, so deep models do not hit the recursion limit.
+    Keras records each call as a `Node` (an internal, read through
+    `kmask._keras_compat`). The walk is iterative, so deep models do not hit
+    the recursion limit.
     """
     ordered, visited = [], set()
-    stack = [(node, False) for node in map(_producing_call, reversed(outputs))]
+    stack = [(node, False) for node in map(producing_node, reversed(outputs))]
     while stack:
         node, inputs_done = stack.pop()
         if node is None:
@@ -170,30 +177,22 @@ def _calls_in_order(outputs: list) -> list:
     return ordered
 
 
-def _producing_call(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    if history is None or history.operation is None:
-        return None
-    return history.operation._inbound_nodes[history.node_index]
-
-
 def _input_calls(node) -> list:
     """The calls producing `node`'s inputs, leaving out those that only
     compute a `mask` argument (the ops inside a `compute_mask`)."""
-    mask_arguments = {id(mask) for mask in _flat(node.arguments.kwargs.get("mask"))}
+    mask_arguments = {id(mask) for mask in _flat(node_mask_argument(node))}
     return [
-        _producing_call(tensor)
-        for tensor in node.arguments.keras_tensors
+        producing_node(tensor)
+        for tensor in node_input_tensors(node)
         if id(tensor) not in mask_arguments
     ]
 
 
 def _layer_masks(node) -> LayerMasks:
-    layer = node.operation
-    explicit = node.arguments.kwargs.get("mask")
-    incoming = [m for m in _flat(explicit) if m is not None]
-    incoming += [keras_mask(x) for x in node.arguments.keras_tensors]
-    outgoing = [keras_mask(x) for x in node.outputs]
+    layer = node_operation(node)
+    incoming = [m for m in _flat(node_mask_argument(node)) if m is not None]
+    incoming += [keras_mask(x) for x in node_input_tensors(node)]
+    outgoing = [keras_mask(x) for x in node_outputs(node)]
     return LayerMasks(
         name=layer.name,
         class_name=type(layer).__name__,

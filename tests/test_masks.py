@@ -283,15 +283,6 @@ def test_combine_masks_none_handling():
 # --- keras_mask ------------------------------------------------------------
 
 
-def test_keras_mask_accessor_still_exists():
-    """kmask's one Keras internal: if this fails, a Keras upgrade moved
-    `get_keras_mask` and `kmask.keras_mask` (hence every masked loss) no
-    longer sees the propagated mask."""
-    from keras.src.backend import get_keras_mask
-
-    assert callable(get_keras_mask)
-
-
 def _padded_features() -> np.ndarray:
     x = np.arange(1, 25, dtype="float32").reshape(2, 4, 3)
     x[0, 1] = 0.0

@@ -1,0 +1,99 @@
+"""Every Keras internal kmask touches, each with a fallback.
+
+Keras keeps these out of its public API, and moves them between releases
+(keras-nightly 3.16 moved `get_keras_mask` out of `keras.src.backend`). Each
+one is looked up here and nowhere else, by a list of known homes tried in
+order, with a fallback that keeps kmask working (maybe with less detail) when
+none of them is left. `tests/test_keras_compat.py` fails loudly, naming the
+symbol and the Keras version, when an upgrade moves one, so the fallback is
+never taken silently in CI.
+
+Internals used:
+
+- `get_keras_mask(x)`: the mask Keras propagated onto a tensor. On JAX it is
+  not an attribute of the array (Keras keeps it in a table keyed by the
+  array), so only Keras's own accessor finds it there.
+- The functional graph, read by `kmask.report`: a symbolic tensor's
+  `_keras_history` (the operation that produced it and which of its calls),
+  the operation's `_inbound_nodes` (one `Node` per call), and a node's
+  `operation`, `arguments` (`keras_tensors`, `kwargs`) and `outputs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+KERAS_VERSION = keras.__version__
+
+# Where `get_keras_mask` has lived, newest first.
+GET_KERAS_MASK_HOMES = (
+    "keras.src.backend.common.masking",
+    "keras.src.backend",
+)
+
+
+def _find(name: str, homes: tuple[str, ...]) -> tuple[Callable | None, str | None]:
+    """`name` from the first of `homes` that has it, and that home."""
+    for home in homes:
+        try:
+            found = getattr(importlib.import_module(home), name)
+        except (ImportError, AttributeError):
+            continue
+        return found, home
+    return None, None
+
+
+_get_keras_mask, GET_KERAS_MASK_HOME = _find("get_keras_mask", GET_KERAS_MASK_HOMES)
+
+
+def get_keras_mask(x: Any) -> Any:
+    """The mask Keras propagated onto `x`, or `None`.
+
+    Falls back to the `_keras_mask` attribute, which is where TensorFlow and
+    PyTorch tensors (and `KerasTensor`s) carry it, when Keras's accessor has
+    moved out of every known home.
+    """
+    if _get_keras_mask is not None:
+        return _get_keras_mask(x)
+    return getattr(x, "_keras_mask", None)
+
+
+def producing_node(tensor: Any) -> Any:
+    """The `Node` (one call of a layer or op) that produced a symbolic
+    tensor, or `None` for a model input or a tensor with no history."""
+    history = getattr(tensor, "_keras_history", None)
+    operation = getattr(history, "operation", None)
+    if operation is None:
+        return None
+    nodes = getattr(operation, "_inbound_nodes", None)
+    index = getattr(history, "node_index", 0)
+    if not nodes or index >= len(nodes):
+        return None
+    return nodes[index]
+
+
+def node_operation(node: Any) -> Any:
+    """The layer or op a `Node` called."""
+    return node.operation
+
+
+def node_input_tensors(node: Any) -> list:
+    """The symbolic tensors a `Node` was called with, in order."""
+    arguments = getattr(node, "arguments", None)
+    return list(getattr(arguments, "keras_tensors", None) or [])
+
+
+def node_mask_argument(node: Any) -> Any:
+    """The explicit `mask=` a `Node` was called with, or `None`."""
+    arguments = getattr(node, "arguments", None)
+    kwargs = getattr(arguments, "kwargs", None) or {}
+    return kwargs.get("mask")
+
+
+def node_outputs(node: Any) -> list:
+    """The symbolic tensors a `Node` produced."""
+    return list(getattr(node, "outputs", None) or [])

@@ -1,0 +1,99 @@
+"""Canaries for the Keras internals in `kmask._keras_compat`.
+
+Each test fails, naming the symbol and the Keras version, when a Keras
+upgrade moves an internal kmask reads, so the fallback is never what CI runs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from kmask import _keras_compat as compat
+
+PACKAGE = Path(compat.__file__).resolve().parent
+
+
+def _moved(symbol: str) -> str:
+    return (
+        f"Keras {keras.__version__} moved `{symbol}`: kmask falls back to a "
+        "weaker lookup. Add its new home to kmask/_keras_compat.py."
+    )
+
+
+def test_get_keras_mask_found_in_a_known_home():
+    assert compat.GET_KERAS_MASK_HOME in compat.GET_KERAS_MASK_HOMES, _moved(
+        "get_keras_mask"
+    )
+
+
+def test_get_keras_mask_reads_a_propagated_mask():
+    x = np.zeros((2, 3, 1), "float32")
+    x[0, 2] = 1.0
+    masked = keras.layers.Masking(mask_value=0.0)(ops.convert_to_tensor(x))
+    mask = compat.get_keras_mask(masked)
+    assert mask is not None, _moved("get_keras_mask")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(mask), [[False, False, True], [False, False, False]]
+    )
+    assert compat.get_keras_mask(ops.convert_to_tensor(x)) is None
+
+
+def _graph():
+    inputs = keras.Input((4, 2), name="steps")
+    explicit_mask = keras.Input((4,), dtype="bool", name="explicit_mask")
+    masked = keras.layers.Masking(name="masking")(inputs)
+    pool = keras.layers.GlobalAveragePooling1D(name="pool")
+    outputs = pool(masked, mask=explicit_mask)
+    return inputs, explicit_mask, masked, pool, outputs
+
+
+def test_keras_history_and_inbound_nodes():
+    inputs, _, _, pool, outputs = _graph()
+    assert hasattr(outputs, "_keras_history"), _moved("KerasTensor._keras_history")
+    assert hasattr(pool, "_inbound_nodes"), _moved("Operation._inbound_nodes")
+    node = compat.producing_node(outputs)
+    assert node is not None, _moved("_keras_history.operation/node_index")
+    assert compat.node_operation(node) is pool, _moved("Node.operation")
+    assert compat.node_operation(compat.producing_node(inputs)).name == "steps"
+    assert compat.producing_node(keras.KerasTensor((2, 3))) is None
+
+
+def test_node_arguments_and_outputs():
+    _, explicit_mask, masked, _, outputs = _graph()
+    node = compat.producing_node(outputs)
+    assert hasattr(node, "arguments"), _moved("Node.arguments")
+    assert hasattr(node.arguments, "keras_tensors"), _moved(
+        "Node.arguments.keras_tensors"
+    )
+    assert hasattr(node.arguments, "kwargs"), _moved("Node.arguments.kwargs")
+    assert hasattr(node, "outputs"), _moved("Node.outputs")
+    assert [id(x) for x in compat.node_input_tensors(node)] == [
+        id(masked),
+        id(explicit_mask),
+    ]
+    assert [id(x) for x in compat.node_outputs(node)] == [id(outputs)]
+    assert compat.node_mask_argument(node) is explicit_mask, _moved(
+        "Node.arguments.kwargs['mask']"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_no_other_module_imports_keras_internals(path):
+    """`keras.src` is imported in `_keras_compat.py` alone."""
+    if path.name == "_keras_compat.py":
+        return
+    tree = ast.parse(path.read_text())
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    assert not [name for name in imported if name and name.startswith("keras.src")]
+    assert "keras.src" not in path.read_text()
