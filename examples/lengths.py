@@ -3,8 +3,10 @@
 No pad value needed: the padded steps here hold random noise. The sequences
 are left-padded (the seed's `##abb`), so the layer takes `padding="pre"`.
 `LengthMask("pre")([x, lengths])` puts `kmask.masks.sequence_mask(lengths, time,
-"pre")` on `x`; the LSTM skips the padded steps and carries the mask to the
-output, where Keras's plain `loss="categorical_crossentropy"` honours it.
+"pre")` on `x`, and the LSTM skips the padded steps. From Keras 3.16 the LSTM
+no longer passes the mask on, so a second `LengthMask` after it puts the mask
+on the output (on Keras 3.15 it is the same mask again), where Keras's plain
+`loss="categorical_crossentropy"` honours it.
 
     KERAS_BACKEND=tensorflow python examples/lengths.py   # KMASK_EXAMPLE_EPOCHS=5
 
@@ -51,6 +53,7 @@ def build_model(padding: str) -> keras.Model:
     lengths = keras.Input((), dtype="int32", name="lengths")
     masked = LengthMask(padding=padding)([steps, lengths])
     hidden = keras.layers.LSTM(8, return_sequences=True)(masked)
+    hidden = LengthMask(padding=padding)([hidden, lengths])
     probs = keras.layers.Dense(CLASSES, activation="softmax")(hidden)
     model = keras.Model([steps, lengths], probs)
     set_numpy_weights(model, seed=1)
