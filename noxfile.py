@@ -1,7 +1,10 @@
-"""Test matrix: one tests session per Keras backend, plus lint and the demo.
+"""Test matrix: a tests session per Keras line and backend, plus lint and the demo.
 
-    python -m nox                 # tests-{tensorflow,jax,torch}, lint, parity
-    python -m nox -s tests-jax    # one backend
+    python -m nox                 # every tests-* session, lint, parity
+    python -m nox -s tests-jax    # one backend, the pinned Keras (constraints.txt)
+    python -m nox -s tests-nightly-jax   # the next Keras (its own constraints file)
+    python -m nox -s tests-oldest-torch  # the oldest Keras pyproject.toml allows
+    python -m nox -s rnn-table    # Keras 3.16's RNN change, per Keras line and backend
     python -m nox -s parity       # all three backends compared (kmask.parity)
     python -m nox -s demo         # the seed demo on all three backends
     python -m nox -s bench        # speed and memory benchmarks (not run by default)
@@ -19,17 +22,45 @@ BACKENDS = ("tensorflow", "jax", "torch")
 CONSTRAINTS = ("-c", "constraints.txt")
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
 
-nox.options.sessions = [*(f"tests-{backend}" for backend in BACKENDS), "lint", "parity"]
+# The Keras lines tested beside the pinned one: the distribution that provides
+# the `keras` package, its own small constraints file, and the backends run.
+KERAS_LINES = {
+    "nightly": ("keras-nightly", "constraints-keras-nightly.txt", BACKENDS),
+    "oldest": ("keras", "constraints-keras-oldest.txt", ("torch",)),
+}
+TEST_SESSIONS = [
+    *(f"tests-{backend}" for backend in BACKENDS),
+    *(
+        f"tests-{line}-{backend}"
+        for line, (_, _, backends) in KERAS_LINES.items()
+        for backend in backends
+    ),
+]
+
+nox.options.sessions = [*TEST_SESSIONS, "lint", "parity"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-def _tests(session: nox.Session, backend: str) -> None:
-    session.install(*CONSTRAINTS, "-e", f".[{backend},test]")
+def _use_keras_line(session: nox.Session, line: str) -> None:
+    """Replaces the pinned Keras by the `line` one (same dependencies, so
+    `--no-deps`). Both distributions own the `keras` package folder: remove
+    both before installing one, also in a reused virtualenv."""
+    distribution, constraints, _ = KERAS_LINES[line]
     session.run(
-        "pytest",
-        *session.posargs,
-        env={**QUIET_ENV, "KERAS_BACKEND": backend},
+        "python", "-m", "pip", "uninstall", "-q", "-y", "keras", "keras-nightly"
     )
+    session.install("--no-deps", "-c", constraints, distribution)
+
+
+def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
+    session.install(*CONSTRAINTS, "-e", f".[{backend},test]")
+    if line is not None:
+        _use_keras_line(session, line)
+    env = {**QUIET_ENV, "KERAS_BACKEND": backend}
+    session.run(
+        "python", "-c", "import keras; print('Keras', keras.__version__)", env=env
+    )
+    session.run("pytest", *session.posargs, env=env)
 
 
 for _backend in BACKENDS:
@@ -37,6 +68,27 @@ for _backend in BACKENDS:
     @nox.session(name=f"tests-{_backend}")
     def _tests_session(session: nox.Session, backend: str = _backend) -> None:
         _tests(session, backend)
+
+
+for _line, (_, _, _backends) in KERAS_LINES.items():
+    for _backend in _backends:
+
+        @nox.session(name=f"tests-{_line}-{_backend}")
+        def _line_session(
+            session: nox.Session, backend: str = _backend, line: str = _line
+        ) -> None:
+            _tests(session, backend, line)
+
+
+@nox.session(name="rnn-table")
+def rnn_table(session: nox.Session) -> None:
+    """README's table of Keras 3.16's RNN change: `examples/rnn_masking.py` on
+    every backend, on the pinned Keras and then on the nightly."""
+    session.install(*CONSTRAINTS, "-e", ".[all]")
+    session.run("python", "examples/rnn_masking.py", env=QUIET_ENV)
+    _use_keras_line(session, "nightly")
+    session.run("python", "examples/rnn_masking.py", env=QUIET_ENV)
+    session.run("python", "-m", "pip", "uninstall", "-q", "-y", "keras-nightly")
 
 
 @nox.session

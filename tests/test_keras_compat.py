@@ -97,3 +97,34 @@ def test_no_other_module_imports_keras_internals(path):
     ]
     assert not [name for name in imported if name and name.startswith("keras.src")]
     assert "keras.src" not in path.read_text()
+
+
+def test_the_keras_range_is_the_tested_range():
+    """pyproject's lower bound is the oldest Keras the matrix pins, and its upper
+    bound admits the nightly the matrix pins."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = PACKAGE.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    keras_requirement = next(
+        Requirement(spec)
+        for spec in project["dependencies"]
+        if Requirement(spec).name == "keras"
+    )
+
+    def pinned(name: str, path: str) -> Version:
+        for line in (root / path).read_text().splitlines():
+            if line.startswith(f"{name}=="):
+                return Version(line.split("==")[1])
+        raise AssertionError(f"{path} pins no {name}")
+
+    oldest = pinned("keras", "constraints-keras-oldest.txt")
+    lower = {
+        Version(s.version) for s in keras_requirement.specifier if s.operator == ">="
+    }
+    assert lower == {oldest}
+    assert keras_requirement.specifier.contains(pinned("keras", "constraints.txt"))
+    nightly = pinned("keras-nightly", "constraints-keras-nightly.txt")
+    assert keras_requirement.specifier.contains(nightly.base_version)
