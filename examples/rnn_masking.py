@@ -14,8 +14,9 @@ says of each number whether it is NumPy's masked mean or its unmasked mean:
 
 The set-ups (columns): Keras's built-in loss; a kmask loss reading the
 propagated mask (`MaskedCategoricalCrossentropy()`); a kmask loss finding
-the pad step in the targets (`mask_value=`); `AttachMask` after the model;
-`LengthMask` on the output, fed the sequence lengths.
+the pad step in the targets (`mask_value=`); a kmask loss given the mask as
+`sample_weight=kmask.sequence_mask(lengths, T)`; `AttachMask` after the
+model; `LengthMask` on the output, fed the sequence lengths.
 
 It also measures whether the RNN still skips padded steps in its own
 recurrence: the real steps' outputs of the masked LSTM against the same LSTM
@@ -25,8 +26,8 @@ run on each sequence alone, unpadded.
     python examples/rnn_masking.py --backends torch
 
 Exits 1 when a number matches neither NumPy mean, when a set-up that must be
-masked on every Keras (mask_value, AttachMask, LengthMask) is not, or when
-post-padding changes the real steps' outputs.
+masked on every Keras (mask_value, sample_weight, AttachMask, LengthMask) is
+not, or when post-padding changes the real steps' outputs.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ SETUPS = (
     "built-in",
     "kmask, propagated mask",
     "kmask, mask_value",
+    "kmask, sample_weight",
     "AttachMask",
     "LengthMask",
 )
 # Masked on every Keras line: they do not depend on the RNN passing the mask on.
-ALWAYS_MASKED = ("kmask, mask_value", "AttachMask", "LengthMask")
+ALWAYS_MASKED = SETUPS[2:]
 
 
 def seed_data():
@@ -115,22 +117,39 @@ def evaluate_setups(model, x, y, lengths, padding, pad) -> dict:
         [model.input, lengths_input],
         kmask.LengthMask(padding=padding)([model.output, lengths_input]),
     )
+    weights = kmask.sequence_mask(lengths, x.shape[1], padding=padding)
     runs = {
-        "built-in": (model, "categorical_crossentropy", x),
-        "kmask, propagated mask": (model, kmask.MaskedCategoricalCrossentropy(), x),
+        "built-in": (model, "categorical_crossentropy", x, None),
+        "kmask, propagated mask": (
+            model,
+            kmask.MaskedCategoricalCrossentropy(),
+            x,
+            None,
+        ),
         "kmask, mask_value": (
             model,
             kmask.MaskedCategoricalCrossentropy(mask_value=pad),
             x,
+            None,
         ),
-        "AttachMask": (attached, "categorical_crossentropy", x),
-        "LengthMask": (length_masked, "categorical_crossentropy", [x, lengths]),
+        "kmask, sample_weight": (
+            model,
+            kmask.MaskedCategoricalCrossentropy(),
+            x,
+            keras.ops.convert_to_numpy(weights).astype("float32"),
+        ),
+        "AttachMask": (attached, "categorical_crossentropy", x, None),
+        "LengthMask": (length_masked, "categorical_crossentropy", [x, lengths], None),
     }
     masked, unmasked = numpy_means(y, model.predict(x, verbose=0), pad)
     found = {}
-    for name, (net, loss, inputs) in runs.items():
+    for name, (net, loss, inputs, sample_weight) in runs.items():
         net.compile(loss=loss)
-        value = float(net.evaluate(inputs, y, batch_size=len(x), verbose=0))
+        value = float(
+            net.evaluate(
+                inputs, y, sample_weight=sample_weight, batch_size=len(x), verbose=0
+            )
+        )
         if _agrees(value, masked):
             label = "masked"
         elif _agrees(value, unmasked):
