@@ -5,7 +5,7 @@
     python -m nox -s tests-nightly-jax   # the next Keras (its own constraints file)
     python -m nox -s tests-oldest-torch  # the oldest Keras pyproject.toml allows
     python -m nox -s rnn-table    # Keras 3.16's RNN change, per Keras line and backend
-    python -m nox -s parity       # all three backends compared (kmask.parity)
+    python -m nox -s parity       # all three backends compared (tools.parity)
     python -m nox -s demo         # the seed demo on all three backends
     python -m nox -s bench        # speed and memory benchmarks (not run by default)
     python -m nox -s bench -- --quick   # the same on small shapes, a smoke test
@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import nox
 
+# tools.backends.BACKENDS, spelt out: nox loads this file before any session
+# exists, and only `python -m nox` (not the `nox` script) puts the repository
+# root on sys.path.
 BACKENDS = ("tensorflow", "jax", "torch")
 CONSTRAINTS = ("-c", "constraints.txt")
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
@@ -102,7 +105,7 @@ def lint(session: nox.Session) -> None:
 def parity(session: nox.Session) -> None:
     """Every backend against NumPy and each other; the table, then its tests."""
     session.install(*CONSTRAINTS, "-e", ".[all,test]")
-    session.run("python", "-m", "kmask.parity", "--json", "parity.json", env=QUIET_ENV)
+    session.run("python", "-m", "tools.parity", "--json", "parity.json", env=QUIET_ENV)
     session.run("pytest", "tests/test_parity.py", *session.posargs, env=QUIET_ENV)
 
 

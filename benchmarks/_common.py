@@ -2,7 +2,9 @@
 Markdown tables.
 
 Not a benchmark itself (the leading underscore); each benchmark imports it
-from its own folder. Nothing here imports a backend until a child asks.
+from its own folder. The backend list, the child's environment and the
+value-and-grad dispatcher come from `tools.backends`, shared with the tests
+and the parity harness. Nothing here imports a backend until a child asks.
 """
 
 from __future__ import annotations
@@ -19,13 +21,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("tensorflow", "jax", "torch")
+# A benchmark runs as a script, `python benchmarks/masked_ce.py`, which puts
+# benchmarks/ on sys.path but not the repository root, where tools/ lives.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.backends import backend_environment, installed_backends, value_and_grad
 
-
-def installed_backends() -> list[str]:
-    import importlib.util
-
-    return [backend for backend in BACKENDS if importlib.util.find_spec(backend)]
+__all__ = [
+    "backend_info",
+    "installed_backends",
+    "interleaved_medians",
+    "machine",
+    "markdown_table",
+    "peak_rss_mib",
+    "reset_peak_rss",
+    "rss_mib",
+    "run_child",
+    "value_and_grad",
+    "write_json",
+]
 
 
 def run_child(script: Path, backend: str, arguments: Sequence[str]) -> dict:
@@ -35,11 +48,7 @@ def run_child(script: Path, backend: str, arguments: Sequence[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="kmask-bench-") as directory:
         out = Path(directory) / "result.json"
         command = [sys.executable, str(script), "--child", str(out), *arguments]
-        environment = {
-            **os.environ,
-            "KERAS_BACKEND": backend,
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        }
+        environment = backend_environment(backend, TF_CPP_MIN_LOG_LEVEL="3")
         completed = subprocess.run(command, env=environment, text=True)
         if completed.returncode != 0 or not out.exists():
             raise SystemExit(

@@ -47,6 +47,7 @@ from _common import (
     reset_peak_rss,
     rss_mib,
     run_child,
+    value_and_grad,
     write_json,
 )
 
@@ -105,35 +106,18 @@ def _loss_fn(variant: str, chunk_size: int):
 def _step(loss_fn, backend: str):
     """`step(hidden, kernel, bias, labels) -> (loss, (d_hidden, d_kernel,
     d_bias))`, compiled as the module docstring says."""
-    if backend == "jax":
-        import jax
+    compiled = value_and_grad(loss_fn, argnums=(0, 1, 2), jit=True, xla=True)
 
-        compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2)))
+    def step(*inputs):
+        outputs = compiled(*inputs)
+        if backend == "jax":
+            import jax
 
-        def jax_step(*inputs):
-            return jax.block_until_ready(compiled(*inputs))
+            jax.block_until_ready(outputs)
+        return outputs
 
-        jax_step.compiled = compiled
-        return jax_step
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(jit_compile=True)
-        def tf_step(hidden, kernel, bias, labels):
-            with tf.GradientTape() as tape:
-                tape.watch([hidden, kernel, bias])
-                loss = loss_fn(hidden, kernel, bias, labels)
-            return loss, tape.gradient(loss, [hidden, kernel, bias])
-
-        return tf_step
-    import torch
-
-    def torch_step(hidden, kernel, bias, labels):
-        params = [t.detach().requires_grad_(True) for t in (hidden, kernel, bias)]
-        loss = loss_fn(*params, labels)
-        return loss.detach(), torch.autograd.grad(loss, params)
-
-    return torch_step
+    step.compiled = compiled
+    return step
 
 
 def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):

@@ -46,6 +46,7 @@ from _common import (
     machine,
     markdown_table,
     run_child,
+    value_and_grad,
     write_json,
 )
 
@@ -172,41 +173,20 @@ def _native(backend: str, loss: str):
 def value_and_grad_step(loss_fn, backend: str):
     """`step(x, y, valid) -> (loss, d loss / d x)`, compiled as the module
     docstring says, returning once both are computed."""
-    if backend == "jax":
-        import jax
+    compiled = value_and_grad(loss_fn, jit=True, xla=True)
 
-        compiled = jax.jit(jax.value_and_grad(loss_fn))
+    def step(x, y, valid):
+        loss, (grad,) = compiled(x, y, valid)
+        if backend == "jax":
+            import jax
 
-        def jax_step(x, y, valid):
-            return jax.block_until_ready(compiled(x, y, valid))
-
-        jax_step.compiled = compiled
-        return jax_step
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(jit_compile=True)
-        def tf_step(x, y, valid):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = loss_fn(x, y, valid)
-            return loss, tape.gradient(loss, x)
-
-        def tf_run(x, y, valid):
-            loss, grad = tf_step(x, y, valid)
+            jax.block_until_ready((loss, grad))
+        elif backend == "tensorflow":
             float(loss), float(grad[0, 0, 0])  # outputs ready
-            return loss, grad
+        return loss, grad
 
-        return tf_run
-    import torch
-
-    def torch_step(x, y, valid):
-        x = x.detach().requires_grad_(True)
-        loss = loss_fn(x, y, valid)
-        (grad,) = torch.autograd.grad(loss, x)
-        return loss.detach(), grad
-
-    return torch_step
+    step.compiled = compiled
+    return step
 
 
 def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:

@@ -1,8 +1,5 @@
-"""`value_and_grad` for tests: the one place the tests differentiate.
-
-Keras has no portable gradient op, so this picks the current backend's
-autodiff (`jax.value_and_grad`, `tf.GradientTape`, torch autograd).
-"""
+"""`value_and_grad` for tests: NumPy in, NumPy out, over the one backend
+dispatcher of `tools.backends`."""
 
 from __future__ import annotations
 
@@ -12,6 +9,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
+
+from tools import backends
 
 
 def value_and_grad(
@@ -23,47 +22,13 @@ def value_and_grad(
         fn: Takes one tensor, returns a scalar tensor.
         x: The point, anything `keras.ops.convert_to_tensor` takes; a float
             dtype is kept.
-        jit: Trace `fn` first (`jax.jit`, `tf.function`). PyTorch always runs
-            eagerly: `torch.compile` needs a C++ toolchain and tens of seconds
-            per graph.
+        jit: Trace `fn` first (`jax.jit`, `tf.function`; PyTorch runs eagerly).
 
     Returns:
         `(value, grad)` as NumPy arrays; `grad` has `x`'s shape and is zeros
         where `fn` does not depend on `x`.
     """
-    x = ops.convert_to_tensor(x)
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        step = jax.value_and_grad(fn)
-        value, grad = (jax.jit(step) if jit else step)(x)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                value = fn(x)
-            grad = tape.gradient(value, x)
-            return value, tf.zeros_like(x) if grad is None else grad
-
-        value, grad = (tf.function(step) if jit else step)(x)
-    elif backend == "torch":
-        import torch
-
-        x = x.detach().clone().requires_grad_(True)
-        value = fn(x)
-        grad = None
-        if value.requires_grad:
-            (grad,) = torch.autograd.grad(value, x, allow_unused=True)
-        value = value.detach()
-        grad = torch.zeros_like(x) if grad is None else grad
-    else:
-        raise ValueError(
-            "value_and_grad supports the tensorflow, jax and torch backends. "
-            f"Received: backend={backend!r}"
-        )
+    value, (grad,) = backends.value_and_grad(fn, jit=jit)(ops.convert_to_tensor(x))
     return _to_numpy(value), _to_numpy(grad)
 
 

@@ -6,17 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
 import kmask
-from kmask import parity_devices
+from tools.backends import REPOSITORY
+from tools.parity.devices import data as device_data
 
 BACKEND = keras.backend.backend()
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "multi_device.py"
 
 
 def np_window_weights(weights, batch_size, steps):
@@ -90,11 +89,13 @@ def test_single_process_denominator_is_local():
 
 @pytest.fixture(scope="module")
 def multi_device_rows(tmp_path_factory):
-    """Runs examples/multi_device.py for this backend: every setup, 2 devices
-    or 2 processes each, in child processes of its own."""
+    """Runs `python -m tools.parity.devices` for this backend: every setup, 2
+    devices or 2 processes each, in child processes of its own."""
     out = tmp_path_factory.mktemp("multi_device") / "rows.json"
+    command = [sys.executable, "-m", "tools.parity.devices", "--backends", BACKEND]
     completed = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--backends", BACKEND, "--json", str(out)],
+        [*command, "--json", str(out)],
+        cwd=REPOSITORY,
         env=dict(os.environ),
         capture_output=True,
         text=True,
@@ -131,15 +132,15 @@ def test_each_setup_trains_on_the_devices_it_names(multi_device_rows):
 def test_rows_hold_the_numpy_full_batch_weights(multi_device_rows):
     """The gaps are recomputed here from the raw weights and a NumPy SGD of
     this test's own, so a wrong gap in the harness cannot pass."""
-    x, y, _, valid = parity_devices.make_data()
-    kernel = parity_devices.initial_weights()[0].astype("float64")
-    bias = parity_devices.initial_weights()[1].astype("float64")
+    x, y, _, valid = device_data.make_data()
+    kernel = device_data.initial_weights()[0].astype("float64")
+    bias = device_data.initial_weights()[1].astype("float64")
     expected = []
-    for step in range(1, max(parity_devices.EPOCHS) + 1):
+    for step in range(1, max(device_data.EPOCHS) + 1):
         error = np.where(valid, (x @ kernel + bias)[..., 0] - y[..., 0], 0.0)
         kernel = kernel - 0.1 * 2 * np.einsum("bt,btf->f", error, x)[:, None] / 28
         bias = bias - 0.1 * 2 * error.sum(keepdims=True).reshape(1) / 28
-        if step in parity_devices.EPOCHS:
+        if step in device_data.EPOCHS:
             expected.append(np.concatenate([kernel.ravel(), bias]))
     assert valid.sum() == 28
     for row in multi_device_rows:
@@ -153,8 +154,8 @@ def test_kmask_matches_one_device_and_logs_the_global_mean(multi_device_rows):
         for row in multi_device_rows
         if row["setup"] == "one_device"
     }
-    x, y, _, valid = parity_devices.make_data()
-    kernel, bias = parity_devices.initial_weights()
+    x, y, _, valid = device_data.make_data()
+    kernel, bias = device_data.initial_weights()
     reference_loss = ((x @ kernel + bias)[..., 0] - y[..., 0])[valid] ** 2
     for row in multi_device_rows:
         gap = np.abs(np.asarray(row["weights"]) - one_device[row["mask source"]])

@@ -1,8 +1,7 @@
 """Every example runs as a script under the current KERAS_BACKEND and exits 0.
 
 Examples that take `--backends` (they start one subprocess per backend) get
-the current backend only. `multi_device.py` is run, and its numbers checked,
-by tests/test_distribute.py. `KMASK_EXAMPLE_EPOCHS=1` keeps training short. Each
+the current backend only. `KMASK_EXAMPLE_EPOCHS=1` keeps training short. Each
 runs in a temporary folder, so a PNG it may save lands there.
 """
 
@@ -15,21 +14,22 @@ from pathlib import Path
 import keras
 import pytest
 
-from kmask.parity_devices import run_in_own_session
+from tools.backends import run_in_own_session
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-CHECKED_ELSEWHERE = {"multi_device.py"}
-SCRIPTS = sorted(
-    p
-    for p in EXAMPLES.glob("*.py")
-    if not p.name.startswith("_") and p.name not in CHECKED_ELSEWHERE
-)
+SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 TIMEOUT_S = 300
 
 
 def test_the_examples_are_found():
     names = {script.name for script in SCRIPTS}
-    assert {"seed_seq2seq.py", "tagging.py", "timeseries_nan.py", "lengths.py"} <= names
+    assert {
+        "seed_seq2seq.py",
+        "tagging.py",
+        "timeseries_nan.py",
+        "lengths.py",
+        "multi_device.py",
+    } <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[script.stem for script in SCRIPTS])

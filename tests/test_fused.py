@@ -10,9 +10,9 @@ from keras import ops
 
 import kmask
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
-from kmask.parity import _np_linear
-from kmask.parity import _np_reduce as np_reduce
 from tests._grad import value_and_grad
+from tools.parity import references
+from tools.parity.references import np_reduce
 
 BACKEND = keras.backend.backend()
 B, T, H, V = 3, 7, 5, 11
@@ -46,8 +46,10 @@ def np_linear(hidden, kernel, bias, labels, valid, weight=None, reduction="token
               label_smoothing=0.0, z_loss=0.0):  # fmt: skip
     """Value and gradients (hidden, kernel, bias) of the linear cross-entropy:
     the float64 NumPy reference of the parity suite."""
-    found = _np_linear(hidden, kernel, bias, labels, valid, weight, reduction,
-                       label_smoothing=label_smoothing, z_loss=z_loss)  # fmt: skip
+    found = references.np_linear(
+        hidden, kernel, bias, labels, valid, weight, reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss,
+    )  # fmt: skip
     return (found["value"], found["grad_hidden"], found["grad_kernel"],
             found["grad_bias"])  # fmt: skip
 

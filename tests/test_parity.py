@@ -1,6 +1,6 @@
 """The parity harness: its NumPy references, its suite, and that it can fail.
 
-The tests that run `python -m kmask.parity` need TensorFlow, JAX and PyTorch
+The tests that run `python -m tools.parity` need TensorFlow, JAX and PyTorch
 installed together (the `parity` nox session); where one is missing (the
 one-backend test sessions) they skip. The rest is NumPy and runs anywhere.
 """
@@ -20,16 +20,18 @@ import numpy as np
 import pytest
 
 import kmask
-from kmask import layers, metrics, parity
+from kmask import layers, metrics
+from tools.backends import BACKENDS, REPOSITORY
+from tools.parity import compare, losses, references, sources, suite
 
-MISSING_BACKENDS = [b for b in parity.BACKENDS if importlib.util.find_spec(b) is None]
+MISSING_BACKENDS = [b for b in BACKENDS if importlib.util.find_spec(b) is None]
 needs_all_backends = pytest.mark.skipif(
     bool(MISSING_BACKENDS),
     reason="runs the harness on tensorflow, jax and torch together (nox -s "
     f"parity); not installed here: {', '.join(MISSING_BACKENDS)}",
 )
 # Loss cases are named loss/source/reduction[/dtype][/jit].
-LOSS_CASES = [case for case in parity.build_suite() if case.runner == "loss"]
+LOSS_CASES = [case for case in suite.build_suite() if case.runner == "loss"]
 
 
 def _parts(case):
@@ -40,10 +42,10 @@ def _parts(case):
 # The NumPy references.
 
 
-@pytest.mark.parametrize("loss", parity.LOSSES, ids=lambda loss: loss.name)
+@pytest.mark.parametrize("loss", losses.LOSSES, ids=lambda loss: loss.name)
 def test_reference_gradient_matches_finite_differences(loss):
     rng = np.random.default_rng(0)
-    y_true, y_pred = parity._clean(rng, loss)
+    y_true, y_pred = sources.clean(rng, loss)
     y_true = y_true.reshape(-1, *y_true.shape[2:])
     y_pred = y_pred.reshape(-1, y_pred.shape[-1]).astype("float64")
     cotangent = rng.normal(size=len(y_pred))
@@ -65,12 +67,12 @@ def test_reference_gradient_matches_finite_differences(loss):
 
 @pytest.mark.parametrize(
     "loss",
-    [loss for loss in parity.LOSSES if loss.keras_loss],
+    [loss for loss in losses.LOSSES if loss.keras_loss],
     ids=lambda loss: loss.name,
 )
 def test_reference_loss_matches_keras(loss):
     """The references against Keras's own loss functions (not kmask's)."""
-    y_true, y_pred = parity._clean(np.random.default_rng(1), loss)
+    y_true, y_pred = sources.clean(np.random.default_rng(1), loss)
     expected = keras.losses.get(loss.keras_loss)(y_true, y_pred, **loss.kwargs)
     rows = y_true.reshape(-1, *y_true.shape[2:])
     actual = loss.reference(rows, y_pred.reshape(-1, y_pred.shape[-1]))[0]
@@ -85,7 +87,7 @@ def test_sparse_reference_smoothing_and_z_loss():
     log_probs = logits - np.log(np.exp(logits).sum())
     smoothed = -(0.9 * log_probs[0, 1] + 0.1 * log_probs.mean())
     z_term = 0.05 * np.log(np.exp(logits).sum()) ** 2
-    loss, _ = parity._np_sparse_categorical(
+    loss, _ = references.np_sparse_categorical(
         labels, logits, from_logits=True, label_smoothing=0.1, z_loss=0.05
     )
     np.testing.assert_allclose(loss, [smoothed + z_term], rtol=1e-12)
@@ -104,18 +106,18 @@ def test_sparse_reference_smoothing_and_z_loss():
 def test_reference_reductions(reduction, expected):
     per_step = np.array([[1.0, 2.0, 3.0], [4.0, np.nan, 9.0], [7.0, 8.0, 9.0]])
     valid = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)
-    value, _ = parity._np_reduce(per_step, valid, None, reduction)
+    value, _ = references.np_reduce(per_step, valid, None, reduction)
     np.testing.assert_allclose(value, expected)
 
 
 def test_relative_error():
-    assert parity.relative_error([1.0, 3.0], [1.0, 2.0]) == 0.5
-    assert parity.relative_error(2e-12, 0.0) == pytest.approx(2e-6)
-    assert parity.relative_error([np.nan, 1.0], [np.nan, 1.0]) == 0.0
-    assert parity.relative_error([np.nan, 1.0], [0.0, 1.0]) == np.inf
-    assert parity.relative_error([0.0, 1.0], [np.nan, 1.0]) == np.inf
-    assert parity.relative_error([np.inf], [1.0]) == np.inf
-    assert parity.relative_error([1.0, 2.0], [1.0, 2.0, 3.0]) == np.inf
+    assert compare.relative_error([1.0, 3.0], [1.0, 2.0]) == 0.5
+    assert compare.relative_error(2e-12, 0.0) == pytest.approx(2e-6)
+    assert compare.relative_error([np.nan, 1.0], [np.nan, 1.0]) == 0.0
+    assert compare.relative_error([np.nan, 1.0], [0.0, 1.0]) == np.inf
+    assert compare.relative_error([0.0, 1.0], [np.nan, 1.0]) == np.inf
+    assert compare.relative_error([np.inf], [1.0]) == np.inf
+    assert compare.relative_error([1.0, 2.0], [1.0, 2.0, 3.0]) == np.inf
 
 
 # ----------------------------------------------------------------------------
@@ -123,11 +125,11 @@ def test_relative_error():
 
 
 def test_case_names_are_unique_and_inputs_fixed():
-    names = [case.name for case in parity.build_suite()]
+    names = [case.name for case in suite.build_suite()]
     assert len(names) == len(set(names))
-    selected = parity.build_suite(["mse/", "metric/perplexity"])
+    selected = suite.build_suite(["mse/", "metric/perplexity"])
     assert selected
-    by_name = {case.name: case for case in parity.build_suite()}
+    by_name = {case.name: case for case in suite.build_suite()}
     for case in selected:
         same = by_name[case.name]
         assert case.inputs.keys() == same.inputs.keys()
@@ -138,25 +140,25 @@ def test_case_names_are_unique_and_inputs_fixed():
 def test_every_loss_reduction_and_mask_source_pair_is_covered():
     float32 = [_parts(case) for case in LOSS_CASES if case.dtype == "float32"]
     pairs = {(loss, source, reduction) for loss, source, reduction, *_ in float32}
-    losses = [loss.name for loss in parity.LOSSES]
-    for loss in parity.LOSSES:
+    names = [loss.name for loss in losses.LOSSES]
+    for loss in losses.LOSSES:
         for reduction in kmask.REDUCTIONS:
             assert any(p[0] == loss.name and p[2] == reduction for p in pairs)
-        for source in parity.MASK_SOURCES:
-            if parity.MASK_SOURCES[source].fits(loss):
+        for source in sources.MASK_SOURCES:
+            if sources.MASK_SOURCES[source].fits(loss):
                 assert any(p[:2] == (loss.name, source) for p in pairs)
-        for source in parity.EDGE_SOURCES:
+        for source in sources.EDGE_SOURCES:
             assert any(p[:2] == (loss.name, source) for p in pairs)
-    for source in parity.MASK_SOURCES:
+    for source in sources.MASK_SOURCES:
         for reduction in kmask.REDUCTIONS:
             assert any(p[1:] == (source, reduction) for p in pairs), (source, reduction)
-    for dtype in parity.HALF_DTYPES:
-        assert {_parts(c)[0] for c in LOSS_CASES if c.dtype == dtype} == set(losses)
-    assert {_parts(c)[0] for c in LOSS_CASES if c.name.endswith("/jit")} == set(losses)
+    for dtype in sources.HALF_DTYPES:
+        assert {_parts(c)[0] for c in LOSS_CASES if c.dtype == dtype} == set(names)
+    assert {_parts(c)[0] for c in LOSS_CASES if c.name.endswith("/jit")} == set(names)
 
 
 def test_every_public_loss_metric_and_layer_has_a_case():
-    suite = parity.build_suite()
+    cases = suite.build_suite()
     public_losses = {
         name
         for name in kmask.__all__
@@ -166,9 +168,9 @@ def test_every_public_loss_metric_and_layer_has_a_case():
     assert {case.spec["cls"] for case in LOSS_CASES} == public_losses
     assert any(case.spec["api"] == "function" for case in LOSS_CASES)  # masked_loss
     public_metrics = _public_classes(metrics, keras.metrics.Metric)
-    assert {c.spec["metric"] for c in suite if c.runner == "metric"} == public_metrics
+    assert {c.spec["metric"] for c in cases if c.runner == "metric"} == public_metrics
     public_layers = _public_classes(layers, keras.layers.Layer)
-    assert {c.spec["layer"] for c in suite if c.runner == "layer"} == public_layers
+    assert {c.spec["layer"] for c in cases if c.runner == "layer"} == public_layers
 
 
 def _public_classes(module, base) -> set[str]:
@@ -199,7 +201,8 @@ def _run_harness(tmp_path, *arguments, sitecustomize=None):
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     report = tmp_path / "parity.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "kmask.parity", "--json", str(report), *arguments],
+        [sys.executable, "-m", "tools.parity", "--json", str(report), *arguments],
+        cwd=REPOSITORY,
         env=environment,
         capture_output=True,
         text=True,
@@ -214,11 +217,11 @@ def test_clean_reduced_suite_passes(tmp_path):
     completed, results = _run_harness(tmp_path, "--cases", *REDUCED)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert results["passed"]
-    assert set(results["backends"]) == set(parity.BACKENDS)
+    assert set(results["backends"]) == set(BACKENDS)
     assert {case["runner"] for case in results["cases"]} == {"loss", "metric", "layer"}
     assert {case["dtype"] for case in results["cases"]} >= {"float32", "bfloat16"}
     for case in results["cases"]:
-        assert set(case["errors"]) == set(parity.BACKENDS)
+        assert set(case["errors"]) == set(BACKENDS)
         for finding in [*case["errors"].values(), *case["gaps"].values()]:
             assert finding["error"] <= case["tolerance"], case["name"]
 

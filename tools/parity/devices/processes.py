@@ -1,0 +1,178 @@
+"""The device setups that need two processes: PyTorch DDP over gloo, and
+TensorFlow `MultiWorkerMirroredStrategy` over 2 workers on localhost; each
+rank is `python -m tools.parity.devices --process ... --rank R`."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from tools.parity.devices.data import EPOCHS, LEARNING_RATE, flat, make_data
+from tools.parity.devices.training import build_model, source_loss
+
+MODULE = (sys.executable, "-m", "tools.parity.devices")
+PAIR_TIMEOUT = 180  # seconds, for a pair of processes
+
+
+def run_processes(setup: str, source: str, which: str):
+    """Runs 2 processes of `python -m tools.parity.devices --process`; returns
+    the weights (checked equal on both ranks), the mean of the ranks' first
+    losses and the number of replicas they trained on. A TensorFlow
+    worker that finds its port taken (picked free, then grabbed by someone
+    else before the worker bound it) is run again, once."""
+    try:
+        return _two_processes(setup, source, which)
+    except RuntimeError as error:
+        if "already in use" not in str(error):
+            raise
+    return _two_processes(setup, source, which)
+
+
+def _two_processes(setup: str, source: str, which: str):
+    with tempfile.TemporaryDirectory(prefix="kmask-devices-") as folder:
+        logs = [open(os.path.join(folder, f"rank{rank}.log"), "w") for rank in (0, 1)]  # noqa: SIM115
+        case = json.dumps([setup, source, which, folder, _free_ports(2)])
+        processes = [
+            subprocess.Popen(
+                [*MODULE, "--process", case, "--rank", str(rank)],
+                env=os.environ.copy(),
+                stdout=logs[rank],
+                stderr=subprocess.STDOUT,
+            )
+            for rank in (0, 1)
+        ]
+        deadline = time.monotonic() + PAIR_TIMEOUT
+        try:
+            codes = [
+                process.wait(timeout=max(deadline - time.monotonic(), 1))
+                for process in processes
+            ]
+        except subprocess.TimeoutExpired:
+            codes = ["timeout"]
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+            for log in logs:
+                log.close()
+        if codes != [0, 0]:
+            output = "".join(_tail(log.name) for log in logs)
+            raise RuntimeError(f"a {setup} process failed ({codes}):\n{output}")
+        results = [np.load(os.path.join(folder, f"rank{r}.npz")) for r in (0, 1)]
+        weights = [result["weights"] for result in results]
+        if not np.array_equal(weights[0], weights[1]):
+            raise RuntimeError(
+                f"{setup}: the two ranks ended with different weights: "
+                f"{weights[0].tolist()} and {weights[1].tolist()}"
+            )
+        first_loss = float(np.mean([result["first_loss"] for result in results]))
+        return weights[0], first_loss, int(results[0]["replicas"])
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports that are free now (all held until all are found)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("localhost", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def _tail(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()[-3000:]
+
+
+def run_rank(case: list, rank: int) -> None:
+    """One of the 2 processes: trains on its half of the batch."""
+    setup, source, which, folder, ports = case
+    x, y, y_nan, _ = make_data()
+    loss, key, masking = source_loss(source, which)
+    half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    targets = {"y": y, "y_nan": y_nan}[key][half]
+    train = _torch_ddp if setup == "two_devices" else _tensorflow_workers
+    snapshots, first_loss, replicas = train(
+        rank, folder, ports, loss, masking, x[half], targets
+    )
+    np.savez(
+        os.path.join(folder, f"rank{rank}.npz"),
+        weights=np.stack([snapshots[epochs - 1] for epochs in EPOCHS]),
+        first_loss=first_loss,
+        replicas=replicas,
+    )
+
+
+def _torch_ddp(rank, folder, ports, loss, masking, x, y):
+    """The custom loop of the Keras multi-GPU torch guide, over gloo."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=2,
+        init_method=f"file://{folder}/store",
+        timeout=datetime.timedelta(seconds=60),
+    )
+    model = build_model(masking)
+    module = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    inputs, targets = torch.tensor(x), torch.tensor(y)
+    snapshots, losses = [], []
+    for _ in range(max(EPOCHS)):
+        optimizer.zero_grad()
+        value = loss(targets, module(inputs))
+        value.backward()
+        optimizer.step()
+        losses.append(float(value.detach()))
+        snapshots.append(flat(model.get_weights()))
+    return snapshots, losses[0], dist.get_world_size()
+
+
+def _tensorflow_workers(rank, folder, ports, loss, masking, x, y):
+    """`MultiWorkerMirroredStrategy` with a custom loop; each worker feeds its
+    own half. Both losses are called as they are: Keras's divides its
+    per-replica mean by the number of replicas itself."""
+    del folder
+    cluster = [f"localhost:{port}" for port in ports]
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": rank}}
+    )
+    import keras
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(masking)
+        optimizer = keras.optimizers.SGD(LEARNING_RATE)
+        optimizer.build(model.trainable_variables)
+
+    def replica_step(inputs, targets):
+        with tf.GradientTape() as tape:
+            value = loss(targets, model(inputs, training=True))
+        gradients = tape.gradient(value, model.trainable_variables)
+        optimizer.apply_gradients(
+            zip(gradients, model.trainable_variables, strict=True)
+        )
+        return value
+
+    @tf.function
+    def step(inputs, targets):
+        values = strategy.run(replica_step, args=(inputs, targets))
+        return strategy.reduce("SUM", values, axis=None)
+
+    snapshots, losses = [], []
+    for _ in range(max(EPOCHS)):
+        losses.append(float(step(tf.constant(x), tf.constant(y))))
+        snapshots.append(flat(model.get_weights()))
+    # The first loss is the replicas' sum: the global loss.
+    return snapshots, losses[0], strategy.num_replicas_in_sync
