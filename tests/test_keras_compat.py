@@ -97,3 +97,29 @@ def test_no_other_module_imports_keras_internals(path):
     ]
     assert not [name for name in imported if name and name.startswith("keras.src")]
     assert "keras.src" not in path.read_text()
+
+
+def test_run_through_graph_is_intercepted_on_the_instance_only():
+    inputs = keras.Input((3, 2))
+    inner = keras.Sequential([keras.layers.Masking(name="inner_masking")], name="inner")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense")(inner(inputs)))
+    seen = []
+
+    def wrap(operation, call):
+        seen.append(operation.name)
+        return call
+
+    with compat.intercept_graph_calls(model, wrap) as intercepted:
+        model(np.ones((1, 3, 2), "float32"))
+
+    assert intercepted, _moved("Function._run_through_graph")
+    assert seen == ["inner", "inner_masking", "dense"], _moved(
+        "Function._run_through_graph(inputs, operation_fn)"
+    )
+    assert all(
+        compat.RUN_THROUGH_GRAPH not in vars(graph)
+        for graph in compat.functional_graphs(model)
+    )
+    seen.clear()
+    model(np.ones((1, 3, 2), "float32"))
+    assert seen == []
