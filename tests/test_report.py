@@ -285,7 +285,7 @@ def test_report_of_a_reloaded_model_is_the_same(tmp_path):
     assert str(mask_report(loaded, x)) == str(mask_report(model, x))
 
 
-class _Subclassed(keras.Model):
+class SubclassedMasking(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.masking = keras.layers.Masking()
@@ -295,7 +295,7 @@ class _Subclassed(keras.Model):
 
 
 def test_a_subclassed_model_gets_verdicts_from_its_outputs():
-    model = _Subclassed()
+    model = SubclassedMasking()
 
     unknown = mask_report(model)
     report = mask_report(model, _padded((2, 3, 1), 1))
