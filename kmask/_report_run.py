@@ -37,8 +37,9 @@ class Call:
             (`MultiHeadAttention` removes the masks from its inputs).
         mask_out: The mask on its outputs after it ran (the first one found).
         merges_masks: Whether two or more different input tensors carried a
-            mask: the output mask then depends on how their padding lines up
-            (`Add` keeps a step that any of its inputs keeps).
+            mask and the output mask is none of them, but made from them: it
+            then depends on how their padding lines up (`Add` keeps a step
+            that any of its inputs keeps).
     """
 
     operation: Any
@@ -77,25 +78,27 @@ def run_model(model: keras.Model, inputs: Any) -> Run:
             record = Call(operation, len(open_calls), parent)
             calls.append(record)
             tensors = _tensors((args, {k: v for k, v in kwargs.items() if k != "mask"}))
-            masked_before = [get_keras_mask(x) is not None for x in tensors]
+            masks_before = [get_keras_mask(x) for x in tensors]
             masked_ids = {
                 id(x)
-                for x, masked in zip(tensors, masked_before, strict=True)
-                if masked
+                for x, m in zip(tensors, masks_before, strict=True)
+                if m is not None
             }
-            record.merges_masks = len(masked_ids) > 1
             explicit = [m for m in _flat(kwargs.get("mask")) if m is not None]
-            record.mask_in = _first(explicit + [get_keras_mask(x) for x in tensors])
+            record.mask_in = _first(explicit + masks_before)
             open_calls.append(record)
             try:
                 outputs = call(*args, **kwargs)
             finally:
                 open_calls.pop()
             record.strips_input_mask = any(
-                before and get_keras_mask(x) is None
-                for before, x in zip(masked_before, tensors, strict=True)
+                before is not None and get_keras_mask(x) is None
+                for before, x in zip(masks_before, tensors, strict=True)
             )
             record.mask_out = _first([get_keras_mask(x) for x in _tensors(outputs)])
+            record.merges_masks = len(masked_ids) > 1 and not any(
+                record.mask_out is before for before in masks_before + explicit
+            )
             return outputs
 
         return recorded
@@ -121,14 +124,30 @@ def synthetic_batch(model: keras.Model) -> Any:
     input is read as sequence lengths (the real steps of each sequence), a
     rank-1 float input is 1. Unknown sizes are `SYNTHETIC_STEPS` steps.
     """
-    specs = keras.tree.flatten(model.input)
+    structure = _input_structure(model)
+    specs = keras.tree.flatten(structure)
     steps = next(
         (x.shape[1] for x in specs if len(x.shape) > 1 and x.shape[1] is not None),
         SYNTHETIC_STEPS,
     )
     return keras.tree.pack_sequence_as(
-        model.input, [_synthetic_input(x, steps) for x in specs]
+        structure, [_synthetic_input(x, steps) for x in specs]
     )
+
+
+def _input_structure(model: keras.Model) -> Any:
+    """The model's symbolic inputs, in the structure it is called with: a
+    functional model's `input`; a `Sequential`'s one input (its `input` is
+    only set once it has been called on symbolic tensors)."""
+    try:
+        return model.input
+    except AttributeError:
+        inputs = model.inputs
+    if not inputs:
+        raise ValueError(
+            f"Model {model.name!r} declares no inputs: build it from keras.Input"
+        )
+    return inputs[0] if len(inputs) == 1 else inputs
 
 
 def _synthetic_input(spec: Any, steps: int) -> Any:
