@@ -273,27 +273,10 @@ def _verdicts(
         calls = _calls_on_path(model, index, run.calls)
         dropped = tuple(call.operation.name for call in calls if _drops(call, calls))
         stripped = [call.operation.name for call in calls if call.strips_input_mask]
-        if mask is None:
-            sees, verdict = False, SEES_NO_MASK
-        elif _pads(mask):
-            sees, verdict = True, SEES
-        elif declares_padding:
-            sees, verdict = False, SEES_NO_PADDING
-        else:
-            sees, verdict = (
-                None,
-                f"unknown: the run marks no padding; {ASK_FOR_A_BATCH}",
-            )
         merged = [call.operation.name for call in calls if call.merges_masks]
-        if synthetic and mask is not None and merged:
-            sees, verdict = (
-                None,
-                (
-                    f"unknown: {', '.join(merged)} merges the masks of several "
-                    f"inputs, so it depends on how their padding lines up; "
-                    f"{ASK_FOR_A_BATCH}"
-                ),
-            )
+        sees, verdict = _propagated_verdict(
+            mask, declares_padding, merged if synthetic else []
+        )
         if sees is not True and dropped:
             verdict += f"; lost at: {', '.join(dropped)}"
         if sees is not True and stripped:
@@ -307,6 +290,29 @@ def _verdicts(
             )
         outputs.append(OutputMasks(name, sees, dropped, verdict))
     return outputs
+
+
+def _propagated_verdict(
+    mask: Any, declares_padding: bool, merged: list[str]
+) -> tuple[bool | None, str]:
+    """Whether the mask Keras attached to an output leaves the padding out.
+
+    `merged` names the layers on the way that made a mask from the masks of
+    several inputs: on a synthetic batch, whose padding lines up across its
+    inputs, such a mask says nothing about a real one.
+    """
+    if mask is None:
+        return False, SEES_NO_MASK
+    if merged:
+        return None, (
+            f"unknown: {', '.join(merged)} merges the masks of several inputs, "
+            f"so it depends on how their padding lines up; {ASK_FOR_A_BATCH}"
+        )
+    if _pads(mask):
+        return True, SEES
+    if declares_padding:
+        return False, SEES_NO_PADDING
+    return None, f"unknown: the run marks no padding; {ASK_FOR_A_BATCH}"
 
 
 def _input_rows(model: keras.Model, run: Run) -> list[LayerMasks]:

@@ -253,51 +253,39 @@ def _hub_batch(**extra) -> tuple[dict, np.ndarray]:
     return {"token_ids": ids, "padding_mask": real.astype("int32"), **extra}, real
 
 
+# The smallest configs that build: one layer, random weights, no download.
+TINY = {"vocabulary_size": VOCABULARY, "num_layers": 1, "hidden_dim": 8}
+TINY_ENCODER = {**TINY, "num_heads": 2, "intermediate_dim": 16}
+
+
 def gemma_causal_lm() -> Case:
-    keras_hub = _keras_hub()
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=1,
+    hub = _keras_hub().models
+    backbone = hub.GemmaBackbone(
+        **TINY,
         num_query_heads=2,
         num_key_value_heads=1,
-        hidden_dim=8,
         intermediate_dim=16,
         head_dim=4,
     )
     batch, real = _hub_batch()
-    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    model = hub.GemmaCausalLM(backbone=backbone, preprocessor=None)
     return Case(model, batch, [real], (UNMASKED,))
 
 
 def gpt2_causal_lm() -> Case:
-    keras_hub = _keras_hub()
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
+    hub = _keras_hub().models
+    backbone = hub.GPT2Backbone(**TINY_ENCODER, max_sequence_length=8)
     batch, real = _hub_batch()
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model = hub.GPT2CausalLM(backbone=backbone, preprocessor=None)
     return Case(model, batch, [real], (UNMASKED,))
 
 
 def bert_text_classifier() -> Case:
-    keras_hub = _keras_hub()
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
+    hub = _keras_hub().models
+    backbone = hub.BertBackbone(**TINY_ENCODER, max_sequence_length=8)
     batch, _ = _hub_batch(segment_ids=np.zeros((BATCH, STEPS), "int32"))
-    model = keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=2, preprocessor=None
-    )
+    model = hub.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None)
+    # One output per sequence: no padded steps for a loss to leave out.
     return Case(model, batch, [None], (UNMASKED,))
 
 
