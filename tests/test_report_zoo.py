@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -384,3 +385,46 @@ def test_a_compiled_kmask_loss_finds_the_padding_the_model_loses():
     real = ~np.all(y == [0, 0, 1], axis=-1)
     evaluated = model.evaluate(x, y, verbose=0)
     np.testing.assert_allclose(evaluated, per_step[real].mean(), rtol=TOLERANCE)
+
+
+def _words(report) -> str:
+    """The report's verdicts, one per output, in the README table's words."""
+    words = []
+    for output in report.outputs:
+        if output.loss_sees_mask is None:
+            words.append("None")
+        elif output.loss_sees_mask:
+            words.append("sees the mask")
+        elif "marks no padding" in output.verdict:
+            words.append("a mask that marks no padding")
+        else:
+            words.append("NO mask")
+    return " / ".join(words)
+
+
+def print_table() -> None:
+    """The zoo as a Markdown table, for this Keras and backend."""
+    print(f"Keras {keras.__version__}, {keras.backend.backend()}")
+    print("| model | Keras's loss | report with a batch | report without a batch |")
+    print("|---|---|---|---|")
+    for build in ZOO:
+        try:
+            case = build()
+        except pytest.skip.Exception as skipped:
+            print(f"| {build.__name__} | skipped: {skipped} | | |")
+            continue
+        with_batch, without_batch = (
+            mask_report(case.model, case.x),
+            mask_report(case.model),
+        )
+        keras_does = " / ".join(
+            "masked" if masked else "unmasked" for masked in what_keras_does(case)
+        )
+        row = (build.__name__, keras_does, _words(with_batch), _words(without_batch))
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    # Keras warns at each layer that destroys a mask; the table says so.
+    warnings.simplefilter("ignore", UserWarning)
+    print_table()
