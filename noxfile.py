@@ -23,6 +23,11 @@ import nox
 # root on sys.path.
 BACKENDS = ("tensorflow", "jax", "torch")
 CONSTRAINTS = ("-c", "constraints.txt")
+# keras-hub for the mask report's zoo (tests/test_report_zoo.py), without its
+# dependencies: they pull tensorflow-text, which wants the full tensorflow
+# wheel beside tensorflow-cpu. Building a task model from a config needs only
+# these two; the versions are pinned in constraints.txt.
+KERAS_HUB = ("keras-hub", "regex", "tokenizers")
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
 
 # The Keras lines tested beside the pinned one: the distribution that provides
@@ -57,6 +62,7 @@ def _use_keras_line(session: nox.Session, line: str) -> None:
 
 def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
     session.install(*CONSTRAINTS, "-e", f".[{backend},test]")
+    session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
     if line is not None:
         _use_keras_line(session, line)
     env = {**QUIET_ENV, "KERAS_BACKEND": backend}

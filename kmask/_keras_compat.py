@@ -17,12 +17,18 @@ Internals used:
   `_keras_history` (the operation that produced it and which of its calls),
   the operation's `_inbound_nodes` (one `Node` per call), and a node's
   `operation`, `arguments` (`keras_tensors`, `kwargs`) and `outputs`.
+- `Function._run_through_graph(inputs, operation_fn, call_fn)`: how a
+  functional model runs its graph, one `operation_fn(operation)(*args,
+  **kwargs)` per node. `kmask.report` wraps it on the model instance (never
+  the class) for one call, to read the masks each layer really receives and
+  attaches at run time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -97,3 +103,70 @@ def node_mask_argument(node: Any) -> Any:
 def node_outputs(node: Any) -> list:
     """The symbolic tensors a `Node` produced."""
     return list(getattr(node, "outputs", None) or [])
+
+
+# The method a functional model (and the functional model inside a
+# `Sequential`) runs its graph with, one call per node.
+RUN_THROUGH_GRAPH = "_run_through_graph"
+
+
+def functional_graphs(model: Any) -> list:
+    """`model` and every model nested in it that runs a functional graph
+    (a `Sequential` runs the one it keeps in `_functional`)."""
+    found, seen, stack = [], set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        for candidate in (layer, getattr(layer, "_functional", None)):
+            if candidate is not None and hasattr(candidate, RUN_THROUGH_GRAPH):
+                found.append(candidate)
+        if isinstance(layer, keras.Model):
+            stack.extend(reversed(layer.layers))
+    return found
+
+
+@contextlib.contextmanager
+def intercept_graph_calls(
+    model: Any, wrap: Callable[[Any, Callable], Callable]
+) -> Iterator[bool]:
+    """While active, each layer or op call in the graph of `model`, and of
+    the models nested in it, runs `wrap(operation, call)(*args, **kwargs)`
+    instead of `call(*args, **kwargs)`.
+
+    Yields whether there was a graph to intercept: when Keras no longer runs
+    its graphs through `_run_through_graph`, nothing is intercepted and the
+    caller sees only the model's outputs.
+    """
+    patched = []
+    try:
+        for graph in functional_graphs(model):
+            patched.append(graph)
+            setattr(graph, RUN_THROUGH_GRAPH, _intercepted(graph, wrap))
+    except (AttributeError, TypeError):
+        _restore(patched)
+        patched = []
+    try:
+        yield bool(patched)
+    finally:
+        _restore(patched)
+
+
+def _intercepted(graph: Any, wrap: Callable) -> Callable:
+    original = getattr(graph, RUN_THROUGH_GRAPH)
+
+    def run(inputs, operation_fn=lambda op: op, call_fn=None):
+        return original(
+            inputs,
+            operation_fn=lambda op: wrap(op, operation_fn(op)),
+            call_fn=call_fn,
+        )
+
+    return run
+
+
+def _restore(patched: list) -> None:
+    for graph in patched:
+        if RUN_THROUGH_GRAPH in vars(graph):
+            delattr(graph, RUN_THROUGH_GRAPH)

@@ -128,3 +128,29 @@ def test_the_keras_range_is_the_tested_range():
     assert keras_requirement.specifier.contains(pinned("keras", "constraints.txt"))
     nightly = pinned("keras-nightly", "constraints-keras-nightly.txt")
     assert keras_requirement.specifier.contains(nightly.base_version)
+
+
+def test_run_through_graph_is_intercepted_on_the_instance_only():
+    inputs = keras.Input((3, 2))
+    inner = keras.Sequential([keras.layers.Masking(name="inner_masking")], name="inner")
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense")(inner(inputs)))
+    seen = []
+
+    def wrap(operation, call):
+        seen.append(operation.name)
+        return call
+
+    with compat.intercept_graph_calls(model, wrap) as intercepted:
+        model(np.ones((1, 3, 2), "float32"))
+
+    assert intercepted, _moved("Function._run_through_graph")
+    assert seen == ["inner", "inner_masking", "dense"], _moved(
+        "Function._run_through_graph(inputs, operation_fn)"
+    )
+    assert all(
+        compat.RUN_THROUGH_GRAPH not in vars(graph)
+        for graph in compat.functional_graphs(model)
+    )
+    seen.clear()
+    model(np.ones((1, 3, 2), "float32"))
+    assert seen == []

@@ -1,4 +1,8 @@
-"""mask_report: which layers drop the mask, and whether the loss sees one."""
+"""mask_report: which layers drop the mask, and whether each output's loss sees one.
+
+The zoo in `tests/test_report_zoo.py` checks the verdicts against `evaluate`;
+these tests check the table, the names and the words.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ def _masking_layer(model) -> keras.layers.Masking:
     return next(x for x in model.layers if isinstance(x, keras.layers.Masking))
 
 
+def _padded(shape, padded_steps=2) -> np.ndarray:
+    """Ones, with the second sequence's last `padded_steps` steps zero."""
+    x = np.ones(shape, "float32")
+    x[1, shape[1] - padded_steps :] = 0.0
+    return x
+
+
 def _runtime_output_masks(model, inputs) -> list[bool]:
     """Whether each output carries a mask when the model runs on real data."""
     outputs = model(inputs)
@@ -40,29 +51,35 @@ def _runtime_output_masks(model, inputs) -> list[bool]:
 
 
 def _lines_by_layer(report) -> dict[str, str]:
-    lines = str(report).splitlines()[2:]
-    return {line.split()[0]: line for line in lines}
+    lines = str(report).splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("layer "))) + 1 :]
+    return {line.split()[0]: line for line in table}
 
 
-def test_seed_model_names_the_encoder_lstm():
+def test_seed_model_names_the_encoder_lstm_and_the_keras_version():
     seed = _seed_module()
     model = seed.build_seed_model()
+    x = np.asarray(seed.X, "float32")
 
-    report = mask_report(model)
+    report = mask_report(model, x)
 
     assert report.dropped_by == ["encoder"]
     assert report.loss_sees_mask is False
-    assert _runtime_output_masks(model, ops.convert_to_tensor(seed.X, "float32")) == [
-        False
-    ]
-    text = str(report)
-    assert "NO mask" in text.splitlines()[0]
-    assert "dropped by: encoder" in text.splitlines()[0]
+    (output,) = report.outputs
+    assert (output.name, output.loss_sees_mask) == (model.output_names[0], False)
+    assert output.dropped_by == ("encoder",)
+    assert _runtime_output_masks(model, ops.convert_to_tensor(x)) == [False]
+    header, verdict = str(report).splitlines()[:2]
+    assert header == f"mask report (Keras {keras.__version__}, ran on the given batch)"
+    assert verdict == (
+        f"output {output.name}: the loss sees NO mask (it averages over "
+        "padding); lost at: encoder"
+    )
     lines = _lines_by_layer(report)
     assert len(lines) == len(model.layers)
     assert lines["encoder"].split()[1:] == [
         "LSTM",
-        "(None,",
+        "(2,",
         "5)",
         "-",
         "<-",
@@ -70,9 +87,16 @@ def test_seed_model_names_the_encoder_lstm():
         "the",
         "mask",
     ]
-    masking = _masking_layer(model).name
-    assert lines[masking].split()[1:] == ["Masking", "-", "(None,", "5)"]
+    assert lines["masking"].split()[1:] == ["Masking", "-", "(2,", "5)"]
     assert sum("drops" in line for line in lines.values()) == 1
+
+
+def test_seed_model_without_a_batch_runs_on_a_synthetic_one():
+    report = mask_report(_seed_module().build_seed_model())
+
+    assert report.loss_sees_mask is False
+    assert report.dropped_by == ["encoder"]
+    assert "ran on a synthetic batch" in str(report).splitlines()[0]
 
 
 def test_seed_model_with_attach_mask_lets_the_loss_see_the_mask():
@@ -80,22 +104,21 @@ def test_seed_model_with_attach_mask_lets_the_loss_see_the_mask():
     base = seed.build_seed_model()
     restored = AttachMask(name="attach")([base.output, _masking_layer(base).output])
     model = keras.Model(base.input, restored)
+    x = np.asarray(seed.X, "float32")
 
-    report = mask_report(model)
+    report = mask_report(model, x)
 
     assert report.loss_sees_mask is True
     assert report.dropped_by == ["encoder"]
-    assert str(report).splitlines()[0].startswith("mask report: the loss sees the mask")
+    assert str(report).splitlines()[1] == "output attach: the loss sees the mask"
     assert _lines_by_layer(report)["attach"].split()[1:] == [
         "AttachMask",
-        "(None,",
+        "(2,",
         "5)",
-        "(None,",
+        "(2,",
         "5)",
     ]
-    assert _runtime_output_masks(model, ops.convert_to_tensor(seed.X, "float32")) == [
-        True
-    ]
+    assert _runtime_output_masks(model, ops.convert_to_tensor(x)) == [True]
 
 
 @pytest.mark.parametrize("return_sequences", [True, False])
@@ -108,21 +131,24 @@ def test_sequential_model(return_sequences):
             keras.layers.Dense(2, name="dense"),
         ]
     )
+    x = _padded((2, 4, 2))
 
-    report = mask_report(model)
+    report = mask_report(model, x)
 
     keeps = return_sequences and RNNS_KEEP_MASK
     assert report.loss_sees_mask is keeps
     assert report.dropped_by == ([] if keeps else ["lstm"])
     assert list(_lines_by_layer(report))[-3:] == ["masking", "lstm", "dense"]
-    assert _runtime_output_masks(model, ops.ones((1, 4, 2))) == [keeps]
+    assert _runtime_output_masks(model, x) == [keeps]
 
 
 def test_sequential_model_built_without_input():
     model = keras.Sequential([keras.layers.Masking(), keras.layers.GRU(2)])
     model.build((None, 3, 1))
 
-    assert mask_report(model).dropped_by == [model.layers[1].name]
+    report = mask_report(model, _padded((2, 3, 1), 1))
+
+    assert report.dropped_by == [model.layers[1].name]
 
 
 def test_an_op_on_symbolic_tensors_that_drops_the_mask_is_named():
@@ -131,7 +157,7 @@ def test_an_op_on_symbolic_tensors_that_drops_the_mask_is_named():
     scaled = masked * 2.0  # keras #18416: ops on KerasTensors drop the mask
     model = keras.Model(inputs, keras.layers.Dense(1)(scaled))
 
-    report = mask_report(model)
+    report = mask_report(model, _padded((2, 4, 2)))
 
     assert len(report.dropped_by) == 1
     assert report.layers[2].drops_mask
@@ -148,16 +174,17 @@ def test_layers_that_create_a_mask_and_an_explicit_mask_argument():
         steps, mask=keras_mask(mask)
     )
     model = keras.Model([steps, lengths], [masked, explicit])
+    inputs = [_padded((2, 5, 2)), np.array([5, 3], "int32")]
 
-    report = mask_report(model)
+    report = mask_report(model, inputs)
 
     layers = {layer.name: layer for layer in report.layers}
     assert layers["length_mask"].mask_in is None
-    assert layers["length_mask"].mask_out == (None, 5)
-    assert layers["gru"].mask_in == (None, 5)
+    assert layers["length_mask"].mask_out == (2, 5)
+    assert layers["gru"].mask_in == (2, 5)
     assert layers["gru"].drops_mask is not RNNS_KEEP_MASK
+    assert [out.loss_sees_mask for out in report.outputs] == [True, RNNS_KEEP_MASK]
     assert report.loss_sees_mask is RNNS_KEEP_MASK
-    inputs = [ops.ones((2, 5, 2)), ops.convert_to_tensor(np.array([1, 5], "int32"))]
     assert _runtime_output_masks(model, inputs) == [True, RNNS_KEEP_MASK]
 
 
@@ -165,13 +192,23 @@ def test_one_output_without_a_mask_means_the_loss_does_not_see_it():
     inputs = keras.Input((3, 1))
     masked = keras.layers.Masking()(inputs)
     model = keras.Model(
-        inputs, [keras.layers.Dense(1)(masked), keras.layers.GRU(1, name="gru")(masked)]
+        inputs,
+        [
+            keras.layers.Dense(1, name="dense")(masked),
+            keras.layers.GRU(1, name="gru")(masked),
+        ],
     )
 
-    report = mask_report(model)
+    report = mask_report(model, _padded((2, 3, 1), 1))
 
     assert report.loss_sees_mask is False
     assert report.dropped_by == ["gru"]
+    assert [
+        (out.name, out.loss_sees_mask, out.dropped_by) for out in report.outputs
+    ] == [
+        ("dense", True, ()),
+        ("gru", False, ("gru",)),
+    ]
 
 
 def test_a_shared_layer_gets_one_line_per_call():
@@ -180,10 +217,57 @@ def test_a_shared_layer_gets_one_line_per_call():
     shared = keras.layers.Dense(1, name="shared")
     model = keras.Model(inputs, shared(shared(masked)))
 
-    report = mask_report(model)
+    report = mask_report(model, _padded((2, 3, 1), 1))
 
     assert [layer.name for layer in report.layers].count("shared") == 2
     assert report.loss_sees_mask is True
+
+
+def test_nested_models_show_their_layers_indented():
+    inputs = keras.Input((4, 2))
+    inner = keras.Sequential(
+        [
+            keras.layers.Masking(name="inner_masking"),
+            keras.layers.GRU(2, name="inner_gru"),
+        ],
+        name="inner",
+    )
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(inner(inputs)))
+
+    report = mask_report(model, _padded((2, 4, 2)))
+
+    depths = {layer.name: layer.depth for layer in report.layers}
+    assert (depths["inner"], depths["inner_masking"], depths["inner_gru"]) == (0, 1, 1)
+    assert report.dropped_by == ["inner_gru"]
+    assert report.outputs[0].dropped_by == ("inner_gru",)
+    assert "\n  inner_gru " in str(report)
+
+
+def test_attention_removing_the_mask_from_its_inputs_is_shown():
+    tokens = keras.Input((4,), dtype="int32")
+    embedded = keras.layers.Embedding(5, 4, mask_zero=True, name="embedding")(tokens)
+    attended = keras.layers.MultiHeadAttention(1, 2, name="attention")(
+        embedded, embedded
+    )
+    model = keras.Model(tokens, keras.layers.Add(name="add")([embedded, attended]))
+
+    report = mask_report(model, np.array([[1, 2, 0, 0], [1, 2, 3, 4]], "int32"))
+
+    assert report.outputs[0].loss_sees_mask is False
+    assert report.dropped_by == ["add"]
+    assert _lines_by_layer(report)["attention"].endswith(
+        "<- removes the mask from its inputs"
+    )
+    assert "(attention removed the mask from its inputs)" in report.outputs[0].verdict
+
+
+def test_a_batch_without_padding_cannot_tell():
+    model = keras.Sequential([keras.Input((3, 1)), keras.layers.Masking()])
+
+    report = mask_report(model, np.ones((2, 3, 1), "float32"))
+
+    assert report.loss_sees_mask is None
+    assert "pass a batch with padding" in report.outputs[0].verdict
 
 
 def test_report_of_a_reloaded_model_is_the_same(tmp_path):
@@ -197,15 +281,33 @@ def test_report_of_a_reloaded_model_is_the_same(tmp_path):
 
     loaded = keras.saving.load_model(path)
 
-    assert str(mask_report(loaded)) == str(mask_report(model))
+    x = np.asarray(seed.X, "float32")
+    assert str(mask_report(loaded, x)) == str(mask_report(model, x))
 
 
-def test_subclassed_and_unbuilt_models_raise():
-    class Subclassed(keras.Model):
-        def call(self, inputs):
-            return inputs
+class SubclassedMasking(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.masking = keras.layers.Masking()
 
-    with pytest.raises(ValueError, match="functional or Sequential"):
-        mask_report(Subclassed())
-    with pytest.raises(ValueError, match="functional or Sequential"):
-        mask_report(keras.Sequential([keras.layers.Dense(1)]))
+    def call(self, inputs):
+        return self.masking(inputs)
+
+
+def test_a_subclassed_model_gets_verdicts_from_its_outputs():
+    model = SubclassedMasking()
+
+    unknown = mask_report(model)
+    report = mask_report(model, _padded((2, 3, 1), 1))
+
+    assert unknown.loss_sees_mask is None
+    assert "pass a batch" in str(unknown).splitlines()[1]
+    assert report.loss_sees_mask is True
+    assert report.layers == ()
+
+
+def test_a_batch_the_model_rejects_raises():
+    model = keras.Sequential([keras.Input((3, 1)), keras.layers.Dense(1)])
+
+    with pytest.raises(ValueError, match="incompatible"):
+        mask_report(model, np.ones((2, 3, 4, 5), "float32"))
