@@ -31,16 +31,17 @@ KERAS_HUB = ("keras-hub", "regex", "tokenizers")
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
 
 # The Keras lines tested beside the pinned one: the distribution that provides
-# the `keras` package, its own small constraints file, and the backends run.
+# the `keras` package, its own small constraints file, the backends run, and
+# whether keras-hub (which requires keras>=3.15) is installed beside it.
 KERAS_LINES = {
-    "nightly": ("keras-nightly", "constraints-keras-nightly.txt", BACKENDS),
-    "oldest": ("keras", "constraints-keras-oldest.txt", ("torch",)),
+    "nightly": ("keras-nightly", "constraints-keras-nightly.txt", BACKENDS, True),
+    "oldest": ("keras", "constraints-keras-oldest.txt", ("torch",), False),
 }
 TEST_SESSIONS = [
     *(f"tests-{backend}" for backend in BACKENDS),
     *(
         f"tests-{line}-{backend}"
-        for line, (_, _, backends) in KERAS_LINES.items()
+        for line, (_, _, backends, _) in KERAS_LINES.items()
         for backend in backends
     ),
 ]
@@ -53,7 +54,7 @@ def _use_keras_line(session: nox.Session, line: str) -> None:
     """Replaces the pinned Keras by the `line` one (same dependencies, so
     `--no-deps`). Both distributions own the `keras` package folder: remove
     both before installing one, also in a reused virtualenv."""
-    distribution, constraints, _ = KERAS_LINES[line]
+    distribution, constraints, _, _ = KERAS_LINES[line]
     session.run(
         "python", "-m", "pip", "uninstall", "-q", "-y", "keras", "keras-nightly"
     )
@@ -62,7 +63,8 @@ def _use_keras_line(session: nox.Session, line: str) -> None:
 
 def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
     session.install(*CONSTRAINTS, "-e", f".[{backend},test]")
-    session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
+    if line is None or KERAS_LINES[line][3]:
+        session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
     if line is not None:
         _use_keras_line(session, line)
     env = {**QUIET_ENV, "KERAS_BACKEND": backend}
@@ -79,7 +81,7 @@ for _backend in BACKENDS:
         _tests(session, backend)
 
 
-for _line, (_, _, _backends) in KERAS_LINES.items():
+for _line, (_, _, _backends, _) in KERAS_LINES.items():
     for _backend in _backends:
 
         @nox.session(name=f"tests-{_line}-{_backend}")

@@ -326,8 +326,11 @@ def what_keras_does(case: Case) -> tuple[bool, ...]:
     # keras.Model's own compile and evaluate, with no metrics: keras-hub's
     # tasks compile default metrics when built (Keras keeps them unless
     # replaced) and evaluate through a preprocessing pipeline; neither is
-    # under test.
-    keras.Model.compile(case.model, loss="mse", metrics=[], weighted_metrics=[])
+    # under test. (Keras before 3.15 takes no empty list for several outputs.)
+    no_metrics = [] if len(targets) == 1 else None
+    keras.Model.compile(
+        case.model, loss="mse", metrics=no_metrics, weighted_metrics=no_metrics
+    )
     y = targets[0] if len(targets) == 1 else targets
     losses = keras.Model.evaluate(case.model, case.x, y, verbose=0)
     losses = [losses] if len(targets) == 1 else losses[1:]
