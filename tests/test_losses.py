@@ -600,7 +600,7 @@ def test_mask_value_length_must_match_feature_axis():
 
 
 def test_mask_that_does_not_fit():
-    with pytest.raises(ValueError, match=r"mask.*\(2, 4\).*\(2, 5\)"):
+    with pytest.raises(ValueError, match=r"`mask`.*\(2, 5\).*\(2, 4\).*\(2, 5, 3\)"):
         kmask.masked_loss(
             np.zeros((2, 5, 3)), np.ones((2, 5, 3)), "mse", mask=np.ones((2, 4), bool)
         )
