@@ -6,4 +6,4 @@ torch at the top, so its doctests are collected only where torch is installed.
 
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("torch") else ["kmask/torch_kernels.py"]
+collect_ignore = [] if importlib.util.find_spec("torch") else ["kmask/ops/_torch.py"]

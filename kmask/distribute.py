@@ -44,12 +44,7 @@ def global_denominator(local: Any):
     """
     if getattr(_state, "local_only", False):
         return local
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return _tensorflow_replica_sum(local)
-    if backend == "torch":
-        return _torch_process_mean(local)
-    return local
+    return _replica_denominator(local)
 
 
 @contextlib.contextmanager
@@ -69,6 +64,16 @@ def local() -> Iterator[None]:
         yield
     finally:
         _state.local_only = previous
+
+
+def _replica_denominator(local):
+    """The denominator from every replica's, as this backend combines them."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tensorflow_replica_sum(local)
+    if backend == "torch":
+        return _torch_process_mean(local)
+    return local
 
 
 def _tensorflow_replica_sum(local):

@@ -13,13 +13,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.masks import (
-    PADDINGS,
-    fits_steps,
-    keras_mask,
-    sequence_mask,
-    value_mask,
-)
+from kmask import _moved, _shapes
+from kmask.masks import PADDINGS, keras_mask, sequence_mask, value_mask
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -133,10 +128,8 @@ class LengthMask(keras.layers.Layer):
         if len(lengths.shape) == 2 and lengths.shape[1] == 1:
             lengths = ops.squeeze(lengths, axis=1)
         if len(lengths.shape) != 1:
-            raise ValueError(
-                f"Layer '{self.name}' (LengthMask) expects `lengths` of shape "
-                f"[batch] or [batch, 1]. Received: lengths.shape="
-                f"{tuple(lengths.shape)} for x.shape={tuple(x.shape)}"
+            raise _shapes.invalid_shape(
+                "lengths", "[batch] or [batch, 1]", lengths=lengths.shape, x=x.shape
             )
         if isinstance(x, keras.KerasTensor) and x.shape[1] is None:
             # A symbolic time axis of unknown length has no `arange`; the
@@ -224,11 +217,13 @@ def _unpack_pair(inputs, layer_name: str, second: str):
 def _check_time_axis(tensor, mask_shape: tuple, layer_name: str) -> None:
     """The mask must be `[batch, time]` for a `[batch, time, ...]` tensor."""
     shape = tuple(tensor.shape)
-    if len(mask_shape) != 2 or not fits_steps(mask_shape, shape):
-        raise ValueError(
-            f"Layer '{layer_name}': the mask of shape {mask_shape} does not fit "
-            f"the tensor of shape {shape}: they must share the batch and time "
-            "axes."
+    if len(mask_shape) != 2 or not _shapes.fits_steps(mask_shape, shape):
+        raise _shapes.invalid_shape(
+            "masked_tensor",
+            f"a [batch, time] mask sharing the batch and time axes of the "
+            f"tensor (layer '{layer_name}')",
+            mask=mask_shape,
+            tensor=shape,
         )
 
 
@@ -243,3 +238,7 @@ def _new_tensor(x):
     """
     reshaped = ops.reshape(x, ops.shape(x))
     return ops.copy(x) if reshaped is x else reshaped
+
+
+# Imported here once; importable from here still.
+__getattr__ = _moved.moved(__name__, {"fits_steps": "kmask._shapes"})

@@ -5,6 +5,12 @@ real steps only. The mask it uses is the AND of the mask Keras propagated onto
 `y_pred`, the padding found in `y_true` through `mask_value`, and (for
 `masked_loss()`) an explicit `mask`; `sample_weight` multiplies it. See
 `kmask.reduce` for what each reduction computes.
+
+`masked_loss()` is the primitive: calling any kmask loss calls it, and it
+runs the pipeline of `kmask._pipeline`. `call()` is the per-step extension
+point, as in Keras: a subclass that overrides it is honoured on every path,
+because the fused ops of `kmask.ops` are used only while `call()` is kmask's
+own (and `call()` itself runs the same op).
 """
 
 from __future__ import annotations
@@ -15,21 +21,21 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.fused import (
+from kmask import _moved, _pipeline, _resolve
+from kmask.masks import combine_masks, value_mask
+from kmask.ops import (
     categorical_crossentropy_with_logits,
     mean_squared_error,
-    sparse_crossentropy_with_logits,
+    sparse_crossentropy,
 )
-from kmask.masks import (
-    combine_masks,
-    fill_padding,
-    keras_mask,
-    per_step_mask,
-    step_shape,
-    value_mask,
-    weight_mask,
-)
-from kmask.reduce import _accumulation_dtype, masked_reduce, standardize_reduction
+from kmask.reduce import masked_reduce, standardize_reduction
+
+
+def _sparse_per_step(y_true, y_pred, ignore_class: int | None = None, **kwargs):
+    """`kmask.ops.sparse_crossentropy`; `ignore_class` is in the signature
+    only, the loss turns it into a mask before the labels arrive here."""
+    del ignore_class
+    return sparse_crossentropy(y_true, y_pred, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -65,6 +71,9 @@ class MaskedLoss(keras.losses.Loss):
     0.25
     """
 
+    # The dtype the targets are cast to; `None`: the predictions'.
+    _target_dtype = None
+
     def __init__(
         self,
         loss: str | keras.losses.Loss | type | Callable,
@@ -75,20 +84,36 @@ class MaskedLoss(keras.losses.Loss):
         **loss_kwargs: Any,
     ):
         reduction = standardize_reduction(reduction)
-        loss, loss_kwargs = _instantiate_class(loss, loss_kwargs)
-        super().__init__(name=name or _default_name(loss), reduction=None, dtype=dtype)
+        loss, loss_kwargs = _resolve.instantiate_class(loss, loss_kwargs)
+        super().__init__(
+            name=name or _resolve.default_name(loss), reduction=None, dtype=dtype
+        )
         self.reduction = reduction
         self.loss, self.loss_kwargs = loss, loss_kwargs
         self.mask_value = mask_value
         self.dtype_arg = dtype
-        self._per_step = _per_step_function(self.loss, self.loss_kwargs)
-        self._class_axis = _class_axis(self.loss, self.loss_kwargs)
+        self._per_step = _resolve.per_step_function(self.loss, self.loss_kwargs)
+        self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        return self._masked_call(y_true, y_pred, sample_weight)
+        return masked_loss(
+            y_true, y_pred, self, sample_weight=sample_weight, reduction=self.reduction
+        )
 
     def call(self, y_true, y_pred):
-        """The per-step loss: the wrapped loss with its class axis reduced."""
+        """The per-step loss: the wrapped loss with its class axis reduced.
+
+        The extension point, as in Keras: override it to change the loss of
+        each step. Calling the loss runs it on inputs whose padded steps
+        were replaced by harmless values, then reduces over the real steps.
+        The named losses' fused ops (which select padding away inside their
+        gradient instead) run only while `call()` is kmask's own; both give
+        the same numbers.
+        """
+        y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        fused = self._fused_op(y_true, y_pred)
+        if fused is not None:
+            return fused(y_true, y_pred, None)
         return self._per_step(y_true, y_pred)
 
     def target_mask(self, y_true):
@@ -97,57 +122,44 @@ class MaskedLoss(keras.losses.Loss):
             return None
         return value_mask(y_true, self.mask_value)
 
-    def _masked_call(self, y_true, y_pred, sample_weight=None, mask=None):
-        propagated = keras_mask(y_pred)
-        with keras.name_scope(self.name):
-            y_pred = ops.convert_to_tensor(y_pred)
-            y_pred = ops.cast(y_pred, _accumulation_dtype(self.dtype))
-            y_true = ops.convert_to_tensor(y_true)
-            _check_shapes(y_true, y_pred)
-            weighted = None
-            if sample_weight is not None:
-                weighted = weight_mask(
-                    sample_weight, step_shape(y_pred, self._class_axis)
-                )
-            valid = combine_masks(propagated, self.target_mask(y_true), mask, weighted)
-            y_true = self._cast_targets(y_true, y_pred.dtype)
-            per_step = self._masked_steps(y_true, y_pred, valid)
-            result = masked_reduce(per_step, valid, self.reduction, sample_weight)
-            return ops.cast(result, self.dtype)
+    def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
+        """The op computing `call()` that takes the mask itself, or `None`."""
+        del y_true, y_pred
+        return None
 
-    def _masked_steps(self, y_true, y_pred, valid):
-        """The per-step loss, with padded steps (where `valid` is `False`)
-        neutralised before the loss sees them."""
-        if valid is not None:
-            y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
-        return self.call(y_true, y_pred)
-
-    def _cast_targets(self, y_true, dtype):
-        return ops.cast(y_true, dtype)
+    def _masked_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
+        """The fused op, unless a subclass overrides `call()`."""
+        if type(self).call is not MaskedLoss.call:
+            return None
+        return self._fused_op(y_true, y_pred)
 
     def get_config(self) -> dict[str, Any]:
-        loss = self.loss
-        if not isinstance(loss, str):
-            loss = keras.saving.serialize_keras_object(loss)
-        return {
-            "loss": loss,
-            "mask_value": self.mask_value,
-            "reduction": self.reduction,
-            "name": self.name,
-            "dtype": self.dtype_arg,
-            **self.loss_kwargs,
-        }
+        fields = {"mask_value": self.mask_value, "reduction": self.reduction}
+        fields.update(name=self.name, dtype=self.dtype_arg)
+        return _resolve.wrapper_config("loss", self.loss, fields, self.loss_kwargs)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MaskedLoss:
-        config = dict(config)
-        if isinstance(config.get("loss"), dict):
-            config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
-        return cls(**config)
+        return cls(**_resolve.deserialize_wrapped(config, "loss"))
 
 
 class _NamedMaskedLoss(MaskedLoss):
-    """A `MaskedLoss` whose wrapped loss is fixed by the subclass."""
+    """A `MaskedLoss` whose wrapped loss (`_wraps`) is fixed by the subclass,
+    named `_loss_name` unless told otherwise."""
+
+    _wraps: Any = None
+    _loss_name = ""
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        reduction: str | None = "token_mean",
+        name: str | None = None,
+        dtype: Any = None,
+        **loss_kwargs: Any,
+    ):
+        name = name or self._loss_name
+        super().__init__(self._wraps, mask_value, reduction, name, dtype, **loss_kwargs)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -155,8 +167,32 @@ class _NamedMaskedLoss(MaskedLoss):
         return config
 
 
+class _ProbabilityLoss(_NamedMaskedLoss):
+    """The arguments of Keras's categorical and binary cross-entropy."""
+
+    def __init__(
+        self,
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+        axis: int = -1,
+        mask_value: Any = None,
+        reduction: str | None = "token_mean",
+        name: str | None = None,
+        dtype: Any = None,
+    ):
+        options = {"from_logits": from_logits, "label_smoothing": label_smoothing}
+        super().__init__(
+            mask_value,
+            reduction,
+            name,
+            dtype,
+            **options,
+            axis=axis,
+        )
+
+
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedCategoricalCrossentropy(_NamedMaskedLoss):
+class MaskedCategoricalCrossentropy(_ProbabilityLoss):
     """Masked `keras.losses.CategoricalCrossentropy` for one-hot targets.
 
     Takes every argument of the Keras loss, plus `mask_value` and a kmask
@@ -167,9 +203,7 @@ class MaskedCategoricalCrossentropy(_NamedMaskedLoss):
         label_smoothing: Smoothing of the one-hot targets, in `[0, 1]`.
         axis: The class axis.
         mask_value: Pad value of `y_true`, e.g. the one-hot pad `[0, 0, 1]`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
         The masked cross-entropy between `[batch, time, classes]` targets and
@@ -185,42 +219,25 @@ class MaskedCategoricalCrossentropy(_NamedMaskedLoss):
     0.6931
     """
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        mask_value: Any = None,
-        reduction: str | None = "token_mean",
-        name: str = "masked_categorical_crossentropy",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            "categorical_crossentropy",
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
-            from_logits=from_logits,
-            label_smoothing=label_smoothing,
-            axis=axis,
-        )
+    _wraps = "categorical_crossentropy"
+    _loss_name = "masked_categorical_crossentropy"
 
-    def _masked_steps(self, y_true, y_pred, valid):
+    def _fused_op(self, y_true, y_pred):
         """From logits with the class axis last and targets of the logits'
-        shape, the fused cross-entropy of `kmask.fused`: padding is selected
-        away inside its gradient instead of by a `where` over the whole
-        targets and predictions."""
+        shape, `kmask.ops.categorical_crossentropy_with_logits`."""
         kwargs = self.loss_kwargs
         if not kwargs["from_logits"] or not _is_class_axis_last(
             y_true, y_pred, kwargs["axis"]
         ):
-            return super()._masked_steps(y_true, y_pred, valid)
-        if valid is not None:
-            valid = per_step_mask(valid, y_pred)
-        return categorical_crossentropy_with_logits(
-            y_true, y_pred, valid, kwargs["label_smoothing"]
-        )
+            return None
+        smoothing = kwargs["label_smoothing"]
+
+        def fused(y_true, y_pred, valid):
+            return categorical_crossentropy_with_logits(
+                y_true, y_pred, valid, smoothing
+            )
+
+        return fused
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -241,9 +258,7 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             classes, in `[0, 1]` (Keras's sparse loss has none).
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step, which
             keeps logits from drifting; needs `from_logits=True`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
         The masked cross-entropy between `[batch, time]` labels and
@@ -260,6 +275,9 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
     >>> round(float(loss(y_true, y_pred)), 4)  # log(3)
     1.0986
     """
+
+    _wraps = staticmethod(_sparse_per_step)
+    _target_dtype = "int32"
 
     def __init__(
         self,
@@ -284,11 +302,10 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
                 f"logits. Received: z_loss={z_loss}, from_logits={from_logits}"
             )
         super().__init__(
-            _sparse_categorical_crossentropy,
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
+            mask_value,
+            reduction,
+            name,
+            dtype,
             from_logits=from_logits,
             ignore_class=ignore_class,
             axis=axis,
@@ -303,32 +320,20 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             ignored = ops.not_equal(y_true, ops.cast(ignore_class, y_true.dtype))
         return combine_masks(super().target_mask(y_true), ignored)
 
-    def _cast_targets(self, y_true, dtype):
-        return ops.cast(y_true, "int32")
+    def _fused_op(self, y_true, y_pred):
+        """The per-step loss, `kmask.ops.sparse_crossentropy`: from logits it
+        takes the mask itself."""
+        kwargs = dict(self.loss_kwargs)
+        del kwargs["ignore_class"]
 
-    def _masked_steps(self, y_true, y_pred, valid):
-        """From logits with the class axis last, the fused cross-entropy of
-        `kmask.fused`: padding is selected away inside its gradient instead
-        of by a `where` over the whole predictions."""
-        kwargs = self.loss_kwargs
-        rank = len(y_pred.shape)
-        if (
-            not kwargs["from_logits"]
-            or rank < 2
-            or kwargs["axis"] not in (-1, rank - 1)
-        ):
-            return super()._masked_steps(y_true, y_pred, valid)
-        if len(y_true.shape) == rank and y_true.shape[-1] == 1:
-            y_true = ops.squeeze(y_true, axis=-1)
-        if valid is not None:
-            valid = per_step_mask(valid, y_pred)
-        return sparse_crossentropy_with_logits(
-            y_true, y_pred, valid, kwargs["label_smoothing"], kwargs["z_loss"]
-        )
+        def fused(y_true, y_pred, valid):
+            return sparse_crossentropy(y_true, y_pred, valid, **kwargs)
+
+        return fused if kwargs["from_logits"] else None
 
 
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedBinaryCrossentropy(_NamedMaskedLoss):
+class MaskedBinaryCrossentropy(_ProbabilityLoss):
     """Masked `keras.losses.BinaryCrossentropy`.
 
     Takes every argument of the Keras loss, plus `mask_value` and a kmask
@@ -340,9 +345,7 @@ class MaskedBinaryCrossentropy(_NamedMaskedLoss):
         label_smoothing: Smoothing of the targets towards 0.5, in `[0, 1]`.
         axis: The axis the mean is taken over.
         mask_value: Optional pad value of `y_true`, e.g. `-1`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
         The masked binary cross-entropy, reduced over the real steps.
@@ -357,41 +360,21 @@ class MaskedBinaryCrossentropy(_NamedMaskedLoss):
     0.6931
     """
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        mask_value: Any = None,
-        reduction: str | None = "token_mean",
-        name: str = "masked_binary_crossentropy",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            "binary_crossentropy",
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
-            from_logits=from_logits,
-            label_smoothing=label_smoothing,
-            axis=axis,
-        )
+    _wraps = "binary_crossentropy"
+    _loss_name = "masked_binary_crossentropy"
 
 
 @keras.saving.register_keras_serializable(package="kmask")
 class MaskedMeanSquaredError(_NamedMaskedLoss):
-    """Masked `keras.losses.MeanSquaredError`.
+    """Masked `keras.losses.MeanSquaredError`: the squared error averaged
+    over the feature axis, reduced over the real steps.
 
     Args:
         mask_value: Optional pad value of `y_true`, e.g. `float("nan")`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
-        The squared error averaged over the feature axis, reduced over the
-        real steps.
+        A scalar, or the per-step losses with `reduction="none"`.
 
     Example:
 
@@ -402,111 +385,73 @@ class MaskedMeanSquaredError(_NamedMaskedLoss):
     4.0
     """
 
-    def __init__(
-        self,
-        mask_value: Any = None,
-        reduction: str | None = "token_mean",
-        name: str = "masked_mean_squared_error",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            "mean_squared_error",
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
-        )
+    _wraps = "mean_squared_error"
+    _loss_name = "masked_mean_squared_error"
 
-    def _masked_steps(self, y_true, y_pred, valid):
-        """With targets of the predictions' shape, the fused squared error of
-        `kmask.fused`: padding is selected away inside its gradient instead
-        of by a `where` over the whole targets and predictions."""
+    def _fused_op(self, y_true, y_pred):
+        """With targets of the predictions' shape, `kmask.ops.mean_squared_error`."""
         if not _is_class_axis_last(y_true, y_pred, -1):
-            return super()._masked_steps(y_true, y_pred, valid)
-        if valid is not None:
-            valid = per_step_mask(valid, y_pred)
-        return mean_squared_error(y_true, y_pred, valid)
+            return None
+        return mean_squared_error
 
 
 @keras.saving.register_keras_serializable(package="kmask")
 class MaskedMeanAbsoluteError(_NamedMaskedLoss):
-    """Masked `keras.losses.MeanAbsoluteError`.
+    """Masked `keras.losses.MeanAbsoluteError`: the absolute error averaged
+    over the feature axis, reduced over the real steps.
 
     Args:
-        mask_value: Optional pad value of `y_true`, e.g. `float("nan")`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        mask_value: Optional pad value of `y_true`, e.g. `-1.0`.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
-        The absolute error averaged over the feature axis, reduced over the
-        real steps.
+        A scalar, or the per-step losses with `reduction="none"`.
 
     Example:
 
     >>> import kmask
-    >>> y_true = [[[1.0], [-1.0]]]
-    >>> y_pred = [[[3.0], [0.0]]]
-    >>> float(kmask.MaskedMeanAbsoluteError(mask_value=-1.0)(y_true, y_pred))
+    >>> loss = kmask.MaskedMeanAbsoluteError(mask_value=-1.0)
+    >>> float(loss([[[1.0], [-1.0]]], [[[3.0], [0.0]]]))
     2.0
     """
 
-    def __init__(
-        self,
-        mask_value: Any = None,
-        reduction: str | None = "token_mean",
-        name: str = "masked_mean_absolute_error",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            "mean_absolute_error",
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
-        )
+    _wraps = "mean_absolute_error"
+    _loss_name = "masked_mean_absolute_error"
 
 
 @keras.saving.register_keras_serializable(package="kmask")
 class MaskedHuber(_NamedMaskedLoss):
-    """Masked `keras.losses.Huber`.
+    """Masked `keras.losses.Huber`: the Huber loss averaged over the feature
+    axis, reduced over the real steps.
 
     Args:
         delta: Where the loss turns from quadratic to linear.
-        mask_value: Optional pad value of `y_true`, e.g. `float("nan")`.
-        reduction: A kmask reduction name; defaults to `"token_mean"`.
-        name: Name of the loss.
-        dtype: The loss's dtype.
+        mask_value: Optional pad value of `y_true`, e.g. `-1.0`.
+        reduction, name, dtype: As in `kmask.MaskedLoss`.
 
     Returns:
-        The Huber loss averaged over the feature axis, reduced over the real
-        steps.
+        A scalar (per-step losses with `reduction="none"`).
 
     Example:
 
     >>> import kmask
-    >>> y_true = [[[0.0], [float("nan")]]]
-    >>> y_pred = [[[3.0], [1.0]]]
-    >>> float(kmask.MaskedHuber(delta=1.0, mask_value=float("nan"))(y_true, y_pred))
+    >>> loss = kmask.MaskedHuber(mask_value=-1.0)
+    >>> float(loss([[[0.0], [-1.0]]], [[[3.0], [9.0]]]))  # 1 * 3 - 0.5
     2.5
     """
+
+    _wraps = "huber"
+    _loss_name = "masked_huber_loss"
 
     def __init__(
         self,
         delta: float = 1.0,
         mask_value: Any = None,
         reduction: str | None = "token_mean",
-        name: str = "masked_huber_loss",
+        name: str | None = None,
         dtype: Any = None,
     ):
-        super().__init__(
-            "huber",
-            mask_value=mask_value,
-            reduction=reduction,
-            name=name,
-            dtype=dtype,
-            delta=delta,
-        )
+        super().__init__(mask_value, reduction, name, dtype, delta=delta)
 
 
 def masked_loss(
@@ -521,13 +466,15 @@ def masked_loss(
 ):
     """Computes a masked loss in one call, with an explicit mask.
 
-    The functional form of `kmask.MaskedLoss`: the same masks, reductions and
-    padding guarantees.
+    The primitive every kmask loss calls: the masks are found, padded steps
+    neutralised, the per-step loss (`call()`) computed and reduced by
+    `kmask.masked_reduce`, the same for `kmask.MaskedLoss` and this function.
 
     Args:
         y_true: Targets.
         y_pred: Predictions.
-        loss: Anything `kmask.MaskedLoss` accepts as `loss`.
+        loss: Anything `kmask.MaskedLoss` accepts as `loss`, or a kmask loss,
+            whose own padding (`mask_value`, `ignore_class`) counts too.
         mask: Optional boolean mask, `True` on real steps, `[batch]` or the
             per-step shape (e.g. `kmask.sequence_mask(lengths, time)`).
         mask_value: Optional pad value of `y_true`.
@@ -547,134 +494,40 @@ def masked_loss(
     >>> float(kmask.masked_loss(y_true, y_pred, "mae", mask=mask))  # (1 + 3*2) / 4
     1.75
     """
-    masked = MaskedLoss(loss, mask_value=mask_value, reduction=reduction, **loss_kwargs)
-    return masked._masked_call(y_true, y_pred, sample_weight, mask=mask)
-
-
-def _sparse_categorical_crossentropy(
-    y_true,
-    y_pred,
-    from_logits: bool = False,
-    axis: int = -1,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    ignore_class: int | None = None,
-):
-    """Per-step sparse cross-entropy with label smoothing and z-loss.
-
-    `ignore_class` is accepted for the signature only: the caller turns it
-    into a mask before the labels arrive here.
-    """
-    del ignore_class
-    y_true = ops.cast(y_true, "int32")
-    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == 1:
-        y_true = ops.squeeze(y_true, axis=-1)
-    if not label_smoothing and not z_loss:
-        return keras.losses.sparse_categorical_crossentropy(
-            y_true, y_pred, from_logits=from_logits, axis=axis
-        )
-    if from_logits:
-        log_normalizer = ops.logsumexp(y_pred, axis=axis, keepdims=True)
-        log_probs = y_pred - log_normalizer
-    else:
-        probs = y_pred / ops.sum(y_pred, axis=axis, keepdims=True)
-        epsilon = keras.backend.epsilon()
-        log_probs = ops.log(ops.clip(probs, epsilon, 1.0 - epsilon))
-    label_log_prob = ops.take_along_axis(
-        log_probs, ops.expand_dims(y_true, axis), axis=axis
-    )
-    per_step = -ops.squeeze(label_log_prob, axis=axis)
-    if label_smoothing:
-        uniform = -ops.mean(log_probs, axis=axis)
-        per_step = (1.0 - label_smoothing) * per_step + label_smoothing * uniform
-    if z_loss:
-        per_step = per_step + z_loss * ops.square(
-            ops.squeeze(log_normalizer, axis=axis)
-        )
-    return per_step
-
-
-def _default_name(fn: Any) -> str:
-    """`masked_` and the wrapped function's name; a kmask loss's name already
-    says it."""
-    if isinstance(fn, str):
-        base = fn
-    elif isinstance(fn, keras.losses.Loss):
-        base = fn.name
-    else:
-        base = getattr(fn, "__name__", type(fn).__name__)
-    return base if base.startswith("masked_") else f"masked_{base}"
-
-
-def _instantiate_class(loss: Any, loss_kwargs: dict) -> tuple[Any, dict]:
-    """A Loss class is instantiated with the kwargs, which it then owns."""
-    if isinstance(loss, type) and issubclass(loss, keras.losses.Loss):
-        return loss(**loss_kwargs), {}
-    return loss, dict(loss_kwargs)
-
-
-def _per_step_function(
-    fn: Any,
-    fn_kwargs: dict,
-    argument: str = "loss",
-    by_name: Callable[[str], Any] | None = None,
-) -> Callable:
-    """Resolves `fn` to `(y_true, y_pred) -> per-step values`: a Keras loss
-    name (or whatever `by_name` finds for a name), a `keras.losses.Loss`
-    instance or class, or a callable taking `fn_kwargs`. Errors name the
-    constructor's `argument`."""
-    if isinstance(fn, str):
-        resolved = _loss_by_name(fn)
-        if resolved is None and by_name is not None:
-            resolved = by_name(fn)
-        if resolved is None:
-            kinds = "Keras loss" if by_name is None else "Keras loss or metric function"
-            raise ValueError(
-                f"Invalid value for argument `{argument}`: not a {kinds} name. "
-                f"Received: {argument}={fn!r}"
-            )
-        if isinstance(resolved, keras.losses.Loss) and fn_kwargs:
-            resolved = type(resolved)(**fn_kwargs)
-            fn_kwargs = {}
-        fn = resolved
-    fn, fn_kwargs = _instantiate_class(fn, fn_kwargs)
-    if isinstance(fn, keras.losses.Loss):
-        if fn_kwargs:
+    reduction = standardize_reduction(reduction)
+    if isinstance(loss, MaskedLoss):
+        if loss_kwargs:
             raise ValueError(
                 "Keyword arguments configure a loss given by name or class, not "
-                f"an instance. Received: {argument}={fn!r}, "
-                f"{argument}_kwargs={fn_kwargs}"
+                f"a kmask loss. Received: loss={loss!r}, loss_kwargs={loss_kwargs}"
             )
-        return fn.call
-    if not callable(fn) or isinstance(fn, type):
-        raise ValueError(
-            f"Invalid value for argument `{argument}`: expected a Keras loss "
-            "name, a keras.losses.Loss instance or class, or a callable "
-            f"(y_true, y_pred) -> per-step values. Received: {argument}={fn!r}"
+        masked = loss
+    else:
+        masked = MaskedLoss(loss, **loss_kwargs)
+
+    def target_mask(y_true):
+        pad = None if mask_value is None else value_mask(y_true, mask_value)
+        return combine_masks(masked.target_mask(y_true), pad)
+
+    with keras.name_scope(masked.name):
+        steps = _pipeline.prepare(
+            y_true,
+            y_pred,
+            dtype=masked.dtype,
+            target_mask=target_mask,
+            target_dtype=masked._target_dtype,
+            class_axis=masked._class_axis,
+            mask=mask,
+            sample_weight=sample_weight,
         )
-
-    def per_step(y_true, y_pred):
-        return fn(y_true, y_pred, **fn_kwargs)
-
-    return per_step
-
-
-def _class_axis(fn: Any, fn_kwargs: dict) -> int:
-    """The class axis the wrapped loss reduces: from the keyword arguments,
-    else the loss's own (`axis` of a Keras loss, a kmask loss's kwargs)."""
-    if "axis" in fn_kwargs:
-        return fn_kwargs["axis"]
-    axis = getattr(fn, "loss_kwargs", {}).get("axis", getattr(fn, "axis", None))
-    return -1 if axis is None else axis
-
-
-def _loss_by_name(name: str) -> Any:
-    """A Keras loss function or Loss instance by name (aliases such as
-    `"mae"` included), or `None`."""
-    try:
-        return keras.losses.get(name)
-    except ValueError:
-        return None
+        per_step = _pipeline.per_step_values(
+            steps,
+            masked.call,
+            masked._class_axis,
+            masked._masked_op(steps.y_true, steps.y_pred),
+        )
+        result = masked_reduce(per_step, steps.valid, reduction, steps.sample_weight)
+        return ops.cast(result, masked.dtype)
 
 
 def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
@@ -688,23 +541,15 @@ def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
     )
 
 
-def _check_shapes(y_true, y_pred) -> None:
-    """Raises when `y_true` and `y_pred` cannot describe the same steps:
-    equal shapes (a last axis of 1 broadcasts), or `y_true` without
-    `y_pred`'s last axis (sparse labels)."""
-    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
-    lower, higher = sorted((true_shape, pred_shape), key=len)
-    if len(higher) - len(lower) == 1:
-        pairs = list(zip(lower, higher[:-1], strict=True))
-    elif len(higher) == len(lower) and lower:
-        pairs = list(zip(lower[:-1], higher[:-1], strict=True))
-        if 1 not in (lower[-1], higher[-1]):
-            pairs.append((lower[-1], higher[-1]))
-    else:
-        pairs = [(len(true_shape), len(pred_shape))] if lower != higher else []
-    if any(a is not None and b is not None and a != b for a, b in pairs):
-        raise ValueError(
-            "Arguments `y_true` and `y_pred` have incompatible shapes: "
-            f"y_true.shape={true_shape}, y_pred.shape={pred_shape}. Expected "
-            "equal shapes, or y_true without y_pred's last (class) axis."
-        )
+# Imported here once; importable from here still.
+__getattr__ = _moved.moved(
+    __name__,
+    {
+        "fill_padding": "kmask._steps",
+        "per_step_mask": "kmask._steps",
+        "weight_mask": "kmask._steps",
+        "step_shape": "kmask._shapes",
+        "keras_mask": "kmask.masks",
+        "sparse_crossentropy_with_logits": "kmask.ops",
+    },
+)

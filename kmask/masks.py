@@ -12,14 +12,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from kmask import _moved, _shapes, _steps
 from kmask._keras_compat import get_keras_mask
 
+__all__ = ["PADDINGS", "combine_masks", "keras_mask", "sequence_mask", "value_mask"]
+
 PADDINGS = ("pre", "post")
-# Padded steps are replaced by these before a loss sees them, so the loss is
-# finite there whatever the padding held: 0.5 is a valid probability, logit
-# and regression value, 0 a valid label.
-_PAD_PREDICTION = 0.5
-_PAD_TARGET = 0
 
 
 def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"):
@@ -54,10 +52,7 @@ def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"
     concrete = _concrete(lengths)
     if concrete is not None:
         if concrete.ndim != 1:
-            raise ValueError(
-                "Argument `lengths` must have shape [batch]. "
-                f"Received: lengths.shape={concrete.shape}"
-            )
+            raise _shapes.invalid_shape("lengths", "[batch]", lengths=concrete.shape)
         if maxlen is None:
             maxlen = int(concrete.max()) if concrete.size else 0
         out_of_range = (concrete < 0) | (concrete > maxlen)
@@ -138,89 +133,10 @@ def combine_masks(*masks: Any):
     combined = present[0]
     for mask in present[1:]:
         rank = max(len(combined.shape), len(mask.shape))
-        combined = ops.logical_and(_align_rank(combined, rank), _align_rank(mask, rank))
-    return combined
-
-
-def step_shape(y_pred: Any, class_axis: int = -1) -> tuple:
-    """The shape of the per-step loss: `y_pred`'s without its class axis."""
-    shape = list(y_pred.shape)
-    if len(shape) > 1:
-        del shape[class_axis]
-    return tuple(shape)
-
-
-def weight_mask(sample_weight: Any, steps: tuple):
-    """The steps a `sample_weight` keeps (a weight of 0 is padding).
-
-    Args:
-        sample_weight: Weights, `[batch]` or the per-step shape `steps`;
-            trailing axes of size 1 beyond it (Keras's `[batch, time, 1]`)
-            are squeezed.
-        steps: The per-step shape, see `step_shape`.
-
-    Returns:
-        A boolean tensor, `False` where the weight is 0.
-    """
-    sample_weight = ops.convert_to_tensor(sample_weight)
-    while len(sample_weight.shape) > len(steps) and sample_weight.shape[-1] == 1:
-        sample_weight = ops.squeeze(sample_weight, axis=-1)
-    if not fits_steps(tuple(sample_weight.shape), steps):
-        raise ValueError(
-            f"Argument `sample_weight` must have shape [batch] = {steps[:1]} or "
-            f"the per-step shape {steps}. "
-            f"Received: sample_weight.shape={tuple(sample_weight.shape)}"
+        combined = ops.logical_and(
+            _steps.align_rank(combined, rank), _steps.align_rank(mask, rank)
         )
-    return ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
-
-
-def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
-    """Replaces the padded steps of `y_true` and `y_pred` by harmless values.
-
-    `where` selects them away, so whatever the padding held (NaN, inf, a label
-    of -100) reaches neither a loss nor its gradient: the gradient at a padded
-    step is exactly 0.
-
-    Args:
-        y_true: Targets, with or without `y_pred`'s class axis.
-        y_pred: Predictions, `[batch, ..., classes]`.
-        valid: Boolean mask, `[batch]` or the per-step shape (`y_pred`'s
-            shape without `class_axis`).
-        class_axis: The axis of `y_pred` the loss reduces.
-
-    Returns:
-        `(y_true, y_pred)` with padded steps replaced.
-    """
-    _check_fits(valid, y_pred, class_axis)
-    return (
-        _fill(y_true, valid, _PAD_TARGET, class_axis),
-        _fill(y_pred, valid, _PAD_PREDICTION, class_axis),
-    )
-
-
-def per_step_mask(valid: Any, y_pred: Any, class_axis: int = -1):
-    """`valid` broadcast to the per-step shape of `y_pred`.
-
-    Args:
-        valid: Boolean mask, `[batch]` or the per-step shape (`y_pred`'s
-            shape without `class_axis`), or any leading part of it.
-        y_pred: Predictions, `[batch, ..., classes]`.
-        class_axis: The axis of `y_pred` the loss reduces.
-
-    Returns:
-        A boolean tensor of the per-step shape.
-    """
-    _check_fits(valid, y_pred, class_axis)
-    steps = list(ops.shape(y_pred))
-    del steps[class_axis]
-    return broadcast_to_steps(valid, tuple(steps))
-
-
-def broadcast_to_steps(mask: Any, steps: tuple):
-    """`mask` (`[batch]` or a leading part of `steps`) broadcast to `steps`,
-    the per-step shape; its trailing axes are added, not its leading ones."""
-    mask = ops.convert_to_tensor(mask)
-    return ops.broadcast_to(_align_rank(mask, len(steps)), steps)
+    return combined
 
 
 def keras_mask(y_pred: Any):
@@ -230,43 +146,6 @@ def keras_mask(y_pred: Any):
     (internal) accessor finds it; `kmask._keras_compat` looks it up.
     """
     return get_keras_mask(y_pred)
-
-
-def fits_steps(shape: tuple, step_shape: tuple) -> bool:
-    """Whether a mask or weight of `shape` fits per-step values of
-    `step_shape`: `[batch]` or any leading part of it (unknown dims match)."""
-    return len(shape) <= len(step_shape) and all(
-        got is None or want is None or got == want
-        for got, want in zip(shape, step_shape[: len(shape)], strict=True)
-    )
-
-
-def _check_fits(valid, y_pred, class_axis: int) -> tuple:
-    """Raises unless `valid` fits the steps of `y_pred`; returns the steps."""
-    steps = step_shape(y_pred, class_axis)
-    if not fits_steps(tuple(valid.shape), steps):
-        raise ValueError(
-            f"The mask has shape {tuple(valid.shape)}, which does not fit "
-            f"predictions of shape {tuple(y_pred.shape)}: expected [batch] or "
-            f"the per-step shape {steps}."
-        )
-    return steps
-
-
-def _fill(tensor, valid, fill_value, class_axis: int):
-    extra_axes = len(tensor.shape) - len(valid.shape)
-    if extra_axes == 1 and len(valid.shape) > 1:
-        valid = ops.expand_dims(valid, class_axis)
-    else:
-        valid = _align_rank(valid, len(tensor.shape))
-    return ops.where(valid, tensor, ops.cast(fill_value, tensor.dtype))
-
-
-def _align_rank(mask, rank: int):
-    """Appends trailing axes to `mask` until it has `rank` dimensions."""
-    while len(mask.shape) < rank:
-        mask = ops.expand_dims(mask, -1)
-    return mask
 
 
 def _equals_pad(y, pad: np.ndarray):
@@ -293,3 +172,18 @@ def _concrete(value: Any) -> np.ndarray | None:
         return np.asarray(ops.convert_to_numpy(value))
     except (TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError):
         return None
+
+
+# The per-step helpers this module once held, now in the private modules of
+# the pipeline; importable from here still.
+__getattr__ = _moved.moved(
+    __name__,
+    {
+        "broadcast_to_steps": "kmask._steps",
+        "fill_padding": "kmask._steps",
+        "per_step_mask": "kmask._steps",
+        "weight_mask": "kmask._steps",
+        "fits_steps": "kmask._shapes",
+        "step_shape": "kmask._shapes",
+    },
+)

@@ -4,10 +4,11 @@ Each metric keeps two float32 variables, the sum of its per-step values over
 the real steps and the number of real steps (weighted by `sample_weight`),
 both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
 so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
-mean of two batch means. The mask is found as a kmask loss finds it: the mask
-Keras propagated onto `y_pred`, AND the padding `mask_value` marks in
-`y_true` (AND the padding a wrapped kmask loss finds), AND the steps whose
-`sample_weight` is 0; padded steps are replaced before the per-step function
+mean of two batch means. The steps come from the pipeline every kmask loss
+runs (`kmask._pipeline`): the mask Keras propagated onto `y_pred`, AND the
+padding `mask_value` marks in `y_true` (AND the padding a wrapped kmask loss
+finds), AND the steps whose `sample_weight` is 0; the shapes are checked as a
+loss checks them, and padded steps are replaced before the per-step function
 runs, so NaN there is ignored.
 """
 
@@ -19,21 +20,10 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.losses import (
-    _class_axis,
-    _default_name,
-    _instantiate_class,
-    _per_step_function,
-)
-from kmask.masks import (
-    combine_masks,
-    fill_padding,
-    keras_mask,
-    step_shape,
-    value_mask,
-    weight_mask,
-)
-from kmask.reduce import _accumulation_dtype, divide_or_zero, masked_sum_and_count
+from kmask import _moved, _pipeline, _resolve
+from kmask.masks import combine_masks, value_mask
+from kmask.ops import crossentropy
+from kmask.reduce import divide_or_zero, masked_sum_and_count
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -81,14 +71,14 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         dtype: Any = None,
         **fn_kwargs: Any,
     ):
-        fn, fn_kwargs = _instantiate_class(fn, fn_kwargs)
-        super().__init__(name=name or _default_name(fn), dtype=dtype)
+        fn, fn_kwargs = _resolve.instantiate_class(fn, fn_kwargs)
+        super().__init__(name=name or _resolve.default_name(fn), dtype=dtype)
         self.fn, self.fn_kwargs = fn, fn_kwargs
         self.mask_value = mask_value
-        self._per_step = _per_step_function(
+        self._per_step = _resolve.per_step_function(
             self.fn, self.fn_kwargs, argument="fn", by_name=_metric_by_name
         )
-        self._class_axis = _class_axis(self.fn, self.fn_kwargs)
+        self._class_axis = _resolve.class_axis(self.fn, self.fn_kwargs)
         # Sums and counts are float32 even under mixed precision: a float16
         # count stops growing at 2048 tokens.
         self.total = self.add_variable(
@@ -118,19 +108,16 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             sample_weight: Optional weights, `[batch]` or `[batch, time]`; a
                 weight of 0 marks padding.
         """
-        propagated = keras_mask(y_pred)
-        y_pred = ops.convert_to_tensor(y_pred)
-        if "float" in str(y_pred.dtype):
-            y_pred = ops.cast(y_pred, _accumulation_dtype(y_pred.dtype))
-        y_true = ops.convert_to_tensor(y_true)
-        weighted = None
-        if sample_weight is not None:
-            weighted = weight_mask(sample_weight, step_shape(y_pred, self._class_axis))
-        valid = combine_masks(propagated, self.target_mask(y_true), weighted)
-        if valid is not None:
-            y_true, y_pred = fill_padding(y_true, y_pred, valid, self._class_axis)
-        per_step = self._per_step(y_true, y_pred)
-        total, count = masked_sum_and_count(per_step, valid, sample_weight)
+        steps = _pipeline.prepare(
+            y_true,
+            y_pred,
+            dtype=self.dtype,
+            target_mask=self.target_mask,
+            class_axis=self._class_axis,
+            sample_weight=sample_weight,
+        )
+        per_step = _pipeline.per_step_values(steps, self._per_step, self._class_axis)
+        total, count = masked_sum_and_count(per_step, steps.valid, sample_weight)
         self.total.assign_add(ops.cast(total, "float32"))
         self.count.assign_add(ops.cast(count, "float32"))
 
@@ -143,27 +130,32 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         return divide_or_zero(total, ops.convert_to_tensor(self.count))
 
     def get_config(self) -> dict[str, Any]:
-        fn = self.fn
-        if not isinstance(fn, str):
-            fn = keras.saving.serialize_keras_object(fn)
-        return {
-            "fn": fn,
-            "mask_value": self.mask_value,
-            "name": self.name,
-            "dtype": self.dtype,
-            **self.fn_kwargs,
-        }
+        fields = {"mask_value": self.mask_value, "name": self.name}
+        return _resolve.wrapper_config(
+            "fn", self.fn, {**fields, "dtype": self.dtype}, self.fn_kwargs
+        )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MaskedMeanMetricWrapper:
-        config = dict(config)
-        if isinstance(config.get("fn"), dict):
-            config["fn"] = keras.saving.deserialize_keras_object(config["fn"])
-        return cls(**config)
+        return cls(**_resolve.deserialize_wrapped(config, "fn"))
 
 
 class _NamedMaskedMetric(MaskedMeanMetricWrapper):
-    """A `MaskedMeanMetricWrapper` whose function is fixed by the subclass."""
+    """A `MaskedMeanMetricWrapper` whose function (`_fn`) is fixed by the
+    subclass, named `_metric_name` unless told otherwise."""
+
+    _fn: Any = None
+    _metric_name = ""
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        name: str | None = None,
+        dtype: Any = None,
+        **fn_kwargs: Any,
+    ):
+        name = name or self._metric_name
+        super().__init__(self._fn, mask_value, name, dtype, **fn_kwargs)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -198,18 +190,8 @@ class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
     0.5
     """
 
-    def __init__(
-        self,
-        mask_value: Any = None,
-        name: str = "masked_sparse_categorical_accuracy",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            keras.metrics.sparse_categorical_accuracy,
-            mask_value=mask_value,
-            name=name,
-            dtype=dtype,
-        )
+    _fn = staticmethod(keras.metrics.sparse_categorical_accuracy)
+    _metric_name = "masked_sparse_categorical_accuracy"
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -237,18 +219,8 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
     1.0
     """
 
-    def __init__(
-        self,
-        mask_value: Any = None,
-        name: str = "masked_categorical_accuracy",
-        dtype: Any = None,
-    ):
-        super().__init__(
-            keras.metrics.categorical_accuracy,
-            mask_value=mask_value,
-            name=name,
-            dtype=dtype,
-        )
+    _fn = staticmethod(keras.metrics.categorical_accuracy)
+    _metric_name = "masked_categorical_accuracy"
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -278,37 +250,20 @@ class Perplexity(_NamedMaskedMetric):
     3.0
     """
 
+    _fn = staticmethod(crossentropy)
+    _metric_name = "perplexity"
+
     def __init__(
         self,
         from_logits: bool = False,
         mask_value: Any = None,
-        name: str = "perplexity",
+        name: str | None = None,
         dtype: Any = None,
     ):
-        super().__init__(
-            _cross_entropy,
-            mask_value=mask_value,
-            name=name,
-            dtype=dtype,
-            from_logits=from_logits,
-        )
+        super().__init__(mask_value, name, dtype, from_logits=from_logits)
 
     def result(self):
         return ops.cast(ops.exp(self._mean()), self.dtype)
-
-
-def _cross_entropy(y_true, y_pred, from_logits: bool = False):
-    """Per-step cross-entropy; one-hot when `y_true` has `y_pred`'s shape."""
-    one_hot = len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] != 1
-    if one_hot:
-        return keras.losses.categorical_crossentropy(
-            y_true, y_pred, from_logits=from_logits
-        )
-    if len(y_true.shape) == len(y_pred.shape):
-        y_true = ops.squeeze(y_true, axis=-1)
-    return keras.losses.sparse_categorical_crossentropy(
-        ops.cast(y_true, "int32"), y_pred, from_logits=from_logits
-    )
 
 
 def _metric_by_name(name: str) -> Callable | None:
@@ -317,3 +272,15 @@ def _metric_by_name(name: str) -> Callable | None:
     if function is None or isinstance(function, type) or not callable(function):
         return None
     return function
+
+
+# Imported here once; importable from here still.
+__getattr__ = _moved.moved(
+    __name__,
+    {
+        "fill_padding": "kmask._steps",
+        "weight_mask": "kmask._steps",
+        "step_shape": "kmask._shapes",
+        "keras_mask": "kmask.masks",
+    },
+)

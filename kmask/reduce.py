@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 from keras import ops
 
+from kmask import _moved, _shapes, _steps
 from kmask.distribute import global_denominator
-from kmask.masks import fits_steps
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
 KERAS_REDUCTION_ALIASES = {
@@ -229,7 +229,7 @@ def _normalize(window: list[np.ndarray], steps: int) -> list[np.ndarray]:
 def _weighted_steps(values, mask, sample_weight):
     """Per-step `l*w*m` (padding selected away) and the per-step weight `w*m`,
     both in the accumulation dtype and `values`' shape."""
-    values = ops.cast(values, _accumulation_dtype(values.dtype))
+    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
     valid = None
     if mask is not None:
         valid = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
@@ -250,26 +250,19 @@ def _weighted_steps(values, mask, sample_weight):
     return step_values * step_weight, step_weight
 
 
-def _accumulation_dtype(dtype) -> str:
-    """float32 for half precision and integers, else the dtype itself."""
-    # str() of a TensorFlow dtype is "<dtype: 'float64'>", of torch's "torch.float64".
-    return "float64" if "float64" in str(dtype) else "float32"
-
-
 def _fit_to_values(tensor: Any, values, name: str):
     """Checks that `tensor` is `[batch]` or a leading part of `values.shape`
     (trailing axes of size 1 allowed) and appends axes to match its rank."""
-    tensor = ops.convert_to_tensor(tensor)
-    shape = tuple(tensor.shape)
     target = tuple(values.shape)
-    while len(shape) > len(target) and shape[-1] == 1:
-        tensor = ops.squeeze(tensor, axis=-1)
-        shape = shape[:-1]
-    if not fits_steps(shape, target):
-        raise ValueError(
-            f"Argument `{name}` must have shape [batch] = {target[:1]} or the "
-            f"per-step shape {target}. Received: {name}.shape={shape}"
-        )
-    while len(tensor.shape) < len(target):
-        tensor = ops.expand_dims(tensor, -1)
-    return tensor
+    tensor = _steps.squeeze_trailing(ops.convert_to_tensor(tensor), len(target))
+    _shapes.check_fits_steps(name, tuple(tensor.shape), target, values=target)
+    return _steps.align_rank(tensor, len(target))
+
+
+# Imported here once; importable from here still.
+__getattr__ = _moved.moved(
+    __name__,
+    {
+        "fits_steps": "kmask._shapes",
+    },
+)

@@ -87,6 +87,28 @@ def test_single_process_denominator_is_local():
         assert float(kmask.masked_reduce(values, mask)) == pytest.approx(expected)
 
 
+def test_local_divides_by_this_replicas_own_count(monkeypatch):
+    """Two replicas, as a backend's all-reduce would show them: every reduction
+    that divides uses the global denominator, except inside `local()`."""
+    monkeypatch.setattr(kmask.distribute, "_replica_denominator", lambda d: d * 2.0)
+    values = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "float32")
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    token_sum = values[mask].sum()
+    per_sequence = (values * mask).sum(1) / mask.sum(1)
+    expected = {
+        "token_mean": token_sum / (2 * mask.sum()),
+        "sequence_mean": per_sequence.sum() / (2 * 2),
+        "sum_over_batch_size": token_sum / (2 * values.size),
+    }
+    for reduction, global_mean in expected.items():
+        found = float(kmask.masked_reduce(values, mask, reduction))
+        assert found == pytest.approx(global_mean), reduction
+        with kmask.distribute.local():
+            found = float(kmask.masked_reduce(values, mask, reduction))
+        assert found == pytest.approx(2 * global_mean), reduction
+    assert float(kmask.masked_reduce(values, mask, "sum")) == pytest.approx(token_sum)
+
+
 @pytest.fixture(scope="module")
 def multi_device_rows(tmp_path_factory):
     """Runs `python -m tools.parity.devices` for this backend: every setup, 2

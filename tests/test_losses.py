@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -600,7 +602,7 @@ def test_mask_value_length_must_match_feature_axis():
 
 
 def test_mask_that_does_not_fit():
-    with pytest.raises(ValueError, match=r"mask.*\(2, 4\).*\(2, 5\)"):
+    with pytest.raises(ValueError, match=r"`mask`.*\(2, 5\).*\(2, 4\).*\(2, 5, 3\)"):
         kmask.masked_loss(
             np.zeros((2, 5, 3)), np.ones((2, 5, 3)), "mse", mask=np.ones((2, 4), bool)
         )
@@ -780,3 +782,175 @@ def test_mixed_float16_training():
         assert np.isfinite(history.history["loss"][0])
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
+
+
+# ----------------------------------------------------------------------------
+# call(): the per-step extension point.
+
+
+class _DoubledSparse(kmask.MaskedSparseCategoricalCrossentropy):
+    """Overrides call(); the fused path must step aside for it."""
+
+    def call(self, y_true, y_pred):
+        return 2.0 * super().call(y_true, y_pred) + 1.0
+
+
+class _DoubledSquaredError(kmask.MaskedMeanSquaredError):
+    def call(self, y_true, y_pred):
+        return 2.0 * super().call(y_true, y_pred) + 1.0
+
+
+class _DoubledCategorical(kmask.MaskedCategoricalCrossentropy):
+    def call(self, y_true, y_pred):
+        return 2.0 * super().call(y_true, y_pred) + 1.0
+
+
+def _override_cases(data, valid):
+    """(overriding loss, y_true with padding, y_pred, NumPy per-step loss)."""
+    labels = np.where(valid, data["labels"], -100)
+    pad_vector = np.eye(C, dtype="float32")[C - 1]
+    one_hot = np.where(valid[..., None], data["one_hot"], pad_vector)
+    targets = np.where(valid[..., None], data["targets"], np.nan)
+    return {
+        "sparse": (
+            _DoubledSparse(from_logits=True, mask_value=-100),
+            labels,
+            data["logits"],
+            np_sparse_categorical_crossentropy(data["labels"], data["logits"], True),
+        ),
+        "categorical": (
+            _DoubledCategorical(from_logits=True, mask_value=pad_vector),
+            one_hot,
+            data["logits"],
+            np_categorical_crossentropy(data["one_hot"], data["logits"], True),
+        ),
+        "squared_error": (
+            _DoubledSquaredError(mask_value=np.nan),
+            targets,
+            data["regression"],
+            np_mean_squared_error(data["targets"], data["regression"]),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["sparse", "categorical", "squared_error"])
+def test_an_overridden_call_is_honoured_on_the_fused_path(case):
+    data = _data(21)
+    valid = _valid()
+    # The one-hot pad is the last class; keep real steps off it.
+    data["labels"] = np.minimum(data["labels"], C - 2)
+    data["one_hot"] = np.eye(C, dtype="float32")[data["labels"]]
+    loss, y_true, y_pred, per_step = _override_cases(data, valid)[case]
+    expected = np_token_mean(2.0 * per_step + 1.0, valid)
+    poisoned = np.where(valid[..., None], y_pred, np.nan).astype("float32")
+    value, grad = value_and_grad(lambda x: loss(y_true, x), poisoned)
+    _close(value, expected)
+    assert np.all(np.isfinite(grad))
+    assert np.all(grad[~valid] == 0.0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "y_true_key", "y_pred_key", "reference"),
+    [
+        (
+            kmask.MaskedSparseCategoricalCrossentropy(from_logits=True),
+            "labels",
+            "logits",
+            lambda d: np_sparse_categorical_crossentropy(
+                d["labels"], d["logits"], True
+            ),
+        ),
+        (
+            kmask.MaskedSparseCategoricalCrossentropy(),
+            "labels",
+            "probs",
+            lambda d: np_sparse_categorical_crossentropy(d["labels"], d["probs"]),
+        ),
+        (
+            kmask.MaskedCategoricalCrossentropy(from_logits=True),
+            "one_hot",
+            "logits",
+            lambda d: np_categorical_crossentropy(d["one_hot"], d["logits"], True),
+        ),
+        (
+            kmask.MaskedMeanSquaredError(),
+            "targets",
+            "regression",
+            lambda d: np_mean_squared_error(d["targets"], d["regression"]),
+        ),
+        (
+            kmask.MaskedLoss("mae"),
+            "targets",
+            "regression",
+            lambda d: np_mean_absolute_error(d["targets"], d["regression"]),
+        ),
+    ],
+    ids=["sparse_logits", "sparse_probs", "categorical_logits", "mse", "mae"],
+)
+def test_call_and_the_loss_run_the_same_per_step_code(
+    loss, y_true_key, y_pred_key, reference
+):
+    data = _data(22)
+    y_true, y_pred = data[y_true_key], data[y_pred_key]
+    per_step = loss.call(ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred))
+    _close(per_step, reference(data))
+    # The value comes from NumPy above; here the property: calling the loss
+    # (with no padding) runs the very code `call()` runs, to the bit.
+    unreduced = kmask.MaskedLoss(loss, reduction="none")
+    _close(unreduced(y_true, y_pred), ops.convert_to_numpy(per_step), rtol=0)
+    _close(
+        kmask.masked_loss(y_true, y_pred, loss, reduction="none"),
+        ops.convert_to_numpy(per_step),
+        rtol=0,
+    )
+
+
+def test_masked_loss_takes_a_kmask_loss_with_its_own_padding():
+    data = _data(23)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], -100)
+    loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=-100)
+    per_step = np_sparse_categorical_crossentropy(data["labels"], data["logits"], True)
+    lengths_mask = kmask.sequence_mask([6, 6, 6, 2], T)
+    both = valid & ops.convert_to_numpy(lengths_mask)
+    found = kmask.masked_loss(labels, data["logits"], loss, mask=lengths_mask)
+    _close(found, np_token_mean(per_step, both))
+
+
+@pytest.mark.parametrize(
+    ("loss", "y_true_shape", "y_pred_shape"),
+    [
+        (kmask.MaskedMeanSquaredError(), (B, 1, 2), (B, T, 2)),
+        (kmask.MaskedMeanAbsoluteError(), (B, T, 2), (1, T, 2)),
+        (kmask.MaskedSparseCategoricalCrossentropy(), (B, 1), (B, T, C)),
+        (kmask.MaskedCategoricalCrossentropy(), (B, 1, C), (B, T, C)),
+    ],
+    ids=["mse_time_1", "mae_batch_1", "sparse_time_1", "categorical_time_1"],
+)
+def test_targets_that_would_broadcast_are_rejected(loss, y_true_shape, y_pred_shape):
+    # Keras would broadcast these silently into a number for the wrong steps.
+    pattern = (
+        rf"`y_true`.*{re.escape(str(y_true_shape))}.*{re.escape(str(y_pred_shape))}"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        loss(np.zeros(y_true_shape, "float32"), np.full(y_pred_shape, 0.5, "float32"))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_class_axis_in_the_middle_masks_the_other_axes(jit):
+    # `[batch, classes, time]`: the mask is `[batch, time]`, the padding NaN.
+    data = _data(24)
+    valid = _valid()
+    one_hot = np.moveaxis(data["one_hot"], -1, 1)
+    logits = np.moveaxis(np.where(valid[..., None], data["logits"], np.nan), -1, 1)
+    loss = kmask.MaskedCategoricalCrossentropy(from_logits=True, axis=1)
+    per_step = np_categorical_crossentropy(data["one_hot"], data["logits"], True)
+    mask = ops.convert_to_tensor(valid)
+    value, grad = value_and_grad(
+        lambda x: kmask.masked_loss(one_hot, x, loss, mask=mask),
+        logits.astype("float32"),
+        jit=jit,
+    )
+    _close(value, np_token_mean(per_step, valid))
+    assert np.all(np.moveaxis(grad, 1, -1)[~valid] == 0.0)
+    assert np.all(np.isfinite(grad))

@@ -539,3 +539,19 @@ def test_invalid_fn_raises():
 def _constructor_arguments(cls) -> set[str]:
     parameters = inspect.signature(cls.__init__).parameters.values()
     return {p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+
+
+@pytest.mark.parametrize(
+    ("y_true_shape", "y_pred_shape"),
+    [((2, 1, 1), (2, 5, 1)), ((2, 5, 1), (1, 5, 1)), ((2, 1), (2, 5, 3))],
+)
+def test_targets_that_would_broadcast_are_rejected(y_true_shape, y_pred_shape):
+    # The same check as the losses': Keras would broadcast these silently.
+    metric = MaskedMeanMetricWrapper("mae")
+    if len(y_true_shape) < len(y_pred_shape):
+        metric = MaskedSparseCategoricalAccuracy()
+    pattern = (
+        rf"`y_true`.*\({y_true_shape[0]}, {y_true_shape[1]}.*\({y_pred_shape[0]}, "
+    )
+    with pytest.raises(ValueError, match=pattern):
+        metric.update_state(np.zeros(y_true_shape), np.full(y_pred_shape, 0.5))

@@ -1,5 +1,7 @@
-"""The PyTorch kernels of `kmask.fused`: the sparse and the one-hot
-cross-entropy from logits and the mean squared error.
+"""The PyTorch kernels of `kmask.ops`: the sparse and the one-hot
+cross-entropy from logits, the chunked linear cross-entropy and the mean
+squared error. Each is the same op as its portable `keras.ops` form, chosen by
+`kmask.ops._dispatch`.
 
 Why PyTorch has its own: it runs op by op, and every `keras.ops` call
 allocates a new `[tokens, classes]` array, whose first touch costs more than
@@ -25,7 +27,7 @@ raises PyTorch's in-place modification error instead of a wrong gradient.
 float32.
 
 The one-hot cross-entropy and the squared error have kernels for the same
-reason (same machine, ms; portable: `kmask.fused`'s `custom_gradient`):
+reason (same machine, ms; portable: `kmask.ops`'s `custom_gradient`):
 
 | case, forward + backward        | native | Keras | portable | kernel |
 |---------------------------------|--------|-------|----------|--------|
@@ -90,7 +92,7 @@ def sparse_crossentropy_with_logits(
     label_smoothing: float,
     z_loss: float,
 ) -> torch.Tensor:
-    """Per-step losses of `labels`' shape; see `kmask.fused`.
+    """Per-step losses of `labels`' shape; see `kmask.ops`.
 
     Args:
         labels: int32 labels, 0 where not `valid`.
@@ -114,10 +116,7 @@ class _SparseCrossentropy(torch.autograd.Function):
         flat_logits = logits.reshape(-1, classes)
         flat_labels = labels.reshape(-1, 1)
         log_probs = torch.log_softmax(flat_logits, dim=-1)
-        per_step = log_probs.gather(1, flat_labels).squeeze(1)
-        per_step = per_step.mul_(label_smoothing - 1.0)
-        if label_smoothing:
-            per_step.sub_(label_smoothing * log_probs.mean(dim=-1))
+        per_step = _label_loss(log_probs, flat_labels, label_smoothing)
         log_normalizer = None
         if z_loss:
             log_normalizer = torch.logsumexp(flat_logits, dim=-1)
@@ -136,18 +135,12 @@ class _SparseCrossentropy(torch.autograd.Function):
         coefficient = upstream.reshape(-1).to(log_probs.dtype)
         if flat_valid is not None:
             coefficient = torch.where(flat_valid, coefficient, 0.0)
-        scale = coefficient
-        if z_loss:
-            scale = coefficient * (1.0 + 2.0 * z_loss * log_normalizer)
         # In place unless a graph of the backward pass is being recorded.
-        grad = log_probs.exp() if torch.is_grad_enabled() else log_probs.exp_()
-        grad.mul_(scale[:, None])
-        label_term = coefficient[:, None] * (label_smoothing - 1.0)
-        grad.scatter_add_(1, flat_labels, label_term)
-        if label_smoothing:
-            grad.sub_(coefficient[:, None] * (label_smoothing / shape[-1]))
-        if flat_valid is not None:
-            grad.masked_fill_(~flat_valid[:, None], 0.0)
+        probs = log_probs.exp() if torch.is_grad_enabled() else log_probs.exp_()
+        grad = _softmax_grad_(
+            probs, None, flat_labels, coefficient, log_normalizer, flat_valid,
+            label_smoothing, z_loss,
+        )  # fmt: skip
         return grad.reshape(shape), None, None, None, None
 
 
@@ -157,35 +150,14 @@ def categorical_crossentropy_with_logits(
     valid: torch.Tensor | None,
     label_smoothing: float,
 ) -> torch.Tensor:
-    """Per-step losses of `logits`' shape without the last axis; see
-    `kmask.fused.categorical_crossentropy_with_logits`.
-
-    Args:
-        targets: float32 targets, `logits`' shape.
-        logits: float32 `[..., classes]`.
-        valid: Boolean mask of the per-step shape, or `None`.
-        label_smoothing: Smoothing towards the uniform distribution.
-
-    Returns:
-        float32 per-step losses, 0 where not `valid`.
-    """
+    """`kmask.ops.categorical_crossentropy_with_logits` on float32 tensors."""
     return _CategoricalCrossentropy.apply(logits, targets, valid, label_smoothing)
 
 
 def mean_squared_error(
     targets: torch.Tensor, predictions: torch.Tensor, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-step mean squared error over the last axis; see
-    `kmask.fused.mean_squared_error`.
-
-    Args:
-        targets: float32 targets, `predictions`' shape.
-        predictions: float32 `[..., features]`.
-        valid: Boolean mask of the per-step shape, or `None`.
-
-    Returns:
-        float32 per-step losses, 0 where not `valid`.
-    """
+    """`kmask.ops.mean_squared_error` on float32 tensors."""
     return _SquaredError.apply(predictions, targets, valid)
 
 
@@ -289,8 +261,9 @@ def linear_crossentropy(
     chunk_size: int,
     label_smoothing: float,
     z_loss: float,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chunked linear cross-entropy; see `kmask.fused_linear_crossentropy`.
+    """The chunked linear cross-entropy; see `kmask.ops.linear_crossentropy`.
 
     Args:
         hidden: float32 `[tokens, width]`, rows that are not `valid` zeroed.
@@ -304,6 +277,8 @@ def linear_crossentropy(
         chunk_size: Tokens per chunk.
         label_smoothing: Smoothing towards the uniform distribution.
         z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        sample_weight: The weights `reduce` uses; when they need a gradient
+            of their own (a Keras variable), the value is left to the caller.
 
     Returns:
         `(per_step, value)`: float32 per-step losses `[tokens]` (0 where not
@@ -314,6 +289,8 @@ def linear_crossentropy(
     """
     params = (hidden, kernel, bias)
     coefficient = None
+    if getattr(sample_weight, "requires_grad", False):
+        reduce = None
     if (
         reduce is not None
         and torch.is_grad_enabled()
@@ -430,14 +407,12 @@ def _linear_chunks(
             torch.mm(chunk_hidden, kernel, out=logits)
         else:
             torch.addmm(bias, chunk_hidden, kernel, out=logits)
-        # The differences from the row's maximum (see `kmask.fused`).
+        # The differences from the row's maximum (see `kmask.ops`).
         top = logits.amax(dim=1)
         top = torch.where(torch.isfinite(top), top, 0.0)
         logits.sub_(top[:, None])
         chunk_labels = labels[rows, None]
-        loss = logits.gather(1, chunk_labels).squeeze(1).mul_(ls - 1.0)
-        if ls:
-            loss.sub_(ls * logits.mean(dim=1))
+        loss = _label_loss(logits, chunk_labels, ls)
         exponentials = logits.exp_()
         sum_exp = exponentials.sum(dim=1)
         log_sum = sum_exp.log()
@@ -448,18 +423,10 @@ def _linear_chunks(
         per_step[rows] = torch.where(chunk_valid, loss, 0.0)
         if coefficient is None:
             continue
-        # softmax * scale - coefficient * smoothed one-hot, in place.
-        chunk_coefficient = coefficient[rows]
-        scale = chunk_coefficient
-        if z_loss:
-            scale = chunk_coefficient * (1.0 + 2.0 * z_loss * (top + log_sum))
-        grad = exponentials.mul_((scale / sum_exp)[:, None])
-        grad.scatter_add_(1, chunk_labels, chunk_coefficient[:, None] * (ls - 1.0))
-        if ls:
-            grad.sub_(chunk_coefficient[:, None] * (ls / vocabulary))
-        padded = torch.nonzero(~chunk_valid).squeeze(1)
-        if padded.numel():
-            grad.index_fill_(0, padded, 0.0)
+        grad = _softmax_grad_(
+            exponentials, sum_exp, chunk_labels, coefficient[rows], top + log_sum,
+            chunk_valid, ls, z_loss,
+        )  # fmt: skip
         if d_hidden is not None:
             torch.mm(grad, kernel.t(), out=d_hidden[rows])
         if d_kernel is not None:
@@ -467,3 +434,47 @@ def _linear_chunks(
         if d_bias is not None:
             d_bias.add_(grad.sum(dim=0))
     return [d_hidden, d_kernel, d_bias], per_step
+
+
+# ----------------------------------------------------------------------------
+# The sparse cross-entropy of a block of rows, shared by both sparse kernels.
+
+
+def _label_loss(rows: torch.Tensor, labels: torch.Tensor, label_smoothing: float):
+    """`-(1 - ls) * rows[label] - ls * mean(rows)` per row: the cross-entropy
+    of log-probabilities, or of logits shifted by any per-row constant up to
+    that constant (which the caller adds)."""
+    loss = rows.gather(1, labels).squeeze(1).mul_(label_smoothing - 1.0)
+    if label_smoothing:
+        loss.sub_(label_smoothing * rows.mean(dim=1))
+    return loss
+
+
+def _softmax_grad_(
+    exponentials: torch.Tensor,
+    sum_exp: torch.Tensor | None,
+    labels: torch.Tensor,
+    coefficient: torch.Tensor,
+    log_normalizer: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    label_smoothing: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """`coefficient * d per_step / d logits` in place of `exponentials`:
+    `softmax * scale - coefficient * smoothed one_hot(labels)`, the rows that
+    are not `valid` set to 0. `exponentials / sum_exp` is the softmax
+    (`sum_exp` `None`: they are the softmax already)."""
+    scale = coefficient
+    if z_loss:
+        scale = coefficient * (1.0 + 2.0 * z_loss * log_normalizer)
+    if sum_exp is not None:
+        scale = scale / sum_exp
+    grad = exponentials.mul_(scale[:, None])
+    grad.scatter_add_(1, labels, coefficient[:, None] * (label_smoothing - 1.0))
+    if label_smoothing:
+        grad.sub_(coefficient[:, None] * (label_smoothing / grad.shape[1]))
+    if valid is not None:
+        padded = torch.nonzero(~valid).squeeze(1)
+        if padded.numel():
+            grad.index_fill_(0, padded, 0.0)
+    return grad

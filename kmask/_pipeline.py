@@ -1,0 +1,132 @@
+"""masks -> neutralise padded steps -> per-step values: the one pipeline.
+
+Every kmask loss, metric and the fused head run it:
+
+1. `prepare`: `y_pred` in float32 (or float64), the shapes checked, and the
+   real steps found: the AND of the mask Keras propagated onto `y_pred`, the
+   padding found in `y_true` (a pad value, `ignore_class`), an explicit mask
+   and the steps whose `sample_weight` is 0 (`valid_steps`).
+2. `per_step_values`: padded steps neutralised with `where` before the
+   per-step function sees them (never multiplied by 0 after: `0 * NaN` is
+   NaN, and so is its gradient), or the mask handed to a fused op that
+   selects them away inside its own gradient.
+3. The caller reduces: a loss with `kmask.masked_reduce`, a metric with
+   `masked_sum_and_count`, the fused head chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from keras import ops
+
+from kmask._shapes import check_fits_steps, check_targets, step_shape
+from kmask._steps import accumulation_dtype, fill_padding, per_step_mask, weight_mask
+from kmask.masks import combine_masks, keras_mask
+
+# `(y_true, y_pred, valid) -> per-step values` where `valid` is a boolean
+# mask of the per-step shape, or `None`.
+MaskedCall = Callable[[Any, Any, Any], Any]
+
+
+class Steps(NamedTuple):
+    """The inputs of a per-step function, with the steps that are real."""
+
+    y_true: Any
+    y_pred: Any
+    valid: Any  # boolean, `[batch]` or a leading part of the per-step shape; or None
+    sample_weight: Any
+
+
+def valid_steps(
+    steps: tuple,
+    *masks: Any,
+    mask: Any = None,
+    sample_weight: Any = None,
+    **context: Any,
+):
+    """The AND of `masks`, the explicit `mask` and the steps whose
+    `sample_weight` is not 0; `None` when there is none of them.
+
+    Args:
+        steps: The per-step shape.
+        *masks: Masks found by kmask (propagated, pad value), or `None`.
+        mask: An explicit mask, checked against `steps`.
+        sample_weight: Weights, `[batch]` or the per-step shape, checked.
+        **context: The shapes an error names besides the argument's own.
+    """
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+        check_fits_steps("mask", tuple(mask.shape), steps, **context)
+    weighted = None
+    if sample_weight is not None:
+        weighted = weight_mask(sample_weight, steps, **context)
+    return combine_masks(*masks, mask, weighted)
+
+
+def prepare(
+    y_true: Any,
+    y_pred: Any,
+    *,
+    dtype: Any,
+    target_mask: Callable[[Any], Any],
+    target_dtype: Any = None,
+    class_axis: int = -1,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Step 1: tensors of the right dtype and shape, and the real steps.
+
+    Args:
+        y_true: Targets.
+        y_pred: Predictions; a mask Keras propagated onto them counts.
+        dtype: The caller's dtype: `y_pred` is computed in float32 (float64
+            stays float64) whatever it is.
+        target_mask: `y_true -> mask` of the padding in the targets, or `None`.
+        target_dtype: The dtype of the targets handed on; `y_pred`'s when
+            `None`.
+        class_axis: The axis of `y_pred` the per-step function reduces.
+        mask: Optional explicit mask.
+        sample_weight: Optional weights; a weight of 0 marks padding.
+    """
+    propagated = keras_mask(y_pred)
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), accumulation_dtype(dtype))
+    y_true = ops.convert_to_tensor(y_true)
+    check_targets(y_true, y_pred)
+    valid = valid_steps(
+        step_shape(y_pred, class_axis),
+        propagated,
+        target_mask(y_true),
+        mask=mask,
+        sample_weight=sample_weight,
+        y_pred=y_pred.shape,
+    )
+    y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
+    return Steps(y_true, y_pred, valid, sample_weight)
+
+
+def per_step_values(
+    steps: Steps,
+    call: Callable[[Any, Any], Any],
+    class_axis: int = -1,
+    masked_call: MaskedCall | None = None,
+):
+    """Step 2: the per-step values, padding neutralised.
+
+    Args:
+        steps: What `prepare` returned.
+        call: `(y_true, y_pred) -> per-step values`, run on inputs whose
+            padded steps were replaced by harmless values.
+        class_axis: The axis of `y_pred` that `call` reduces.
+        masked_call: A fused op that takes the mask itself (its gradient is 0
+            at padded steps whatever they hold), used instead of `call`.
+    """
+    y_true, y_pred, valid = steps.y_true, steps.y_pred, steps.valid
+    if masked_call is not None:
+        if valid is not None:
+            valid = per_step_mask(valid, y_pred, class_axis)
+        return masked_call(y_true, y_pred, valid)
+    if valid is not None:
+        y_true, y_pred = fill_padding(y_true, y_pred, valid, class_axis)
+    return call(y_true, y_pred)

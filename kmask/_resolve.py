@@ -1,0 +1,109 @@
+"""What a loss or metric wraps: a name, a `keras.losses.Loss` or a callable,
+resolved to `(y_true, y_pred) -> per-step values`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+
+def default_name(fn: Any) -> str:
+    """`masked_` and the wrapped function's name; a kmask loss's name already
+    says it."""
+    if isinstance(fn, str):
+        base = fn
+    elif isinstance(fn, keras.losses.Loss):
+        base = fn.name
+    else:
+        base = getattr(fn, "__name__", type(fn).__name__)
+    return base if base.startswith("masked_") else f"masked_{base}"
+
+
+def instantiate_class(loss: Any, loss_kwargs: dict) -> tuple[Any, dict]:
+    """A Loss class is instantiated with the kwargs, which it then owns."""
+    if isinstance(loss, type) and issubclass(loss, keras.losses.Loss):
+        return loss(**loss_kwargs), {}
+    return loss, dict(loss_kwargs)
+
+
+def per_step_function(
+    fn: Any,
+    fn_kwargs: dict,
+    argument: str = "loss",
+    by_name: Callable[[str], Any] | None = None,
+) -> Callable:
+    """Resolves `fn` to `(y_true, y_pred) -> per-step values`: a Keras loss
+    name (or whatever `by_name` finds for a name), a `keras.losses.Loss`
+    instance or class, or a callable taking `fn_kwargs`. Errors name the
+    constructor's `argument`."""
+    if isinstance(fn, str):
+        resolved = _loss_by_name(fn)
+        if resolved is None and by_name is not None:
+            resolved = by_name(fn)
+        if resolved is None:
+            kinds = "Keras loss" if by_name is None else "Keras loss or metric function"
+            raise ValueError(
+                f"Invalid value for argument `{argument}`: not a {kinds} name. "
+                f"Received: {argument}={fn!r}"
+            )
+        if isinstance(resolved, keras.losses.Loss) and fn_kwargs:
+            resolved = type(resolved)(**fn_kwargs)
+            fn_kwargs = {}
+        fn = resolved
+    fn, fn_kwargs = instantiate_class(fn, fn_kwargs)
+    if isinstance(fn, keras.losses.Loss):
+        if fn_kwargs:
+            raise ValueError(
+                "Keyword arguments configure a loss given by name or class, not "
+                f"an instance. Received: {argument}={fn!r}, "
+                f"{argument}_kwargs={fn_kwargs}"
+            )
+        return fn.call
+    if not callable(fn) or isinstance(fn, type):
+        raise ValueError(
+            f"Invalid value for argument `{argument}`: expected a Keras loss "
+            "name, a keras.losses.Loss instance or class, or a callable "
+            f"(y_true, y_pred) -> per-step values. Received: {argument}={fn!r}"
+        )
+
+    def per_step(y_true, y_pred):
+        return fn(y_true, y_pred, **fn_kwargs)
+
+    return per_step
+
+
+def class_axis(fn: Any, fn_kwargs: dict) -> int:
+    """The class axis the wrapped function reduces: from the keyword
+    arguments, else the loss's own (`axis` of a Keras loss, a kmask loss's
+    kwargs)."""
+    if "axis" in fn_kwargs:
+        return fn_kwargs["axis"]
+    axis = getattr(fn, "loss_kwargs", {}).get("axis", getattr(fn, "axis", None))
+    return -1 if axis is None else axis
+
+
+def wrapper_config(key: str, fn: Any, fields: dict, fn_kwargs: dict) -> dict:
+    """The `get_config` of a wrapper: its function under `key` (a name stays a
+    name), its own `fields`, then the function's keyword arguments."""
+    if not isinstance(fn, str):
+        fn = keras.saving.serialize_keras_object(fn)
+    return {key: fn, **fields, **fn_kwargs}
+
+
+def deserialize_wrapped(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """`config` with its wrapped function (under `key`) deserialized."""
+    config = dict(config)
+    if isinstance(config.get(key), dict):
+        config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config
+
+
+def _loss_by_name(name: str) -> Any:
+    """A Keras loss function or Loss instance by name (aliases such as
+    `"mae"` included), or `None`."""
+    try:
+        return keras.losses.get(name)
+    except ValueError:
+        return None

@@ -1,0 +1,127 @@
+"""The one place that checks shapes, with one wording.
+
+Every shape error of kmask is a `ValueError` worded as Keras words them: the
+argument, what was expected, and every shape involved:
+
+    Invalid shape for argument `mask`. Expected [batch] or the per-step shape
+    (2, 5). Received: mask.shape=(2, 4), y_pred.shape=(2, 5, 3)
+
+Unknown dimensions (`None`, under `tf.function` or a symbolic model) match
+anything: what cannot be known while tracing is not checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def invalid_shape(argument: str, expected: str, **shapes: Any) -> ValueError:
+    """The error for `argument`; `shapes` are named as they print, the
+    argument's own first."""
+    received = ", ".join(
+        f"{name}.shape={tuple(shape)}" for name, shape in shapes.items()
+    )
+    return ValueError(
+        f"Invalid shape for argument `{argument}`. Expected {expected}. "
+        f"Received: {received}"
+    )
+
+
+def same_dim(a: int | None, b: int | None) -> bool:
+    """Whether two static dimensions can be equal (unknown ones match)."""
+    return a is None or b is None or a == b
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Whether two static shapes can be equal."""
+    return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b, strict=True))
+
+
+def step_shape(y_pred: Any, class_axis: int = -1) -> tuple:
+    """The shape of the per-step values: `y_pred`'s without its class axis."""
+    shape = list(y_pred.shape)
+    if len(shape) > 1:
+        del shape[class_axis]
+    return tuple(shape)
+
+
+def fits_steps(shape: tuple, steps: tuple) -> bool:
+    """Whether a mask or weight of `shape` fits per-step values of shape
+    `steps`: `[batch]` or any leading part of `steps`."""
+    return len(shape) <= len(steps) and all(
+        same_dim(got, want)
+        for got, want in zip(shape, steps[: len(shape)], strict=True)
+    )
+
+
+def check_fits_steps(argument: str, shape: tuple, steps: tuple, **context: Any) -> None:
+    """Raises unless `argument` (a mask or weights) fits the per-step shape;
+    `context` names the shapes it was compared with."""
+    if not fits_steps(tuple(shape), tuple(steps)):
+        raise invalid_shape(
+            argument,
+            f"[batch] or the per-step shape {tuple(steps)}",
+            **{argument: shape},
+            **context,
+        )
+
+
+def check_targets(y_true: Any, y_pred: Any) -> None:
+    """Raises unless `y_true` and `y_pred` describe the same steps: equal
+    shapes (a last axis of 1 broadcasts), or `y_true` without `y_pred`'s last
+    (class) axis (sparse labels)."""
+    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    lower, higher = sorted((true_shape, pred_shape), key=len)
+    if len(higher) - len(lower) == 1:
+        pairs = list(zip(lower, higher[:-1], strict=True))
+    elif len(higher) == len(lower) and lower:
+        pairs = list(zip(lower[:-1], higher[:-1], strict=True))
+        if 1 not in (lower[-1], higher[-1]):
+            pairs.append((lower[-1], higher[-1]))
+    else:
+        pairs = [(len(true_shape), len(pred_shape))] if lower != higher else []
+    if not all(same_dim(a, b) for a, b in pairs):
+        raise invalid_shape(
+            "y_true",
+            "y_pred's shape, or y_pred's shape without its last (class) axis",
+            y_true=true_shape,
+            y_pred=pred_shape,
+        )
+
+
+def check_same_shape(targets: Any, predictions: Any) -> None:
+    """Raises unless `targets` has the same shape as `predictions`."""
+    if not same_shape(tuple(targets.shape), tuple(predictions.shape)):
+        raise invalid_shape(
+            "targets",
+            "the same shape as `predictions`",
+            targets=targets.shape,
+            predictions=predictions.shape,
+        )
+
+
+def check_linear(hidden: Any, kernel: Any, labels: Any, bias: Any) -> None:
+    """The shapes of `fused_linear_crossentropy`'s arguments."""
+    hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
+    labels_shape = tuple(labels.shape)
+    if len(kernel_shape) != 2 or not same_dim(hidden_shape[-1], kernel_shape[0]):
+        raise invalid_shape(
+            "kernel",
+            "[hidden_size, vocabulary] with hidden_size the last axis of `hidden`",
+            kernel=kernel_shape,
+            hidden=hidden_shape,
+        )
+    if not same_shape(labels_shape, hidden_shape[:-1]):
+        raise invalid_shape(
+            "labels",
+            "the shape of `hidden` without its last axis",
+            labels=labels_shape,
+            hidden=hidden_shape,
+        )
+    if bias is not None and not same_shape(tuple(bias.shape), kernel_shape[1:]):
+        raise invalid_shape(
+            "bias",
+            f"[vocabulary] = {kernel_shape[1:]}",
+            bias=bias.shape,
+            kernel=kernel_shape,
+        )

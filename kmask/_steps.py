@@ -1,0 +1,122 @@
+"""Per-step helpers under the pipeline: dtypes, broadcasting a mask to the
+steps, and the `where` that neutralises padded steps.
+
+The per-step shape is the predictions' shape without their class axis; a mask
+or a weight is `[batch]` or any leading part of it, and gains trailing axes,
+never leading ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from kmask._shapes import check_fits_steps, check_same_shape, step_shape
+
+# Padded steps are replaced by these before a loss sees them, so the loss is
+# finite there whatever the padding held: 0.5 is a valid probability, logit
+# and regression value, 0 a valid label.
+PAD_PREDICTION = 0.5
+PAD_TARGET = 0
+
+
+def accumulation_dtype(dtype: Any) -> str:
+    """float32 for half precision and integers, else the dtype itself."""
+    # str() of a TensorFlow dtype is "<dtype: 'float64'>", of torch's "torch.float64".
+    return "float64" if "float64" in str(dtype) else "float32"
+
+
+def align_rank(mask: Any, rank: int):
+    """Appends trailing axes to `mask` until it has `rank` dimensions."""
+    while len(mask.shape) < rank:
+        mask = ops.expand_dims(mask, -1)
+    return mask
+
+
+def squeeze_trailing(tensor: Any, rank: int):
+    """Drops trailing axes of size 1 beyond `rank` (Keras's `[batch, time, 1]`
+    weights)."""
+    while len(tensor.shape) > rank and tensor.shape[-1] == 1:
+        tensor = ops.squeeze(tensor, axis=-1)
+    return tensor
+
+
+def broadcast_to_steps(mask: Any, steps: tuple):
+    """`mask` (`[batch]` or a leading part of `steps`) broadcast to `steps`."""
+    mask = ops.convert_to_tensor(mask)
+    return ops.broadcast_to(align_rank(mask, len(steps)), steps)
+
+
+def weight_mask(sample_weight: Any, steps: tuple, **context: Any):
+    """The steps a `sample_weight` keeps: `False` where the weight is 0;
+    `context` names the shapes an error prints besides the weights'."""
+    sample_weight = squeeze_trailing(ops.convert_to_tensor(sample_weight), len(steps))
+    check_fits_steps("sample_weight", tuple(sample_weight.shape), steps, **context)
+    return ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
+
+
+def per_step_mask(valid: Any, y_pred: Any, class_axis: int = -1):
+    """`valid` broadcast to the per-step shape of `y_pred`."""
+    steps = step_shape(y_pred, class_axis)
+    check_fits_steps("mask", tuple(valid.shape), steps, y_pred=y_pred.shape)
+    steps = list(ops.shape(y_pred))
+    del steps[class_axis]
+    return broadcast_to_steps(valid, tuple(steps))
+
+
+def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
+    """`(y_true, y_pred)` with their padded steps replaced by harmless values.
+
+    `where` selects them away, so whatever the padding held (NaN, inf, a label
+    of -100) reaches neither a loss nor its gradient: the gradient at a padded
+    step is exactly 0.
+    """
+    check_fits_steps(
+        "mask", tuple(valid.shape), step_shape(y_pred, class_axis), y_pred=y_pred.shape
+    )
+    return (
+        _fill(y_true, valid, PAD_TARGET, class_axis),
+        _fill(y_pred, valid, PAD_PREDICTION, class_axis),
+    )
+
+
+def where_valid(valid: Any, values: Any):
+    """`values` (per-step, or with a trailing class axis) with the steps that
+    are not `valid` selected to 0; `values` itself when `valid` is `None`."""
+    if valid is None:
+        return values
+    if len(values.shape) > len(valid.shape):
+        valid = ops.expand_dims(valid, -1)
+    return ops.where(valid, values, ops.zeros_like(values))
+
+
+def _fill(tensor, valid, fill_value, class_axis: int):
+    extra_axes = len(tensor.shape) - len(valid.shape)
+    if extra_axes == 1 and len(valid.shape) > 1:
+        valid = ops.expand_dims(valid, class_axis)
+    else:
+        valid = align_rank(valid, len(tensor.shape))
+    return ops.where(valid, tensor, ops.cast(fill_value, tensor.dtype))
+
+
+def last_size(tensor: Any):
+    """The size of the last axis: an int where it is static, else a tensor of
+    `tensor`'s dtype (a `None` dimension under `tf.function`)."""
+    size = tensor.shape[-1]
+    if size is None:
+        size = ops.cast(ops.shape(tensor)[-1], tensor.dtype)
+    return size
+
+
+def dense_inputs(targets: Any, predictions: Any, valid: Any):
+    """`(targets, predictions, valid)` as tensors: both values in float32 (or
+    float64), `valid` boolean (or `None`); raises unless the shapes match."""
+    predictions = ops.convert_to_tensor(predictions)
+    dtype = accumulation_dtype(predictions.dtype)
+    predictions = ops.cast(predictions, dtype)
+    targets = ops.cast(ops.convert_to_tensor(targets), dtype)
+    check_same_shape(targets, predictions)
+    if valid is not None:
+        valid = ops.cast(ops.convert_to_tensor(valid), "bool")
+    return targets, predictions, valid

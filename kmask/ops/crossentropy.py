@@ -1,0 +1,498 @@
+"""The cross-entropy op, written once: its forward pass, its gradient, and
+the chunked form over `hidden @ kernel + bias`.
+
+`sparse_crossentropy_with_logits` and the chunk loop of `linear_crossentropy`
+share `_forward` and `_grad`; `categorical_crossentropy_with_logits` shares
+the normalizer (`_shift`). On PyTorch each op runs as its kernel in
+`kmask.ops._torch`, picked by `kmask.ops._dispatch`. `sparse_crossentropy` and
+`crossentropy` are the per-step functions of the losses and of `Perplexity`:
+they route logits to these ops and handle probabilities and a class axis
+other than the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+from kmask._steps import broadcast_to_steps, dense_inputs, last_size, where_valid
+from kmask.ops._dispatch import backend_kernel, keeps_exponentials
+
+
+def sparse_crossentropy_with_logits(
+    labels: Any,
+    logits: Any,
+    valid: Any = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+):
+    """The per-step sparse cross-entropy from logits, with a fused gradient.
+
+    Computed in float32 whatever the dtype of `logits`.
+
+    Args:
+        labels: Integer labels `[...]`; any value at a step that is not
+            `valid` (e.g. `-100`).
+        logits: `[..., classes]`.
+        valid: Optional boolean mask of `labels`' shape, `True` on real steps.
+        label_smoothing: Smoothing towards the uniform distribution over the
+            classes, in `[0, 1]`.
+        z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
+
+    Returns:
+        float32 per-step losses of `labels`' shape, 0 where not `valid`; their
+        gradient is exactly 0 at those steps whatever `logits` holds there.
+
+    Example:
+
+    >>> import kmask
+    >>> from keras import ops
+    >>> logits = [[[0.0, 0.0, 0.0], [float("nan"), 1.0, 2.0]]]
+    >>> per_step = kmask.sparse_crossentropy_with_logits(
+    ...     [[2, -100]], logits, valid=[[True, False]]
+    ... )
+    >>> ops.convert_to_numpy(per_step).round(4)  # log(3), then padding
+    array([[1.0986, 0.    ]], dtype=float32)
+    """
+    logits = ops.cast(ops.convert_to_tensor(logits), "float32")
+    labels = ops.cast(ops.convert_to_tensor(labels), "int32")
+    if valid is not None:
+        valid = ops.cast(ops.convert_to_tensor(valid), "bool")
+        labels = ops.where(valid, labels, ops.zeros_like(labels))
+    kernel = backend_kernel("sparse_crossentropy_with_logits")
+    if kernel is not None:
+        return kernel(labels, logits, valid, label_smoothing, z_loss)
+
+    @ops.custom_gradient
+    def crossentropy(logits):
+        normalizer, per_step = _forward(logits, labels, label_smoothing, z_loss)
+        if valid is not None:
+            per_step = ops.where(valid, per_step, ops.zeros_like(per_step))
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return _grad(
+                logits, normalizer, labels, valid, upstream, label_smoothing, z_loss
+            )
+
+        return per_step, grad
+
+    return crossentropy(logits)
+
+
+def categorical_crossentropy_with_logits(
+    targets: Any,
+    logits: Any,
+    valid: Any = None,
+    label_smoothing: float = 0.0,
+):
+    """The per-step cross-entropy of probability targets from logits, fused.
+
+    `-sum(t * log_softmax(logits))` over the last axis, with `t` the targets
+    smoothed towards the uniform distribution; the gradient with respect to
+    the logits is `sum(t) * softmax(logits) - t`, one expression (see
+    `kmask.ops`). Computed in float32 (float64 stays float64).
+
+    Args:
+        targets: One-hot or soft targets, `logits`' shape; anything (NaN,
+            inf) at a step that is not `valid`.
+        logits: `[..., classes]`.
+        valid: Optional boolean mask of the per-step shape (`logits`' shape
+            without the last axis), `True` on real steps.
+        label_smoothing: Smoothing towards the uniform distribution over the
+            classes, in `[0, 1]`.
+
+    Returns:
+        Per-step losses, 0 where not `valid`; their gradients with respect to
+        `logits` and `targets` are exactly 0 at those steps whatever the
+        inputs hold there.
+
+    Example:
+
+    >>> from keras import ops
+    >>> from kmask.ops import categorical_crossentropy_with_logits
+    >>> targets = [[[0.0, 0.0, 1.0], [float("nan"), 0.0, 0.0]]]
+    >>> logits = [[[0.0, 0.0, 0.0], [float("inf"), 1.0, 2.0]]]
+    >>> per_step = categorical_crossentropy_with_logits(
+    ...     targets, logits, valid=[[True, False]]
+    ... )
+    >>> ops.convert_to_numpy(per_step).round(4)  # log(3), then padding
+    array([[1.0986, 0.    ]], dtype=float32)
+    """
+    targets, logits, valid = dense_inputs(targets, logits, valid)
+    kernel = backend_kernel("categorical_crossentropy_with_logits")
+    if kernel is not None:
+        return kernel(targets, logits, valid, label_smoothing)
+    keep_exponentials = keeps_exponentials()
+
+    @ops.custom_gradient
+    def crossentropy(logits, targets):
+        top, exponentials, log_sum = _log_normalizer(logits)
+        target_sum, target_logit = _target_sums(
+            targets, logits, label_smoothing, keep_exponentials
+        )
+        if keep_exponentials:
+            log_probs = _log_probs(logits, top, log_sum)
+            smoothed = _smooth(targets, label_smoothing)
+            per_step = -ops.sum(smoothed * log_probs, axis=-1)
+        else:
+            # sum(t * logits) - sum(t) * logsumexp(logits), the maximum taken
+            # out first: exact for one-hot targets.
+            per_step = (target_sum * top - target_logit) + target_sum * log_sum
+        per_step = where_valid(valid, per_step)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            coefficient = ops.expand_dims(where_valid(valid, upstream), -1)
+            log_probs = _log_probs(logits, top, log_sum)
+            if keep_exponentials:
+                scale = target_sum / ops.exp(log_sum)
+                probs = exponentials * ops.expand_dims(scale, -1)
+            else:
+                probs = ops.exp(log_probs) * ops.expand_dims(target_sum, -1)
+            d_logits = coefficient * (probs - _smooth(targets, label_smoothing))
+            d_targets = coefficient * ((label_smoothing - 1.0) * log_probs)
+            return where_valid(valid, d_logits), where_valid(valid, d_targets)
+
+        return per_step, grad
+
+    return crossentropy(logits, targets)
+
+
+def _forward(logits, labels, label_smoothing: float, z_loss: float):
+    """The normalizer `(top, log_sum)`, with `logsumexp(logits) = top +
+    log_sum`, and the per-step loss, all of `labels`' shape.
+
+    Differences are taken from the row's maximum `top`, which is exact near
+    it: `logits - logsumexp(logits)` directly loses `ulp(logits)` (1e-6
+    relative for logits of 8, as autodiff of `log_softmax` does not).
+    """
+    top, shifted = _shift(logits)
+    log_sum = ops.log(ops.sum(ops.exp(shifted), axis=-1))
+    label_shifted = ops.squeeze(
+        ops.take_along_axis(shifted, ops.expand_dims(labels, -1), axis=-1), axis=-1
+    )
+    per_step = log_sum - (1.0 - label_smoothing) * label_shifted
+    if label_smoothing:
+        per_step = per_step - label_smoothing * ops.mean(shifted, axis=-1)
+    if z_loss:
+        per_step = per_step + z_loss * ops.square(top + log_sum)
+    return (top, log_sum), per_step
+
+
+def _grad(
+    logits,
+    normalizer,
+    labels,
+    valid,
+    upstream,
+    label_smoothing: float,
+    z_loss: float,
+):
+    """`upstream * d per_step / d logits`, exactly 0 where not `valid`.
+
+    One expression, so that XLA fuses it into one loop over the logits.
+    """
+    top, log_sum = normalizer
+    coefficient = upstream
+    if valid is not None:
+        coefficient = ops.where(valid, upstream, ops.zeros_like(upstream))
+    scale = coefficient
+    if z_loss:
+        scale = coefficient * (1.0 + 2.0 * z_loss * (top + log_sum))
+    classes = logits.shape[-1]
+    log_probs = logits - ops.expand_dims(top, -1) - ops.expand_dims(log_sum, -1)
+    probs = ops.exp(log_probs) * ops.expand_dims(scale, -1)
+    is_label = ops.equal(
+        ops.arange(classes, dtype="int32"), ops.expand_dims(labels, -1)
+    )
+    label_term = ops.expand_dims((1.0 - label_smoothing) * coefficient, -1)
+    grad = ops.where(is_label, probs - label_term, probs)
+    if label_smoothing:
+        grad = grad - ops.expand_dims(coefficient * (label_smoothing / classes), -1)
+    if valid is not None:
+        grad = ops.where(ops.expand_dims(valid, -1), grad, ops.zeros_like(grad))
+    return grad
+
+
+def _smooth(targets, label_smoothing: float):
+    """`targets` moved `label_smoothing` of the way to the uniform distribution."""
+    if not label_smoothing:
+        return targets
+    return targets * (1.0 - label_smoothing) + label_smoothing / last_size(targets)
+
+
+def _target_sums(targets, logits, label_smoothing: float, elementwise: bool):
+    """`sum(t)` and `sum(t * logits)` over the last axis, `t` the smoothed
+    targets; the second as a dot product (no `[..., classes]` product is
+    held), or not at all when `elementwise` (see `_log_normalizer`)."""
+    target_sum = ops.sum(targets, axis=-1)
+    target_logit = None
+    if not elementwise:
+        target_logit = ops.einsum("...c,...c->...", targets, logits)
+    if label_smoothing:
+        target_sum = (1.0 - label_smoothing) * target_sum + label_smoothing
+        if target_logit is not None:
+            target_logit = (1.0 - label_smoothing) * target_logit + (
+                label_smoothing * ops.mean(logits, axis=-1)
+            )
+    return target_sum, target_logit
+
+
+def _log_normalizer(logits):
+    """`(top, exponentials, log_sum)` of the last axis: `exponentials =
+    exp(logits - top)` and `logsumexp(logits) = top + log_sum`; which of them
+    the backward pass keeps is `kmask.ops._dispatch.keeps_exponentials`."""
+    top, shifted = _shift(logits)
+    exponentials = ops.exp(shifted)
+    return top, exponentials, ops.log(ops.sum(exponentials, axis=-1))
+
+
+def _log_probs(logits, top, log_sum):
+    """`log_softmax(logits)`, differences taken from the row's maximum."""
+    return (logits - ops.expand_dims(top, -1)) - ops.expand_dims(log_sum, -1)
+
+
+def _shift(logits):
+    """`(top, logits - top)`: the row's maximum and the differences from it,
+    which are exact near it (`logits - logsumexp(logits)` directly loses
+    `ulp(logits)`)."""
+    top = ops.max(logits, axis=-1)
+    # A row of -inf has no finite maximum; any shift works there.
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    return top, logits - ops.expand_dims(top, -1)
+
+
+def sparse_crossentropy(
+    labels: Any,
+    y_pred: Any,
+    valid: Any = None,
+    from_logits: bool = False,
+    axis: int = -1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+):
+    """Per-step sparse cross-entropy, from logits or probabilities.
+
+    Logits go to `sparse_crossentropy_with_logits` (the class axis moved
+    last first); probabilities are clipped to `[epsilon, 1 - epsilon]` as
+    Keras clips them.
+
+    Args:
+        labels: Integer labels, `y_pred`'s shape without `axis` (a trailing
+            axis of 1 is dropped).
+        y_pred: Logits or probabilities, `[..., classes]`.
+        valid: Optional boolean mask of the per-step shape; with logits only
+            (probabilities have their padding replaced before they come).
+        from_logits: Whether `y_pred` holds logits.
+        axis: The class axis of `y_pred`.
+        label_smoothing: Smoothing towards the uniform distribution.
+        z_loss: Coefficient of `logsumexp(logits) ** 2`; logits only.
+
+    Returns:
+        The per-step losses, `labels`' shape.
+    """
+    y_pred = ops.convert_to_tensor(y_pred)
+    labels = ops.cast(ops.convert_to_tensor(labels), "int32")
+    rank = len(y_pred.shape)
+    if len(labels.shape) == rank and labels.shape[-1] == 1:
+        labels = ops.squeeze(labels, axis=-1)
+    if axis not in (-1, rank - 1):
+        y_pred = ops.moveaxis(y_pred, axis, -1)
+    if from_logits:
+        return sparse_crossentropy_with_logits(
+            labels, y_pred, valid, label_smoothing, z_loss
+        )
+    if valid is not None or z_loss:
+        raise ValueError(
+            "Arguments `valid` and `z_loss` need `from_logits=True`. "
+            f"Received: z_loss={z_loss}, from_logits={from_logits}"
+        )
+    if not label_smoothing:
+        return keras.losses.sparse_categorical_crossentropy(labels, y_pred)
+    epsilon = keras.backend.epsilon()
+    probs = y_pred / ops.sum(y_pred, axis=-1, keepdims=True)
+    log_probs = ops.log(ops.clip(probs, epsilon, 1.0 - epsilon))
+    label_log_prob = ops.take_along_axis(
+        log_probs, ops.expand_dims(labels, -1), axis=-1
+    )
+    per_step = -ops.squeeze(label_log_prob, axis=-1)
+    uniform = -ops.mean(log_probs, axis=-1)
+    return (1.0 - label_smoothing) * per_step + label_smoothing * uniform
+
+
+def crossentropy(y_true: Any, y_pred: Any, from_logits: bool = False):
+    """Per-step cross-entropy of one-hot targets (`y_pred`'s shape) or of
+    sparse labels (without `y_pred`'s last axis, or with an axis of 1)."""
+    y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+    one_hot = len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] != 1
+    if not one_hot:
+        return sparse_crossentropy(y_true, y_pred, from_logits=from_logits)
+    if from_logits:
+        return categorical_crossentropy_with_logits(y_true, y_pred)
+    return keras.losses.categorical_crossentropy(y_true, y_pred)
+
+
+def linear_crossentropy(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    bias: Any,
+    valid: Any,
+    reduce: Callable[[Any], Any] | None,
+    chunk_size: int,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    sample_weight: Any = None,
+):
+    """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
+
+    The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,
+    so NaN there cannot reach `kernel`'s gradient through `0 * NaN`) and carry
+    a zero coefficient. Both passes loop over chunks of `chunk_size` tokens,
+    and the backward pass recomputes each chunk's logits, so memory holds one
+    `[chunk_size, vocabulary]` block.
+
+    Args:
+        hidden: `[batch, ..., width]`.
+        kernel: `[width, vocabulary]`.
+        labels: Integer labels, `hidden`'s shape without its last axis.
+        bias: `[vocabulary]`, or `None`.
+        valid: Boolean mask, `[batch]` or `labels`' shape, or `None`.
+        reduce: The reduction, `per_step -> scalar`, linear in `per_step`;
+            `None` for per-step losses only.
+        chunk_size: Tokens per chunk.
+        label_smoothing: Smoothing towards the uniform distribution.
+        z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        sample_weight: The weights `reduce` uses, if any: a kernel that
+            computes the reduction's gradient in advance must know whether
+            they need one of their own.
+
+    Returns:
+        `(per_step, value)`: float32 per-step losses of `labels`' shape (0
+        where not `valid`) and `reduce(per_step)` (`None` without `reduce`).
+    """
+    steps_shape = ops.shape(labels)
+    hidden = ops.cast(hidden, "float32")
+    kernel = ops.cast(ops.convert_to_tensor(kernel), "float32")
+    width = kernel.shape[0]
+    hidden = ops.reshape(hidden, (-1, width))
+    labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+    tokens = ops.shape(labels)[0]
+    if valid is None:
+        valid = ops.ones_like(labels, dtype="bool")
+    else:
+        valid = ops.reshape(broadcast_to_steps(valid, steps_shape), (-1,))
+    labels = ops.where(valid, labels, ops.zeros_like(labels))
+    hidden = ops.where(ops.expand_dims(valid, -1), hidden, ops.zeros_like(hidden))
+    if bias is not None:
+        bias = ops.cast(ops.convert_to_tensor(bias), "float32")
+    kernel_op = backend_kernel("linear_crossentropy")
+    if kernel_op is not None:
+        if sample_weight is not None:
+            sample_weight = ops.convert_to_tensor(sample_weight)
+        per_step, value = kernel_op(
+            hidden,
+            kernel,
+            bias,
+            labels,
+            valid,
+            reduce,
+            tuple(steps_shape),
+            chunk_size,
+            label_smoothing,
+            z_loss,
+            sample_weight,
+        )
+        per_step = ops.reshape(per_step, steps_shape)
+        if value is None and reduce is not None:
+            value = reduce(per_step)
+        return per_step, value
+    # A batch smaller than a chunk is one chunk of its own size.
+    chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
+    chunks = (tokens + chunk - 1) // chunk
+    # An empty batch runs one chunk of padding, so the loop has a body.
+    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
+    extra = chunks * chunk - tokens
+    hidden = ops.reshape(ops.pad(hidden, [[0, extra], [0, 0]]), (chunks, chunk, width))
+    labels = ops.reshape(ops.pad(labels, [[0, extra]]), (chunks, chunk))
+    valid = ops.pad(ops.cast(valid, "int32"), [[0, extra]])
+    valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
+    params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
+    per_step = _chunked_crossentropy(
+        labels, valid, label_smoothing, z_loss, chunks, *params
+    )
+    per_step = ops.reshape(per_step, (-1,))[:tokens]
+    per_step = ops.reshape(per_step, steps_shape)
+    return per_step, (None if reduce is None else reduce(per_step))
+
+
+def _chunked_crossentropy(labels, valid, label_smoothing, z_loss, chunks, *params):
+    """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
+    bias])`: per-step losses `[chunks, chunk]`; both passes loop over chunks
+    and the backward pass recomputes each chunk's logits."""
+
+    def logits_of(chunk_hidden, kernel, bias):
+        logits = ops.matmul(chunk_hidden, kernel)
+        return logits if bias is None else logits + bias
+
+    @ops.custom_gradient
+    def crossentropy(*params):
+        hidden, kernel, bias = (*params, None)[:3]
+        rows = hidden.shape[1]
+
+        def forward_chunk(index, buffers):
+            logits = logits_of(ops.take(hidden, index, axis=0), kernel, bias)
+            normalizer, per_step = _forward(
+                logits, ops.take(labels, index, axis=0), label_smoothing, z_loss
+            )
+            return tuple(
+                ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
+                for buffer, value in zip(buffers, (*normalizer, per_step), strict=True)
+            )
+
+        empty = ops.zeros((chunks, rows), "float32")
+        tops, log_sums, per_steps = ops.fori_loop(
+            0, chunks, forward_chunk, (empty, empty, empty)
+        )
+        per_steps = ops.where(valid, per_steps, ops.zeros_like(per_steps))
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+
+            def backward_chunk(index, grads):
+                d_hidden, d_kernel, d_bias = grads
+                chunk_hidden = ops.take(hidden, index, axis=0)
+                d_logits = _grad(
+                    logits_of(chunk_hidden, kernel, bias),
+                    (ops.take(tops, index, axis=0), ops.take(log_sums, index, axis=0)),
+                    ops.take(labels, index, axis=0),
+                    ops.take(valid, index, axis=0),
+                    ops.take(upstream, index, axis=0),
+                    label_smoothing,
+                    z_loss,
+                )
+                chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
+                return (
+                    ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
+                    d_kernel + ops.matmul(ops.transpose(chunk_hidden), d_logits),
+                    d_bias + ops.sum(d_logits, axis=0),
+                )
+
+            zeros = (
+                ops.zeros_like(hidden),
+                ops.zeros_like(kernel),
+                ops.zeros((kernel.shape[1],), "float32"),
+            )
+            d_hidden, d_kernel, d_bias = ops.fori_loop(0, chunks, backward_chunk, zeros)
+            return (d_hidden, d_kernel, d_bias)[: len(params)]
+
+        return per_steps, grad
+
+    return crossentropy(*params)
