@@ -83,7 +83,9 @@ def test_node_arguments_and_outputs():
     )
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_no_other_module_imports_keras_internals(path):
     """`keras.src` is imported in `_keras_compat.py` alone."""
     if path.name == "_keras_compat.py":

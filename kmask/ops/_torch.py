@@ -74,7 +74,7 @@ materialised). A chunk of 512 is ~15% faster still on PyTorch, not clearly
 so on JAX or TensorFlow, so the default stays 256.
 
 `python benchmarks/masked_ce.py` times the kernels against the native and
-the Keras losses; `kmask.parity` checks their numbers against the other
+the Keras losses; `tools.parity` checks their numbers against the other
 backends.
 """
 
