@@ -35,12 +35,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 
-BACKENDS = ("tensorflow", "jax", "torch")
-TOLERANCE = 1e-5
+from seed_seq2seq import (
+    BACKENDS,
+    PAD_VECTOR,
+    TOLERANCE,
+    Y_TRUE,
+    X,
+    agrees,
+    build_seed_model,
+    run_in_subprocess,
+)
+
 SETUPS = (
     "built-in",
     "kmask, propagated mask",
@@ -56,7 +63,6 @@ ALWAYS_MASKED = SETUPS[2:]
 def seed_data():
     """The seed's batch ['##abb', '#babb'] (left padding), its lengths and pad."""
     import numpy as np
-    from seed_seq2seq import PAD_VECTOR, Y_TRUE, X
 
     x = np.asarray(X, "float32")
     y = np.asarray(Y_TRUE, "float32")
@@ -150,9 +156,9 @@ def evaluate_setups(model, x, y, lengths, padding, pad) -> dict:
                 inputs, y, sample_weight=sample_weight, batch_size=len(x), verbose=0
             )
         )
-        if _agrees(value, masked):
+        if agrees(value, masked):
             label = "masked"
-        elif _agrees(value, unmasked):
+        elif agrees(value, unmasked):
             label = "unmasked"
         else:
             label = f"MISMATCH (NumPy masked {masked:.6f}, unmasked {unmasked:.6f})"
@@ -213,7 +219,6 @@ def recurrence_gaps() -> dict:
 
 def run_backend() -> dict:
     import keras
-    from seed_seq2seq import build_seed_model
 
     models = {
         "seed": (build_seed_model(), *seed_data()),
@@ -229,24 +234,6 @@ def run_backend() -> dict:
     }
 
 
-def _agrees(a: float, b: float) -> bool:
-    return abs(a - b) <= TOLERANCE * max(1.0, abs(b))
-
-
-def run_in_subprocess(backend: str) -> dict:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    completed = subprocess.run(
-        [sys.executable, __file__, "--worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{backend} worker failed:\n{completed.stderr}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
@@ -257,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = [
-        run_in_subprocess(backend)
+        run_in_subprocess(backend, __file__)
         for backend in args.backends
         if importlib.util.find_spec(backend) is not None
     ]

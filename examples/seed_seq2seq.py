@@ -109,10 +109,11 @@ def run_backend() -> dict:
     }
 
 
-def run_in_subprocess(backend: str) -> dict:
+def run_in_subprocess(backend: str, script: str = __file__) -> dict:
+    """Runs `script --worker` under `backend`; the JSON on its last line."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     completed = subprocess.run(
-        [sys.executable, __file__, "--worker"],
+        [sys.executable, script, "--worker"],
         env=env,
         capture_output=True,
         text=True,
