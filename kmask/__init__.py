@@ -30,7 +30,7 @@ from kmask.reduce import (
     accumulation_weights,
     masked_reduce,
 )
-from kmask.report import LayerMasks, MaskReport, mask_report
+from kmask.report import LayerMasks, MaskReport, OutputMasks, mask_report
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "MaskedMeanSquaredError",
     "MaskedSparseCategoricalAccuracy",
     "MaskedSparseCategoricalCrossentropy",
+    "OutputMasks",
     "Perplexity",
     "ValueMask",
     "__version__",
