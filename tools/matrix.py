@@ -15,7 +15,7 @@ import argparse
 import re
 import sys
 
-SESSION = re.compile(r"nox > Running session (tests-[\w-]+)")
+SESSION = re.compile(r"nox > Running session (\S+)")
 KERAS = re.compile(r"^Keras (\S+)$")
 PYTEST = re.compile(r"=+ (.*) in ([\d.]+)s")
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)")
@@ -27,8 +27,10 @@ def parse(lines: list[str]) -> list[dict]:
     for line in lines:
         line = line.rstrip()
         if match := SESSION.search(line):
-            row = {"session": match.group(1), "keras": "?", "counts": {}}
-            rows.append(row)
+            row = None
+            if match.group(1).startswith("tests-"):
+                row = {"session": match.group(1), "keras": "?", "counts": {}}
+                rows.append(row)
         elif row is None:
             continue
         elif match := KERAS.match(line):
