@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,17 @@ from typing import Any
 # A benchmark runs as a script, `python benchmarks/masked_ce.py`, which puts
 # benchmarks/ on sys.path but not the repository root, where tools/ lives.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.backends import backend_environment, installed_backends, value_and_grad
+from tools.backends import (
+    backend_environment,
+    finish,
+    installed_backends,
+    launch,
+    value_and_grad,
+)
+
+# A child that runs longer than this is stuck, not slow (the largest one
+# takes a few minutes on 2 cores).
+CHILD_TIMEOUT = 3600
 
 __all__ = [
     "backend_info",
@@ -49,11 +58,11 @@ def run_child(script: Path, backend: str, arguments: Sequence[str]) -> dict:
         out = Path(directory) / "result.json"
         command = [sys.executable, str(script), "--child", str(out), *arguments]
         environment = backend_environment(backend, TF_CPP_MIN_LOG_LEVEL="3")
-        completed = subprocess.run(command, env=environment, text=True)
-        if completed.returncode != 0 or not out.exists():
+        child = launch(command, environment, stdout=None, stderr=None)
+        [code] = finish([child], CHILD_TIMEOUT)
+        if code != 0 or not out.exists():
             raise SystemExit(
-                f"{script.name}: the {backend} child exited with status "
-                f"{completed.returncode}"
+                f"{script.name}: the {backend} child exited with status {code}"
             )
         return json.loads(out.read_text())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 import kmask
-from tools.backends import REPOSITORY
+from tools.backends import REPOSITORY, run_in_own_session
 from tools.parity.devices import data as device_data
 
 BACKEND = keras.backend.backend()
@@ -115,14 +114,8 @@ def multi_device_rows(tmp_path_factory):
     devices or 2 processes each, in child processes of its own."""
     out = tmp_path_factory.mktemp("multi_device") / "rows.json"
     command = [sys.executable, "-m", "tools.parity.devices", "--backends", BACKEND]
-    completed = subprocess.run(
-        [*command, "--json", str(out)],
-        cwd=REPOSITORY,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    completed = run_in_own_session(
+        [*command, "--json", str(out)], dict(os.environ), 900, cwd=REPOSITORY
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr[-4000:]
     return json.loads(out.read_text())

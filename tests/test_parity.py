@@ -11,7 +11,6 @@ import importlib.util
 import inspect
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -21,7 +20,7 @@ import pytest
 
 import kmask
 from kmask import layers, metrics
-from tools.backends import BACKENDS, REPOSITORY
+from tools.backends import BACKENDS, REPOSITORY, run_in_own_session
 from tools.parity import compare, losses, references, sources, suite
 
 MISSING_BACKENDS = [b for b in BACKENDS if importlib.util.find_spec(b) is None]
@@ -200,13 +199,11 @@ def _run_harness(tmp_path, *arguments, sitecustomize=None):
         path = [str(tmp_path), environment.get("PYTHONPATH", "")]
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     report = tmp_path / "parity.json"
-    completed = subprocess.run(
+    completed = run_in_own_session(
         [sys.executable, "-m", "tools.parity", "--json", str(report), *arguments],
+        environment,
+        600,
         cwd=REPOSITORY,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     results = json.loads(report.read_text()) if report.exists() else None
     return completed, results

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,52 @@ def backend_environment(backend: str, **variables: str) -> dict[str, str]:
     return {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": path, **variables}
 
 
-def run_in_own_session(
-    command: Sequence[str], env: dict, timeout: float, cwd: str | None = None
-) -> subprocess.CompletedProcess:
-    """Runs `command` in a session of its own, its output captured. On a
-    timeout the whole session is killed, with the processes it started (DDP
-    ranks, TensorFlow workers), and stderr ends by saying so."""
-    process = subprocess.Popen(
+def launch(
+    command: Sequence[str],
+    env: dict | None = None,
+    cwd: str | None = None,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.PIPE,
+) -> subprocess.Popen:
+    """Starts `command` in a session of its own, so that `finish` can kill it
+    with every process it starts (DDP ranks, TensorFlow workers). The one
+    way tools/, tests/ and benchmarks/ start a child process; `env` defaults
+    to this process's environment."""
+    return subprocess.Popen(
         command,
         cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        env=os.environ.copy() if env is None else env,
+        stdout=stdout,
+        stderr=stderr,
         text=True,
         start_new_session=True,
     )
+
+
+def finish(processes: Sequence[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Waits for `processes` until one shared deadline, `timeout` seconds from
+    now; kills the session of each still running then. Returns the exit
+    codes, `None` for a process that was killed."""
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for process, code in zip(processes, codes, strict=True):
+        if code is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return codes
+
+
+def run_in_own_session(
+    command: Sequence[str], env: dict, timeout: float, cwd: str | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `command` (see `launch`), its output captured. On a timeout the
+    whole session is killed and stderr ends by saying so."""
+    process = launch(command, env, cwd)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -19,12 +18,21 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from tools.backends import BACKENDS, backend_environment, installed_backends
+from tools.backends import (
+    BACKENDS,
+    backend_environment,
+    finish,
+    installed_backends,
+    launch,
+)
 from tools.parity.cases import Case
 from tools.parity.compare import BackendRun, compare, one_device_gaps
 from tools.parity.report import json_report, summary, table
 from tools.parity.runner import PROGRESS, run_cases
 from tools.parity.suite import build_suite
+
+# A backend's child that runs longer than this is stuck (it takes 1-2 minutes).
+CHILD_TIMEOUT = 1800
 
 
 def _write_inputs(workdir: Path, cases: list[Case]) -> None:
@@ -83,15 +91,13 @@ def _run_child(workdir, backend, total, progress, runs) -> None:
     started = time.perf_counter()
     log_path = workdir / f"{backend}.log"
     with open(log_path, "w") as log:
-        child = subprocess.Popen(
-            command, env=environment, stdout=subprocess.PIPE, stderr=log, text=True
-        )
+        child = launch(command, environment, stderr=log)
         for line in child.stdout:
             if line.startswith(PROGRESS):
                 progress.update(task, completed=int(line.split()[1]))
             else:
                 log.write(line)
-        returncode = child.wait()
+        [returncode] = finish([child], CHILD_TIMEOUT)
     seconds = time.perf_counter() - started
     outputs, meta = {}, {}
     if returncode == 0:
@@ -102,6 +108,8 @@ def _run_child(workdir, backend, total, progress, runs) -> None:
         backend, outputs, meta, returncode, log_path.read_text(), seconds
     )
     status = "done" if returncode == 0 else f"exited with status {returncode}"
+    if returncode is None:
+        status = f"killed after {CHILD_TIMEOUT} s"
     progress.console.print(f"{backend}: {status} in {seconds:.1f} s")
 
 

@@ -32,7 +32,7 @@ class BackendRun:
     backend: str
     outputs: dict[str, np.ndarray]
     meta: dict[str, Any]
-    returncode: int
+    returncode: int | None  # None: killed at its timeout
     log: str
     seconds: float
 

@@ -12,10 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
+from tools.backends import finish, launch
 from tools.parity.devices.data import EPOCHS, LEARNING_RATE, flat, make_data
 from tools.parity.devices.training import build_model, source_loss
 
@@ -42,28 +42,16 @@ def _two_processes(setup: str, source: str, which: str):
         logs = [open(os.path.join(folder, f"rank{rank}.log"), "w") for rank in (0, 1)]  # noqa: SIM115
         case = json.dumps([setup, source, which, folder, _free_ports(2)])
         processes = [
-            subprocess.Popen(
+            launch(
                 [*MODULE, "--process", case, "--rank", str(rank)],
-                env=os.environ.copy(),
                 stdout=logs[rank],
                 stderr=subprocess.STDOUT,
             )
             for rank in (0, 1)
         ]
-        deadline = time.monotonic() + PAIR_TIMEOUT
-        try:
-            codes = [
-                process.wait(timeout=max(deadline - time.monotonic(), 1))
-                for process in processes
-            ]
-        except subprocess.TimeoutExpired:
-            codes = ["timeout"]
-        finally:
-            for process in processes:
-                process.kill()
-                process.wait()
-            for log in logs:
-                log.close()
+        codes = finish(processes, PAIR_TIMEOUT)
+        for log in logs:
+            log.close()
         if codes != [0, 0]:
             output = "".join(_tail(log.name) for log in logs)
             raise RuntimeError(f"a {setup} process failed ({codes}):\n{output}")
