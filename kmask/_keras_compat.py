@@ -105,6 +105,23 @@ def node_outputs(node: Any) -> list:
     return list(getattr(node, "outputs", None) or [])
 
 
+def upstream_layer(tensor: Any, name: str) -> Any:
+    """The layer named `name` among those that produced the symbolic
+    `tensor`, directly or through earlier layers, or `None`."""
+    seen: set[int] = set()
+    pending = [tensor]
+    while pending:
+        node = producing_node(pending.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        operation = node_operation(node)
+        if getattr(operation, "name", None) == name:
+            return operation
+        pending.extend(node_input_tensors(node))
+    return None
+
+
 # The method a functional model (and the functional model inside a
 # `Sequential`) runs its graph with, one call per node.
 RUN_THROUGH_GRAPH = "_run_through_graph"

@@ -100,14 +100,22 @@ def check_same_shape(targets: Any, predictions: Any) -> None:
         )
 
 
-def check_linear(hidden: Any, kernel: Any, labels: Any, bias: Any) -> None:
+def check_linear(
+    hidden: Any, kernel: Any, labels: Any, bias: Any, transpose_kernel: bool = False
+) -> None:
     """The shapes of `fused_linear_crossentropy`'s arguments."""
     hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
     labels_shape = tuple(labels.shape)
-    if len(kernel_shape) != 2 or not same_dim(hidden_shape[-1], kernel_shape[0]):
+    width_axis = 1 if transpose_kernel else 0
+    if len(kernel_shape) != 2 or not same_dim(
+        hidden_shape[-1], kernel_shape[width_axis]
+    ):
+        expected = "[hidden_size, vocabulary]"
+        if transpose_kernel:
+            expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
         raise invalid_shape(
             "kernel",
-            "[hidden_size, vocabulary] with hidden_size the last axis of `hidden`",
+            f"{expected} with hidden_size the last axis of `hidden`",
             kernel=kernel_shape,
             hidden=hidden_shape,
         )
@@ -118,10 +126,11 @@ def check_linear(hidden: Any, kernel: Any, labels: Any, bias: Any) -> None:
             labels=labels_shape,
             hidden=hidden_shape,
         )
-    if bias is not None and not same_shape(tuple(bias.shape), kernel_shape[1:]):
+    vocabulary = kernel_shape[1 - width_axis : 2 - width_axis]
+    if bias is not None and not same_shape(tuple(bias.shape), vocabulary):
         raise invalid_shape(
             "bias",
-            f"[vocabulary] = {kernel_shape[1:]}",
+            f"[vocabulary] = {vocabulary}",
             bias=bias.shape,
             kernel=kernel_shape,
         )

@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _shapes
+from kmask._keras_compat import upstream_layer
 from kmask.masks import value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
@@ -30,6 +31,7 @@ from kmask.ops import (
     mean_squared_error,
     sparse_crossentropy_with_logits,
 )
+from kmask.ops.crossentropy import LinearOptions
 from kmask.reduce import masked_reduce, standardize_reduction
 
 __all__ = [
@@ -53,6 +55,9 @@ def fused_linear_crossentropy(
     chunk_size: int = 256,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    transpose_kernel: bool = False,
+    softcap: float | None = None,
+    return_token_accuracy: bool = False,
 ):
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
@@ -62,12 +67,14 @@ def fused_linear_crossentropy(
     `kmask.fused`). The padding comes from `mask_value`, `mask` and
     `sample_weight` (a weight of 0), as in `kmask.masked_loss`; padded steps
     reach neither the result nor any gradient, even when `hidden` holds NaN
-    there. Computed in float32 whatever the input dtypes.
+    there. Computed in float32 whatever the input dtypes (bfloat16 and
+    float16 `hidden` and `kernel` are accumulated in float32).
 
     Args:
         hidden: `[batch, ..., hidden_size]` features, e.g. `[batch, time,
             hidden_size]`.
-        kernel: `[hidden_size, vocabulary]` projection.
+        kernel: `[hidden_size, vocabulary]` projection, or `[vocabulary,
+            hidden_size]` (a tied embedding matrix) with `transpose_kernel`.
         labels: Integer labels `[batch, ...]`, `hidden`'s shape without its
             last axis.
         bias: Optional `[vocabulary]` bias.
@@ -81,10 +88,19 @@ def fused_linear_crossentropy(
         label_smoothing: Smoothing towards the uniform distribution over the
             vocabulary, in `[0, 1]`.
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
+        transpose_kernel: Whether `kernel` is `[vocabulary, hidden_size]`,
+            as an embedding matrix is; it is used as it is stored, never
+            copied or transposed in memory.
+        softcap: Optional positive `c`: the cross-entropy (and the accuracy)
+            of `c * tanh(logits / c)`, as Gemma 2's `final_logit_soft_cap`.
+        return_token_accuracy: Whether to return `(loss, accuracy)`: the
+            token accuracy of the argmax of the (capped) logits over the real
+            steps, reduced as `"token_mean"` with the same padding and
+            weights, computed inside the chunks. It has no gradient.
 
     Returns:
         A float32 scalar, or per-step losses of `labels`' shape with
-        `reduction="none"`.
+        `reduction="none"`; with `return_token_accuracy`, `(loss, accuracy)`.
 
     Example:
 
@@ -100,28 +116,49 @@ def fused_linear_crossentropy(
     1.6094
     """
     reduction = standardize_reduction(reduction)
-    _check_options(chunk_size, label_smoothing)
-    options = (mask_value, reduction, chunk_size, label_smoothing, z_loss)
+    options = _linear_options(
+        chunk_size, label_smoothing, z_loss, softcap, transpose_kernel
+    )
     hidden = ops.convert_to_tensor(hidden)
     kernel = ops.convert_to_tensor(kernel)
-    _, value = _head(hidden, kernel, labels, bias, options, mask, sample_weight)
-    return value
+    _, value, accuracy = _head(
+        hidden,
+        kernel,
+        labels,
+        bias,
+        (mask_value, reduction, options),
+        mask,
+        sample_weight,
+        return_token_accuracy,
+    )
+    return (value, accuracy) if return_token_accuracy else value
 
 
 @keras.saving.register_keras_serializable(package="kmask")
 class FusedLinearCrossentropy(keras.layers.Layer):
     """The output layer of a language model and its loss, in chunks.
 
-    Owns the `Dense(vocabulary_size)` projection. Called on `[hidden,
-    labels]`, it adds the masked sparse cross-entropy of the logits to the
-    model's losses (`add_loss`) through `kmask.fused_linear_crossentropy`, so
-    the `[batch, time, vocabulary]` logits are never held, and returns the
-    per-step losses (0 at padding). Compile the model with `loss=None`. Called
-    on `hidden` alone it returns the logits, for generation. A mask Keras
-    propagates onto `hidden` marks padding too.
+    Projects to the vocabulary with a `Dense(vocabulary_size)` kernel of its
+    own, or with a tied embedding's matrix (`embedding=`). Called on
+    `[hidden, labels]`, it adds the masked sparse cross-entropy of the logits
+    to the model's losses (`add_loss`) through
+    `kmask.fused_linear_crossentropy`, so the `[batch, time, vocabulary]`
+    logits are never held, and returns the per-step losses (0 at padding).
+    Compile the model with `loss=None`. Called on `hidden` alone it returns
+    the (capped) logits, for generation. A mask Keras propagates onto
+    `hidden` marks padding too.
 
     Args:
         vocabulary_size: Number of classes.
+        embedding: Optional tied embedding: a Keras `Embedding`, or any layer
+            with an `embeddings` variable `[vocabulary_size, hidden_size]`
+            (keras-hub's `ReversibleEmbedding`), used in the same model. The
+            head then owns no kernel and trains that matrix, used as it is
+            stored (never transposed in memory). In a functional model a
+            `.keras` save and reload keeps the tie: the config names the
+            layer, which the head finds again upstream of its input.
+        softcap: Optional positive `c`: the loss is computed on
+            `c * tanh(logits / c)`, as Gemma 2's `final_logit_soft_cap`.
         use_bias: Whether the projection has a bias.
         mask_value: Optional pad label, e.g. `0` or `-100`.
         reduction: A kmask reduction other than `"none"`; see `kmask.reduce`.
@@ -130,7 +167,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             vocabulary, in `[0, 1]`.
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
         kernel_initializer: Initializer of the `[hidden_size, vocabulary_size]`
-            kernel.
+            kernel (without `embedding`).
         bias_initializer: Initializer of the bias.
         **kwargs: Passed to `keras.layers.Layer` (`name`, `dtype`, ...).
 
@@ -145,8 +182,11 @@ class FusedLinearCrossentropy(keras.layers.Layer):
     >>> import numpy as np
     >>> tokens = keras.Input((6,), dtype="int32")
     >>> labels = keras.Input((6,), dtype="int32")
-    >>> hidden = keras.layers.Embedding(10, 4)(tokens)
-    >>> head = kmask.FusedLinearCrossentropy(10, mask_value=-100, chunk_size=4)
+    >>> embedding = keras.layers.Embedding(10, 4)
+    >>> hidden = embedding(tokens)
+    >>> head = kmask.FusedLinearCrossentropy(
+    ...     10, embedding=embedding, softcap=30.0, mask_value=-100, chunk_size=4
+    ... )
     >>> model = keras.Model([tokens, labels], head([hidden, labels]))
     >>> model.compile(optimizer="sgd", loss=None)
     >>> x = np.ones((2, 6), "int32")
@@ -158,6 +198,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
     def __init__(
         self,
         vocabulary_size: int,
+        embedding: Any = None,
+        softcap: float | None = None,
         use_bias: bool = True,
         mask_value: Any = None,
         reduction: str = "token_mean",
@@ -176,8 +218,11 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 "loss and returns the per-step losses itself. Expected a reduction "
                 "other than 'none'. Received: reduction='none'"
             )
-        _check_options(chunk_size, label_smoothing)
+        self._linear_options = _linear_options(
+            chunk_size, label_smoothing, z_loss, softcap, embedding is not None
+        )
         self.vocabulary_size = vocabulary_size
+        self.softcap = softcap
         self.use_bias = use_bias
         self.mask_value = mask_value
         self.reduction = reduction
@@ -186,15 +231,25 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.z_loss = z_loss
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        # Held outside Keras's tracking: the embedding belongs to the model
+        # (it embeds the tokens), not to the head, and is saved there once.
+        self._tie = _Tie(embedding)
         self.supports_masking = True
+
+    @property
+    def embedding(self) -> Any:
+        """The tied embedding layer, its name until found, or `None`."""
+        return self._tie.layer
 
     def build(self, input_shape):
         hidden_shape = input_shape[0] if _is_pair(input_shape) else input_shape
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(hidden_shape[-1], self.vocabulary_size),
-            initializer=self.kernel_initializer,
-        )
+        self.kernel = None
+        if self._tie.layer is None:
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=(hidden_shape[-1], self.vocabulary_size),
+                initializer=self.kernel_initializer,
+            )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
@@ -203,21 +258,35 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 initializer=self.bias_initializer,
             )
 
+    def projection(self) -> Any:
+        """The `[hidden, vocabulary]` kernel, or the tied `[vocabulary,
+        hidden]` embedding matrix."""
+        if self._tie.layer is None:
+            return self.kernel
+        return self._tie.matrix()
+
     def call(self, inputs, mask=None):
+        options = self._linear_options
         if not _is_pair(inputs):
-            logits = ops.matmul(inputs, self.kernel)
-            return logits if self.bias is None else logits + self.bias
+            kernel = self.projection()
+            if options.transpose_kernel:
+                logits = ops.matmul(inputs, ops.transpose(kernel))
+            else:
+                logits = ops.matmul(inputs, kernel)
+            if self.bias is not None:
+                logits = logits + self.bias
+            if options.softcap is None:
+                return logits
+            return options.softcap * ops.tanh(logits / options.softcap)
         hidden, labels = inputs
         hidden_mask = mask[0] if mask is not None else None
-        options = (
-            self.mask_value,
-            self.reduction,
-            self.chunk_size,
-            self.label_smoothing,
-            self.z_loss,
-        )
-        per_step, value = _head(
-            hidden, self.kernel, labels, self.bias, options, hidden_mask
+        per_step, value, _ = _head(
+            hidden,
+            self.projection(),
+            labels,
+            self.bias,
+            (self.mask_value, self.reduction, options),
+            hidden_mask,
         )
         self.add_loss(value)
         return per_step
@@ -228,6 +297,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         return (*input_shape[:-1], self.vocabulary_size)
 
     def compute_output_spec(self, inputs, mask=None):
+        self._tie.find(inputs[0] if _is_pair(inputs) else inputs)
         if _is_pair(inputs):
             return keras.KerasTensor(tuple(inputs[1].shape), dtype="float32")
         shape = (*inputs.shape[:-1], self.vocabulary_size)
@@ -241,6 +311,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         return {
             **super().get_config(),
             "vocabulary_size": self.vocabulary_size,
+            "embedding": self._tie.name(),
+            "softcap": self.softcap,
             "use_bias": self.use_bias,
             "mask_value": self.mask_value,
             "reduction": self.reduction,
@@ -252,12 +324,71 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         }
 
 
-def _head(hidden, kernel, labels, bias, options, mask=None, sample_weight=None):
-    """`(per_step, value)` of the head: the pipeline's real steps (pad label,
-    mask, zero weights), then the chunked op, reduced by `masked_reduce`."""
-    mask_value, reduction, chunk_size, label_smoothing, z_loss = options
+class _Tie:
+    """The head's tied embedding: a layer, or, after `from_config`, the
+    layer's name, found upstream of the head's input in a functional graph
+    when the model is rebuilt (before any weight is loaded)."""
+
+    def __init__(self, layer: Any):
+        if not (
+            layer is None or isinstance(layer, str) or hasattr(layer, "embeddings")
+        ):
+            raise ValueError(
+                "Invalid value for argument `embedding`. Expected a layer "
+                "with an `embeddings` variable [vocabulary, hidden_size], "
+                "such as keras.layers.Embedding. Received: "
+                f"embedding={layer!r}"
+            )
+        self.layer = layer
+
+    def name(self) -> str | None:
+        return (
+            self.layer
+            if isinstance(self.layer, str) or not self.layer
+            else (self.layer.name)
+        )
+
+    def find(self, tensor: Any) -> None:
+        """Binds a tie known by name to the layer of that name upstream of
+        the symbolic `tensor`."""
+        if not isinstance(self.layer, str):
+            return
+        found = upstream_layer(tensor, self.layer)
+        if found is None:
+            raise ValueError(
+                f"Invalid value for argument `embedding`: no layer named "
+                f"{self.layer!r} feeds the head's input. A head tied by name "
+                "(from a saved config) must follow its embedding in the same "
+                "functional model."
+            )
+        self.layer = found
+
+    def matrix(self) -> Any:
+        if isinstance(self.layer, str):
+            raise ValueError(
+                f"The head's tied embedding {self.layer!r} was never found: "
+                "call the head on a symbolic input of its model first (a "
+                "reloaded functional model does this)."
+            )
+        return self.layer.embeddings
+
+
+def _head(
+    hidden,
+    kernel,
+    labels,
+    bias,
+    options,
+    mask=None,
+    sample_weight=None,
+    return_token_accuracy=False,
+):
+    """`(per_step, value, accuracy)` of the head: the pipeline's real steps
+    (pad label, mask, zero weights), then the chunked op, reduced by
+    `masked_reduce`; `accuracy` is `None` unless asked for."""
+    mask_value, reduction, linear_options = options
     labels = ops.convert_to_tensor(labels)
-    _shapes.check_linear(hidden, kernel, labels, bias)
+    _shapes.check_linear(hidden, kernel, labels, bias, linear_options.transpose_kernel)
     target = None if mask_value is None else value_mask(labels, mask_value)
     valid = _pipeline.valid_steps(
         tuple(labels.shape),
@@ -270,22 +401,31 @@ def _head(hidden, kernel, labels, bias, options, mask=None, sample_weight=None):
     def reduce(per_step):
         return masked_reduce(per_step, valid, reduction, sample_weight)
 
-    per_step, value = linear_crossentropy(
+    per_step, value, correct = linear_crossentropy(
         hidden,
         kernel,
         labels,
         bias,
         valid,
         None if reduction == "none" else reduce,
-        chunk_size,
-        label_smoothing,
-        z_loss,
+        linear_options,
         sample_weight,
+        return_correct=return_token_accuracy,
     )
-    return per_step, (reduce(per_step) if value is None else value)
+    accuracy = None
+    if return_token_accuracy:
+        accuracy = masked_reduce(correct, valid, "token_mean", sample_weight)
+    return per_step, (reduce(per_step) if value is None else value), accuracy
 
 
-def _check_options(chunk_size: Any, label_smoothing: float) -> None:
+def _linear_options(
+    chunk_size: Any,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Any,
+    transpose_kernel: bool,
+) -> LinearOptions:
+    """The checked `LinearOptions` of the head."""
     if (
         not isinstance(chunk_size, int)
         or isinstance(chunk_size, bool)
@@ -300,6 +440,22 @@ def _check_options(chunk_size: Any, label_smoothing: float) -> None:
             "Invalid value for argument `label_smoothing`. Expected a value in "
             f"[0, 1]. Received: label_smoothing={label_smoothing}"
         )
+    if softcap is not None and (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+    ):
+        raise ValueError(
+            "Invalid value for argument `softcap`. Expected `None` or a "
+            f"positive number. Received: softcap={softcap!r}"
+        )
+    return LinearOptions(
+        chunk_size,
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        bool(transpose_kernel),
+    )
 
 
 def _is_pair(value) -> bool:

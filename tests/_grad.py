@@ -14,8 +14,8 @@ from tools import backends
 
 
 def value_and_grad(
-    fn: Callable[[Any], Any], x: Any, jit: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+    fn: Callable[[Any], Any], x: Any, jit: bool = False, has_aux: bool = False
+) -> tuple[Any, np.ndarray]:
     """Evaluates `fn(x)` and its gradient with respect to `x`.
 
     Args:
@@ -23,12 +23,17 @@ def value_and_grad(
         x: The point, anything `keras.ops.convert_to_tensor` takes; a float
             dtype is kept.
         jit: Trace `fn` first (`jax.jit`, `tf.function`; PyTorch runs eagerly).
+        has_aux: `fn` returns `(scalar, aux)`, `aux` one tensor.
 
     Returns:
-        `(value, grad)` as NumPy arrays; `grad` has `x`'s shape and is zeros
-        where `fn` does not depend on `x`.
+        `(value, grad)` as NumPy arrays (`value` is `(scalar, aux)` with
+        `has_aux`); `grad` has `x`'s shape and is zeros where `fn` does not
+        depend on `x`.
     """
-    value, (grad,) = backends.value_and_grad(fn, jit=jit)(ops.convert_to_tensor(x))
+    step = backends.value_and_grad(fn, jit=jit, has_aux=has_aux)
+    value, (grad,) = step(ops.convert_to_tensor(x))
+    if has_aux:
+        return (_to_numpy(value[0]), _to_numpy(value[1])), _to_numpy(grad)
     return _to_numpy(value), _to_numpy(grad)
 
 

@@ -358,6 +358,7 @@ def test_linear_value_and_per_step_losses_differentiated_together(reduction, use
     # its upstream) and the per-step losses (the logits recomputed), both in
     # one objective: what a layer's loss plus its returned losses need.
     from kmask.ops import linear_crossentropy
+    from kmask.ops.crossentropy import LinearOptions
 
     data = _data(13)
     valid = _valid()
@@ -367,9 +368,10 @@ def test_linear_value_and_per_step_losses_differentiated_together(reduction, use
 
     def objective(hidden, kernel, bias):
         mask = ops.convert_to_tensor(valid)
-        per_step, value = linear_crossentropy(
+        per_step, value, _ = linear_crossentropy(
             hidden, kernel, labels, bias, mask,
-            lambda x: kmask.masked_reduce(x, mask, reduction), 4, 0.1, 0.01,
+            lambda x: kmask.masked_reduce(x, mask, reduction),
+            LinearOptions(chunk_size=4, label_smoothing=0.1, z_loss=0.01),
         )  # fmt: skip
         return 2.5 * value + ops.sum(per_step * ops.convert_to_tensor(cotangent))
 
@@ -586,6 +588,178 @@ def test_layer_config_round_trip_and_keras_file(tmp_path):
 def test_layer_rejects_reduction_none():
     with pytest.raises(ValueError, match=r"reduction.*Received: reduction='none'"):
         kmask.FusedLinearCrossentropy(V, reduction="none")
+
+
+# ----------------------------------------------------------------------------
+# The head's options: a tied [vocabulary, hidden] kernel, a soft cap, token
+# accuracy, per-token weights, half precision.
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("softcap", [None, 0.7])
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_options_match_numpy(transpose_kernel, softcap, weighted, jit):
+    data = _data(21)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    rng = np.random.default_rng(22)
+    weight = rng.uniform(0.0, 2.0, (B, T)).astype("float32") if weighted else None
+    kernel = data["kernel"].T.copy() if transpose_kernel else data["kernel"]
+    # Scaled so that the cap (0.7) bends the logits a lot.
+    hidden = np.where(valid[..., None], data["hidden"], np.nan).astype("float32")
+
+    def loss(hidden, kernel):
+        value, accuracy = kmask.fused_linear_crossentropy(
+            hidden,
+            kernel,
+            labels,
+            data["bias"],
+            mask_value=PAD,
+            sample_weight=weight,
+            chunk_size=4,
+            transpose_kernel=transpose_kernel,
+            softcap=softcap,
+            return_token_accuracy=True,
+        )
+        return value, accuracy
+
+    expected = references.np_linear(
+        data["hidden"], data["kernel"], data["bias"], labels, valid, weight,
+        "token_mean", softcap=softcap,
+    )  # fmt: skip
+    (value, accuracy), d_hidden = value_and_grad(
+        lambda x: loss(x, kernel), hidden, has_aux=True, jit=jit
+    )
+    (_, _), d_kernel = value_and_grad(
+        lambda x: loss(hidden, x), kernel, has_aux=True, jit=jit
+    )
+    _close(value, expected["value"])
+    _close(accuracy, expected["accuracy"])
+    assert 0.0 < expected["accuracy"] < 1.0  # the argmax is right and wrong
+    _close(d_hidden, expected["grad_hidden"])
+    grad_kernel = expected["grad_kernel"]
+    _close(d_kernel, grad_kernel.T if transpose_kernel else grad_kernel)
+    assert np.all(d_hidden[~valid] == 0.0)
+
+
+def test_softcap_changes_the_loss_and_accuracy_has_no_gradient():
+    data = _data(23)
+    labels = data["labels"]
+
+    def loss(hidden, softcap):
+        value, accuracy = kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, softcap=softcap,
+            return_token_accuracy=True,
+        )  # fmt: skip
+        return accuracy, value
+
+    capped, _ = value_and_grad(lambda x: loss(x, 0.5), data["hidden"], has_aux=True)
+    plain, _ = value_and_grad(lambda x: loss(x, None), data["hidden"], has_aux=True)
+    assert abs(float(capped[1]) - float(plain[1])) > 0.1
+    # Differentiating the accuracy gives zeros: it is a count, not a loss.
+    _, d_hidden = value_and_grad(lambda x: loss(x, 0.5)[0], data["hidden"])
+    assert np.all(ops.convert_to_numpy(d_hidden) == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_linear_half_precision_inputs_accumulate_in_float32(dtype):
+    data = _data(24)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    hidden = data["hidden"].astype(dtype)
+    kernel = data["kernel"].T.astype(dtype)
+    value = kmask.fused_linear_crossentropy(
+        hidden, kernel, labels, mask_value=PAD, transpose_kernel=True, softcap=2.0
+    )
+    assert ops.convert_to_numpy(value).dtype == np.float32
+    expected = references.np_linear(
+        hidden.astype("float64"), kernel.T.astype("float64"), None, labels, valid,
+        None, "token_mean", softcap=2.0,
+    )  # fmt: skip
+    _close(value, expected["value"])
+
+
+def test_linear_options_are_checked():
+    data = _data()
+    args = (data["hidden"], data["kernel"], data["labels"])
+    for softcap in (0.0, -1.0, "30", True):
+        with pytest.raises(ValueError, match=r"`softcap`.*Received: softcap="):
+            kmask.fused_linear_crossentropy(*args, softcap=softcap)
+    with pytest.raises(ValueError, match=r"\[vocabulary, hidden_size\]"):
+        kmask.fused_linear_crossentropy(*args, transpose_kernel=True)
+
+
+def _tied_model(softcap=None):
+    tokens = keras.Input((T,), dtype="int32")
+    labels = keras.Input((T,), dtype="int32")
+    embedding = keras.layers.Embedding(V, H, mask_zero=True, name="tokens")
+    hidden = keras.layers.Dense(H, activation="tanh", name="mix")(embedding(tokens))
+    head = kmask.FusedLinearCrossentropy(
+        V, embedding=embedding, softcap=softcap, mask_value=PAD, chunk_size=4,
+        name="head",
+    )  # fmt: skip
+    model = keras.Model([tokens, labels], head([hidden, labels]))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=None)
+    return model
+
+
+def _tied_numpy_loss(model, tokens, labels, valid, softcap):
+    features = keras.Model(model.inputs[0], model.get_layer("mix").output)
+    hidden = ops.convert_to_numpy(features(tokens))
+    matrix = ops.convert_to_numpy(model.get_layer("tokens").embeddings)
+    bias = ops.convert_to_numpy(model.get_layer("head").bias)
+    return references.np_linear(
+        hidden, matrix.T, bias, labels, valid, None, "token_mean", softcap=softcap
+    )["value"]
+
+
+def test_layer_ties_the_embedding_trains_it_and_keeps_the_tie_in_a_keras_file(
+    tmp_path,
+):
+    keras.utils.set_random_seed(1)
+    model = _tied_model(softcap=3.0)
+    head, embedding = model.get_layer("head"), model.get_layer("tokens")
+    assert head.embedding is embedding
+    assert [w.name for w in head.weights] == ["bias"]  # no kernel of its own
+    tokens, labels, valid = _tokens_and_labels()
+    before = ops.convert_to_numpy(embedding.embeddings).copy()
+    _close(
+        model.evaluate([tokens, labels], verbose=0),
+        _tied_numpy_loss(model, tokens, labels, valid, 3.0),
+        rtol=1e-4,
+    )
+    model.fit([tokens, labels], epochs=2, batch_size=B, verbose=0)
+    after = ops.convert_to_numpy(embedding.embeddings)
+    # The head's gradient reaches rows that only the head uses: the labels'
+    # rows of tokens that never occur as inputs are still trained.
+    unused_as_input = sorted(set(labels[valid].tolist()) - set(tokens[valid].tolist()))
+    assert unused_as_input and not np.allclose(
+        after[unused_as_input], before[unused_as_input]
+    )
+    path = tmp_path / "tied.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    tied = restored.get_layer("head")
+    assert tied.embedding is restored.get_layer("tokens")
+    assert tied.get_config()["embedding"] == "tokens"
+    _close(
+        restored.evaluate([tokens, labels], verbose=0),
+        model.evaluate([tokens, labels], verbose=0),
+    )
+    # Still one matrix after reloading: training moves the embedding the
+    # head reads.
+    restored.fit([tokens, labels], epochs=1, batch_size=B, verbose=0)
+    _close(
+        restored.evaluate([tokens, labels], verbose=0),
+        _tied_numpy_loss(restored, tokens, labels, valid, 3.0),
+        rtol=1e-4,
+    )
+
+
+def test_layer_rejects_an_embedding_without_embeddings():
+    with pytest.raises(ValueError, match=r"`embedding`.*Received: embedding="):
+        kmask.FusedLinearCrossentropy(V, embedding=keras.layers.Dense(3))
 
 
 # ----------------------------------------------------------------------------

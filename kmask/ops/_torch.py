@@ -258,34 +258,36 @@ def linear_crossentropy(
     valid: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None,
     steps_shape: tuple[int, ...],
-    chunk_size: int,
-    label_smoothing: float,
-    z_loss: float,
+    options: tuple,
     sample_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_correct: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunked linear cross-entropy; see `kmask.ops.linear_crossentropy`.
 
     Args:
         hidden: float32 `[tokens, width]`, rows that are not `valid` zeroed.
-        kernel: float32 `[width, vocabulary]`.
+        kernel: float32 `[width, vocabulary]`, or `[vocabulary, width]` with
+            `options.transpose_kernel` (used through a transposed view).
         bias: float32 `[vocabulary]`, or `None`.
         labels: int32 `[tokens]`, 0 where not `valid`.
         valid: Boolean `[tokens]`.
         reduce: The reduction, `per_step (steps_shape) -> scalar`, linear in
             `per_step`; `None` for per-step losses only.
         steps_shape: The shape of the per-step losses `reduce` takes.
-        chunk_size: Tokens per chunk.
-        label_smoothing: Smoothing towards the uniform distribution.
-        z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        options: `kmask.ops.crossentropy.LinearOptions`: chunk size, label
+            smoothing, z-loss, soft cap, transposed kernel.
         sample_weight: The weights `reduce` uses; when they need a gradient
             of their own (a Keras variable), the value is left to the caller.
+        return_correct: Whether to return, per token, whether the argmax of
+            the (capped) logits is the label.
 
     Returns:
-        `(per_step, value)`: float32 per-step losses `[tokens]` (0 where not
-        `valid`) and `reduce(per_step)`, or `None` where the reduction is left
-        to the caller (no `reduce`, or no gradient to compute in advance).
-        Both are differentiable: the value's gradient is computed in the
-        forward pass, the per-step losses' by recomputing the logits.
+        `(per_step, value, correct)`: float32 per-step losses `[tokens]` (0
+        where not `valid`), `reduce(per_step)` or `None` where the reduction
+        is left to the caller (no `reduce`, or no gradient to compute in
+        advance), and float32 1/0 `[tokens]` (0 where not `valid`) or `None`.
+        The first two are differentiable: the value's gradient is computed
+        in the forward pass, the per-step losses' by recomputing the logits.
     """
     params = (hidden, kernel, bias)
     coefficient = None
@@ -297,18 +299,11 @@ def linear_crossentropy(
         and any(p is not None and p.requires_grad for p in params)
     ):
         coefficient = _reduction_coefficients(reduce, steps_shape, hidden.device)
+    correct = hidden.new_zeros(labels.shape) if return_correct else None
     per_step, value = _LinearCrossentropy.apply(
-        hidden,
-        kernel,
-        bias,
-        labels.long(),
-        valid,
-        coefficient,
-        chunk_size,
-        label_smoothing,
-        z_loss,
+        hidden, kernel, bias, labels.long(), valid, coefficient, correct, *options
     )
-    return per_step, (None if coefficient is None else value)
+    return per_step, (None if coefficient is None else value), correct
 
 
 def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
@@ -326,7 +321,9 @@ def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
 
 class _LinearCrossentropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, kernel, bias, labels, valid, coefficient, *options):
+    def forward(
+        ctx, hidden, kernel, bias, labels, valid, coefficient, correct, *options
+    ):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, kernel, bias, labels, valid)
         ctx.options = options
@@ -339,6 +336,7 @@ class _LinearCrossentropy(torch.autograd.Function):
             valid,
             coefficient if any(needs) else None,
             needs,
+            correct,
             *options,
         )
         ctx.grads = grads
@@ -367,28 +365,37 @@ class _LinearCrossentropy(torch.autograd.Function):
         if d_per_step is not None:
             coefficient = torch.where(valid, d_per_step.to(hidden.dtype), 0.0)
             more, _ = _linear_chunks(
-                hidden, kernel, bias, labels, valid, coefficient, needs, *ctx.options
-            )
+                hidden, kernel, bias, labels, valid, coefficient, needs, None,
+                *ctx.options,
+            )  # fmt: skip
             grads = [
                 b if a is None else a if b is None else a.add_(b)
                 for a, b in zip(grads, more, strict=True)
             ]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, *(None for _ in ctx.options))
 
 
 def _linear_chunks(
-    hidden, kernel, bias, labels, valid, coefficient, needs, chunk_size, ls, z_loss
-):
+    hidden, kernel, bias, labels, valid, coefficient, needs, correct,
+    chunk_size, ls, z_loss, softcap, transpose_kernel,
+):  # fmt: skip
     """One pass over the chunks: `(grads, per_step)`, the gradients of
     `sum(coefficient * per_step)` with respect to `(hidden, kernel, bias)`
     (`None` where not `needs`, all `None` without `coefficient`) and the
-    per-step losses, 0 where not `valid`.
+    per-step losses, 0 where not `valid`; writes into `correct` (if given)
+    whether each row's argmax is its label.
 
     Each chunk's logits go into one preallocated `[chunk_size, vocabulary]`
-    buffer, which turns into their gradient in place."""
-    tokens, vocabulary = hidden.shape[0], kernel.shape[1]
+    buffer, which turns into their gradient in place (with `softcap`, a
+    second buffer holds the cap's slope for the backward pass)."""
+    # `weight` is `[width, vocabulary]`: the kernel, or a transposed view.
+    weight = kernel.t() if transpose_kernel else kernel
+    tokens, vocabulary = hidden.shape[0], weight.shape[1]
     chunk_size = max(1, min(chunk_size, tokens))
     buffer = hidden.new_empty((chunk_size, vocabulary))
+    slopes = None
+    if softcap is not None and coefficient is not None:
+        slopes = hidden.new_empty((chunk_size, vocabulary))
     per_step = hidden.new_empty((tokens,))
     d_hidden = d_kernel = d_bias = None
     if coefficient is not None:
@@ -404,14 +411,26 @@ def _linear_chunks(
         chunk_hidden = hidden[rows]
         logits = buffer[: stop - start]
         if bias is None:
-            torch.mm(chunk_hidden, kernel, out=logits)
+            torch.mm(chunk_hidden, weight, out=logits)
         else:
-            torch.addmm(bias, chunk_hidden, kernel, out=logits)
+            torch.addmm(bias, chunk_hidden, weight, out=logits)
+        slope = None
+        if softcap is not None:
+            logits.div_(softcap).tanh_()
+            if slopes is not None:
+                # d(c * tanh(z / c)) / dz = 1 - tanh(z / c) ** 2
+                slope = torch.mul(logits, logits, out=slopes[: stop - start])
+                slope.neg_().add_(1.0)
+            logits.mul_(softcap)
+        chunk_labels = labels[rows, None]
+        chunk_valid = valid[rows]
+        if correct is not None:
+            found = logits.argmax(dim=1) == chunk_labels[:, 0]
+            correct[rows] = (found & chunk_valid).to(correct.dtype)
         # The differences from the row's maximum (see `kmask.ops`).
         top = logits.amax(dim=1)
         top = torch.where(torch.isfinite(top), top, 0.0)
         logits.sub_(top[:, None])
-        chunk_labels = labels[rows, None]
         loss = _label_loss(logits, chunk_labels, ls)
         exponentials = logits.exp_()
         sum_exp = exponentials.sum(dim=1)
@@ -419,7 +438,6 @@ def _linear_chunks(
         loss.add_(log_sum)
         if z_loss:
             loss.add_(z_loss * (top + log_sum).square())
-        chunk_valid = valid[rows]
         per_step[rows] = torch.where(chunk_valid, loss, 0.0)
         if coefficient is None:
             continue
@@ -427,10 +445,15 @@ def _linear_chunks(
             exponentials, sum_exp, chunk_labels, coefficient[rows], top + log_sum,
             chunk_valid, ls, z_loss,
         )  # fmt: skip
+        if slope is not None:
+            grad.mul_(slope)
         if d_hidden is not None:
-            torch.mm(grad, kernel.t(), out=d_hidden[rows])
+            torch.mm(grad, weight.t(), out=d_hidden[rows])
         if d_kernel is not None:
-            d_kernel.addmm_(chunk_hidden.t(), grad)
+            if transpose_kernel:
+                d_kernel.addmm_(grad.t(), chunk_hidden)
+            else:
+                d_kernel.addmm_(chunk_hidden.t(), grad)
         if d_bias is not None:
             d_bias.add_(grad.sum(dim=0))
     return [d_hidden, d_kernel, d_bias], per_step

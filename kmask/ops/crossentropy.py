@@ -13,7 +13,7 @@ other than the last.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -338,6 +338,25 @@ def crossentropy(y_true: Any, y_pred: Any, from_logits: bool = False):
     return keras.losses.categorical_crossentropy(y_true, y_pred)
 
 
+class LinearOptions(NamedTuple):
+    """How `linear_crossentropy` computes: every argument after the arrays.
+
+    Attributes:
+        chunk_size: Tokens per chunk.
+        label_smoothing: Smoothing towards the uniform distribution.
+        z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        softcap: `c` to compute on `c * tanh(logits / c)`, or `None`.
+        transpose_kernel: Whether the kernel is `[vocabulary, width]` (an
+            embedding matrix), used as it is, never transposed in memory.
+    """
+
+    chunk_size: int = 256
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    transpose_kernel: bool = False
+
+
 def linear_crossentropy(
     hidden: Any,
     kernel: Any,
@@ -345,10 +364,9 @@ def linear_crossentropy(
     bias: Any,
     valid: Any,
     reduce: Callable[[Any], Any] | None,
-    chunk_size: int,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    options: LinearOptions,
     sample_weight: Any = None,
+    return_correct: bool = False,
 ):
     """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
@@ -360,27 +378,30 @@ def linear_crossentropy(
 
     Args:
         hidden: `[batch, ..., width]`.
-        kernel: `[width, vocabulary]`.
+        kernel: `[width, vocabulary]`, or `[vocabulary, width]` with
+            `options.transpose_kernel`.
         labels: Integer labels, `hidden`'s shape without its last axis.
         bias: `[vocabulary]`, or `None`.
         valid: Boolean mask, `[batch]` or `labels`' shape, or `None`.
         reduce: The reduction, `per_step -> scalar`, linear in `per_step`;
             `None` for per-step losses only.
-        chunk_size: Tokens per chunk.
-        label_smoothing: Smoothing towards the uniform distribution.
-        z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        options: The `LinearOptions`.
         sample_weight: The weights `reduce` uses, if any: a kernel that
             computes the reduction's gradient in advance must know whether
             they need one of their own.
+        return_correct: Whether to return, per step, whether the argmax of
+            the (capped) logits is the label.
 
     Returns:
-        `(per_step, value)`: float32 per-step losses of `labels`' shape (0
-        where not `valid`) and `reduce(per_step)` (`None` without `reduce`).
+        `(per_step, value, correct)`: float32 per-step losses of `labels`'
+        shape (0 where not `valid`), `reduce(per_step)` (`None` without
+        `reduce`), and float32 1/0 of `labels`' shape (0 where not `valid`;
+        `None` without `return_correct`), which has no gradient.
     """
     steps_shape = ops.shape(labels)
     hidden = ops.cast(hidden, "float32")
     kernel = ops.cast(ops.convert_to_tensor(kernel), "float32")
-    width = kernel.shape[0]
+    width = kernel.shape[1 if options.transpose_kernel else 0]
     hidden = ops.reshape(hidden, (-1, width))
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
     tokens = ops.shape(labels)[0]
@@ -396,7 +417,7 @@ def linear_crossentropy(
     if kernel_op is not None:
         if sample_weight is not None:
             sample_weight = ops.convert_to_tensor(sample_weight)
-        per_step, value = kernel_op(
+        per_step, value, correct = kernel_op(
             hidden,
             kernel,
             bias,
@@ -404,16 +425,18 @@ def linear_crossentropy(
             valid,
             reduce,
             tuple(steps_shape),
-            chunk_size,
-            label_smoothing,
-            z_loss,
+            options,
             sample_weight,
+            return_correct,
         )
         per_step = ops.reshape(per_step, steps_shape)
         if value is None and reduce is not None:
             value = reduce(per_step)
-        return per_step, value
+        if correct is not None:
+            correct = ops.reshape(correct, steps_shape)
+        return per_step, value, correct
     # A batch smaller than a chunk is one chunk of its own size.
+    chunk_size = options.chunk_size
     chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
     chunks = (tokens + chunk - 1) // chunk
     # An empty batch runs one chunk of padding, so the loop has a body.
@@ -424,53 +447,80 @@ def linear_crossentropy(
     valid = ops.pad(ops.cast(valid, "int32"), [[0, extra]])
     valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
-    per_step = _chunked_crossentropy(
-        labels, valid, label_smoothing, z_loss, chunks, *params
+    per_step, correct = _chunked_crossentropy(
+        labels, valid, options, return_correct, chunks, *params
     )
-    per_step = ops.reshape(per_step, (-1,))[:tokens]
-    per_step = ops.reshape(per_step, steps_shape)
-    return per_step, (None if reduce is None else reduce(per_step))
+
+    def unchunk(values):
+        return ops.reshape(ops.reshape(values, (-1,))[:tokens], steps_shape)
+
+    per_step = unchunk(per_step)
+    if correct is not None:
+        correct = ops.stop_gradient(unchunk(correct))
+    return per_step, (None if reduce is None else reduce(per_step)), correct
 
 
-def _chunked_crossentropy(labels, valid, label_smoothing, z_loss, chunks, *params):
-    """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
-    bias])`: per-step losses `[chunks, chunk]`; both passes loop over chunks
-    and the backward pass recomputes each chunk's logits."""
-
-    def logits_of(chunk_hidden, kernel, bias):
+def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
+    """A chunk's logits, capped with `options.softcap`; the kernel used as
+    it is stored (`einsum` contracts its last axis, without a transposed
+    copy, when it is `[vocabulary, width]`)."""
+    if options.transpose_kernel:
+        logits = ops.einsum("tw,vw->tv", chunk_hidden, kernel)
+    else:
         logits = ops.matmul(chunk_hidden, kernel)
-        return logits if bias is None else logits + bias
+    if bias is not None:
+        logits = logits + bias
+    if options.softcap is None:
+        return logits
+    return options.softcap * ops.tanh(logits / options.softcap)
+
+
+def _chunked_crossentropy(labels, valid, options, return_correct, chunks, *params):
+    """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
+    bias])`: per-step losses `[chunks, chunk]` and, with `return_correct`,
+    whether each step's argmax is its label (stacked on the losses as one
+    output, whose second half has no gradient); both passes loop over
+    chunks and the backward pass recomputes each chunk's logits."""
+    label_smoothing, z_loss = options.label_smoothing, options.z_loss
+    empty = ops.zeros((chunks, params[0].shape[1]), "float32")
+    buffers = (empty,) * (4 if return_correct else 3)
 
     @ops.custom_gradient
     def crossentropy(*params):
         hidden, kernel, bias = (*params, None)[:3]
-        rows = hidden.shape[1]
 
         def forward_chunk(index, buffers):
-            logits = logits_of(ops.take(hidden, index, axis=0), kernel, bias)
+            chunk_hidden = ops.take(hidden, index, axis=0)
+            logits = _chunk_logits(chunk_hidden, kernel, bias, options)
+            chunk_labels = ops.take(labels, index, axis=0)
             normalizer, per_step = _forward(
-                logits, ops.take(labels, index, axis=0), label_smoothing, z_loss
+                logits, chunk_labels, label_smoothing, z_loss
             )
+            values = (*normalizer, per_step)
+            if return_correct:
+                predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+                values += (ops.cast(ops.equal(predicted, chunk_labels), "float32"),)
             return tuple(
                 ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
-                for buffer, value in zip(buffers, (*normalizer, per_step), strict=True)
+                for buffer, value in zip(buffers, values, strict=True)
             )
 
-        empty = ops.zeros((chunks, rows), "float32")
-        tops, log_sums, per_steps = ops.fori_loop(
-            0, chunks, forward_chunk, (empty, empty, empty)
-        )
-        per_steps = ops.where(valid, per_steps, ops.zeros_like(per_steps))
+        tops, log_sums, *outputs = ops.fori_loop(0, chunks, forward_chunk, buffers)
+        outputs = [ops.where(valid, found, ops.zeros_like(found)) for found in outputs]
+        output = ops.stack(outputs) if return_correct else outputs[0]
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
+            if return_correct:
+                upstream = upstream[0]
 
             def backward_chunk(index, grads):
                 d_hidden, d_kernel, d_bias = grads
                 chunk_hidden = ops.take(hidden, index, axis=0)
+                logits = _chunk_logits(chunk_hidden, kernel, bias, options)
                 d_logits = _grad(
-                    logits_of(chunk_hidden, kernel, bias),
+                    logits,
                     (ops.take(tops, index, axis=0), ops.take(log_sums, index, axis=0)),
                     ops.take(labels, index, axis=0),
                     ops.take(valid, index, axis=0),
@@ -478,21 +528,33 @@ def _chunked_crossentropy(labels, valid, label_smoothing, z_loss, chunks, *param
                     label_smoothing,
                     z_loss,
                 )
-                chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
+                if options.softcap is not None:
+                    # d(c * tanh(z / c)) / dz = 1 - tanh(z / c) ** 2
+                    d_logits = d_logits * (1.0 - ops.square(logits / options.softcap))
+                if options.transpose_kernel:
+                    chunk_d_hidden = ops.matmul(d_logits, kernel)
+                    chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, chunk_hidden)
+                else:
+                    chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
+                    chunk_d_kernel = ops.matmul(ops.transpose(chunk_hidden), d_logits)
                 return (
                     ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
-                    d_kernel + ops.matmul(ops.transpose(chunk_hidden), d_logits),
+                    d_kernel + chunk_d_kernel,
                     d_bias + ops.sum(d_logits, axis=0),
                 )
 
+            vocabulary = kernel.shape[0 if options.transpose_kernel else 1]
             zeros = (
                 ops.zeros_like(hidden),
                 ops.zeros_like(kernel),
-                ops.zeros((kernel.shape[1],), "float32"),
+                ops.zeros((vocabulary,), "float32"),
             )
             d_hidden, d_kernel, d_bias = ops.fori_loop(0, chunks, backward_chunk, zeros)
             return (d_hidden, d_kernel, d_bias)[: len(params)]
 
-        return per_steps, grad
+        return output, grad
 
-    return crossentropy(*params)
+    output = crossentropy(*params)
+    if return_correct:
+        return output[0], output[1]
+    return output, None

@@ -143,15 +143,23 @@ def np_masked_loss(loss, y_true, y_pred, valid, weight, reduction):
     return value, grad
 
 
-def np_linear(hidden, kernel, bias, labels, valid, weight, reduction, **options):
-    """The linear cross-entropy's value, its per-step losses (0 on padding)
-    and the gradients with respect to `hidden`, `kernel` and `bias`."""
+def np_linear(
+    hidden, kernel, bias, labels, valid, weight, reduction, softcap=None, **options
+):
+    """The linear cross-entropy's value, its per-step losses (0 on padding),
+    the gradients with respect to `hidden`, `kernel` (`[hidden, vocabulary]`)
+    and `bias`, and the token accuracy of the argmax; with `softcap`, all of
+    the logits `softcap * tanh(logits / softcap)`."""
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     hidden = np.where(used[..., None], np.asarray(hidden, "float64"), 0.0)
     kernel = np.asarray(kernel, "float64")
     logits = hidden @ kernel
     if bias is not None:
         logits = logits + np.asarray(bias, "float64")
+    slope = np.ones_like(logits)
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+        slope = 1.0 - (logits / softcap) ** 2
     per_step, step_grad = np.zeros(valid.shape), np.zeros(logits.shape)
     if used.any():
         per_step[used], step_grad[used] = np_sparse_categorical(
@@ -159,12 +167,16 @@ def np_linear(hidden, kernel, bias, labels, valid, weight, reduction, **options)
         )
     value, coefficient = np_reduce(per_step, valid, weight, reduction)
     d_logits = np.where(used[..., None], coefficient[..., None] * step_grad, 0.0)
+    d_logits = d_logits * slope
+    correct = (logits.argmax(-1) == labels) & used
+    accuracy, _ = np_reduce(correct.astype("float64"), valid, weight, "token_mean")
     return {
         "value": value,
         "per_step": per_step,
         "grad_hidden": d_logits @ kernel.T,
         "grad_kernel": np.einsum("bth,btv->hv", hidden, d_logits),
         "grad_bias": d_logits.sum((0, 1)),
+        "accuracy": accuracy,
     }
 
 
