@@ -242,6 +242,9 @@ def fused_case(
     use_bias: bool = True,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    transpose_kernel: bool = False,
+    accuracy: bool = False,
 ) -> Case:
     """A case of the `"fused"` runner. `api`: `"crossentropy"`
     (`kmask.sparse_crossentropy_with_logits` with an explicit mask: the
@@ -252,10 +255,16 @@ def fused_case(
     and the gradient of `hidden`). `source` pads the batch: `pad_negative`
     (labels -100, `mask_value`), `explicit_mask` (lengths as `mask=`),
     `step_weights` / `sequence_weights` (`sample_weight`), `propagated`
-    (`Masking(0.0)` on the hidden states), `all_padding`."""
-    options = {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    (`Masking(0.0)` on the hidden states), `all_padding`. The function's
+    options: `softcap`, `transpose_kernel` (the kernel given as `[vocabulary,
+    width]`) and `accuracy` (`return_token_accuracy`, compared too)."""
+    options: dict[str, Any] = {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    if softcap is not None:
+        options["softcap"] = softcap
     parts = ["fused", api, source, reduction]
     parts += ["smoothing"] * bool(label_smoothing) + ["z_loss"] * bool(z_loss)
+    parts += ["softcap"] * (softcap is not None) + ["tied"] * transpose_kernel
+    parts += ["accuracy"] * accuracy
     parts += ["no_bias"] * (not use_bias)
     parts += [dtype] if dtype != "float32" else []
     parts += ["jit"] if compiled else []
@@ -311,7 +320,8 @@ def fused_case(
         }
         half = ["logits"]
     else:
-        inputs.update(hidden=hidden, kernel=kernel.astype("float32"))
+        stored = kernel.T if transpose_kernel else kernel
+        inputs.update(hidden=hidden, kernel=stored.astype("float32"))
         if use_bias:
             inputs["bias"] = bias.astype("float32")
         reference = np_linear(
@@ -329,7 +339,10 @@ def fused_case(
             names.append("per_step")
         else:
             names += ["grad_kernel"] + ["grad_bias"] * use_bias
+        names += ["accuracy"] * accuracy
         expected = {key: reference[key] for key in names}
+        if transpose_kernel:
+            expected["grad_kernel"] = expected["grad_kernel"].T
         half = ["hidden", "kernel", "bias"] if use_bias else ["hidden", "kernel"]
     spec = {
         "api": api,
@@ -338,6 +351,8 @@ def fused_case(
         "reduction": reduction,
         "chunk_size": FUSED_CHUNK,
         "options": options,
+        "transpose_kernel": transpose_kernel,
+        "accuracy": accuracy,
         "compiled": compiled,
         "half": half if dtype != "float32" else [],
     }

@@ -237,9 +237,14 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
             sample_weight=inputs.get("sample_weight"),
             reduction=spec["reduction"],
             chunk_size=spec["chunk_size"],
+            transpose_kernel=spec.get("transpose_kernel", False),
+            return_token_accuracy=spec.get("accuracy", False),
             **options,
         )
-        return ops.sum(value), {"value": value}
+        outputs = {}
+        if spec.get("accuracy"):
+            value, outputs["accuracy"] = value
+        return ops.sum(value), {"value": value, **outputs}
 
     params = {key: inputs[key] for key in ("hidden", "kernel", "bias") if key in inputs}
     return _value_and_grads(linear, params, spec["compiled"])

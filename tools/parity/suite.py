@@ -205,7 +205,8 @@ def _layers() -> list[Case]:
 def _fused() -> list[Case]:
     """`kmask.sparse_crossentropy_with_logits`, `kmask.fused_linear_crossentropy`
     and `kmask.FusedLinearCrossentropy`: every reduction, the mask sources,
-    smoothing and z-loss, no bias, bfloat16, compiled, all padding."""
+    smoothing and z-loss, no bias, bfloat16, compiled, all padding, and the
+    head's soft cap, tied (`[vocabulary, width]`) kernel and token accuracy."""
     return [
         fused_case("crossentropy", "explicit_mask"),
         fused_case("crossentropy", "pad_negative", label_smoothing=0.1, z_loss=0.05),
@@ -231,6 +232,26 @@ def _fused() -> list[Case]:
         ),
         fused_case("layer", "propagated", "token_mean"),
         fused_case("layer", "pad_negative", "sequence_mean", z_loss=0.05),
+        fused_case("function", "pad_negative", "token_mean", softcap=0.8),
+        fused_case("function", "step_weights", "sum", transpose_kernel=True),
+        fused_case("function", "explicit_mask", "token_mean", accuracy=True),
+        fused_case(
+            "function",
+            "step_weights",
+            "token_mean",
+            compiled=True,
+            softcap=0.8,
+            transpose_kernel=True,
+            accuracy=True,
+        ),
+        fused_case(
+            "function",
+            "pad_negative",
+            "token_mean",
+            dtype="bfloat16",
+            softcap=0.8,
+            transpose_kernel=True,
+        ),
     ]
 
 
