@@ -107,7 +107,8 @@ def node_outputs(node: Any) -> list:
 
 def upstream_layer(tensor: Any, name: str) -> Any:
     """The layer named `name` among those that produced the symbolic
-    `tensor`, directly or through earlier layers, or `None`."""
+    `tensor`, directly or through earlier layers, or inside a model that
+    did (keras-hub's backbones hold their embedding), or `None`."""
     seen: set[int] = set()
     pending = [tensor]
     while pending:
@@ -118,8 +119,27 @@ def upstream_layer(tensor: Any, name: str) -> Any:
         operation = node_operation(node)
         if getattr(operation, "name", None) == name:
             return operation
+        nested = _nested_layer(operation, name)
+        if nested is not None:
+            return nested
         pending.extend(node_input_tensors(node))
     return None
+
+
+def _nested_layer(operation: Any, name: str) -> Any:
+    """The layer named `name` anywhere inside `operation`, or `None`.
+    Keras's `_flatten_layers` finds layers held in attributes too; without
+    it, the public `layers` of nested models are searched."""
+    flatten = getattr(operation, "_flatten_layers", None)
+    if flatten is not None:
+        layers = flatten(include_self=False)
+    else:
+        layers, pending = [], list(getattr(operation, "layers", []))
+        while pending:
+            layer = pending.pop()
+            layers.append(layer)
+            pending.extend(getattr(layer, "layers", []))
+    return next((layer for layer in layers if layer.name == name), None)
 
 
 # The method a functional model (and the functional model inside a

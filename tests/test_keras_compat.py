@@ -83,6 +83,18 @@ def test_node_arguments_and_outputs():
     )
 
 
+def test_upstream_layer_finds_a_layer_inside_a_nested_model():
+    assert hasattr(keras.Model, "_flatten_layers"), _moved("Layer._flatten_layers")
+    tokens = keras.Input((4,), dtype="int32")
+    embedding = keras.layers.Embedding(5, 3, name="table")
+    inner = keras.Model(tokens, keras.layers.Dense(3)(embedding(tokens)), name="inner")
+    outer_tokens = keras.Input((4,), dtype="int32")
+    hidden = keras.layers.Dense(3, name="after")(inner(outer_tokens))
+    assert compat.upstream_layer(hidden, "table") is embedding
+    assert compat.upstream_layer(hidden, "inner") is inner
+    assert compat.upstream_layer(hidden, "missing") is None
+
+
 @pytest.mark.parametrize(
     "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
 )
