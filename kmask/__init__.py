@@ -32,7 +32,7 @@ from kmask.reduce import (
 )
 from kmask.report import LayerMasks, MaskReport, OutputMasks, mask_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "REDUCTIONS",
