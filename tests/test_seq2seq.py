@@ -199,6 +199,20 @@ def test_nan_at_zero_weight_steps_never_leaks(flags):
     assert (grad[weights == 0] == 0).all()
 
 
+@pytest.mark.parametrize("flags", ACCEPTED, ids=_flag_id)
+def test_all_zero_weights_give_zero_not_nan(flags):
+    """TFA's `divide_no_nan`: every denominator is 0, every result is 0."""
+    logits, targets, weights = _batch(2)
+    zeros = np.zeros_like(weights)
+    value, grad = value_and_grad(
+        lambda x: ops.sum(kmask.sequence_loss(x, targets, zeros, **flags)), logits
+    )
+    found = kmask.sequence_loss(logits, targets, zeros, **flags)
+    np.testing.assert_array_equal(ops.convert_to_numpy(found), 0.0)
+    assert value == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+
+
 def test_gradient_matches_numpy():
     """d/dlogits of TFA's default scalar: w * (softmax - onehot) / sum(w)."""
     logits, targets, weights = _batch(2)
