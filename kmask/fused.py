@@ -31,6 +31,7 @@ from kmask.ops import (
     sparse_crossentropy_with_logits,
 )
 from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.typing import Tensor
 
 __all__ = [
     "FusedLinearCrossentropy",
@@ -53,7 +54,7 @@ def fused_linear_crossentropy(
     chunk_size: int = 256,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-):
+) -> Tensor:
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     Equals `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)` on
@@ -167,7 +168,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         **kwargs: Any,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         reduction = standardize_reduction(reduction)
         if reduction == "none":
@@ -188,7 +189,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.supports_masking = True
 
-    def build(self, input_shape):
+    def build(self, input_shape: Any) -> None:
         hidden_shape = input_shape[0] if _is_pair(input_shape) else input_shape
         self.kernel = self.add_weight(
             name="kernel",
@@ -203,7 +204,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 initializer=self.bias_initializer,
             )
 
-    def call(self, inputs, mask=None):
+    def call(self, inputs: Any, mask: Tensor | None = None) -> Tensor:
         if not _is_pair(inputs):
             logits = ops.matmul(inputs, self.kernel)
             return logits if self.bias is None else logits + self.bias
@@ -222,18 +223,18 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.add_loss(value)
         return per_step
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> tuple:
         if _is_pair(input_shape):
             return tuple(input_shape[1])
         return (*input_shape[:-1], self.vocabulary_size)
 
-    def compute_output_spec(self, inputs, mask=None):
+    def compute_output_spec(self, inputs: Any, mask: Tensor | None = None) -> Any:
         if _is_pair(inputs):
             return keras.KerasTensor(tuple(inputs[1].shape), dtype="float32")
         shape = (*inputs.shape[:-1], self.vocabulary_size)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
-    def compute_mask(self, inputs, mask=None):
+    def compute_mask(self, inputs: Any, mask: Tensor | None = None) -> Tensor | None:
         # The per-step losses are 0 on padding: nothing downstream needs a mask.
         return None if _is_pair(inputs) else mask
 
