@@ -111,9 +111,12 @@ def rnn_table(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install(*CONSTRAINTS, "ruff")
+    """ruff, and mypy on the package (`[tool.mypy]` in pyproject.toml): the
+    backends and Keras ship no type information, so only NumPy is installed."""
+    session.install(*CONSTRAINTS, "ruff", "mypy", "numpy")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "kmask")
 
 
 @nox.session
@@ -223,3 +226,38 @@ def package(session: nox.Session) -> None:
         )
         session.run("pytest", *session.posargs, env=env)
         session.run("pytest", "--pyargs", "kmask", env=env)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
+    API pages are read from the source by mkdocstrings (griffe), so neither
+    Keras nor a backend is installed."""
+    session.install(
+        *CONSTRAINTS, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"
+    )
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        "site",
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+@nox.session
+def figures(session: nox.Session) -> None:
+    """The PNGs under `docs/figures/` (`tools/figures.py`), under JAX. Reads the
+    JSON `nox -s bench` writes; other paths after `--`: the masked-CE JSON,
+    then the fused-linear one."""
+    session.install(*CONSTRAINTS, "-e", ".[jax]", "matplotlib")
+    paths = session.posargs or ["bench_masked_ce.json", "bench_fused_linear.json"]
+    session.run(
+        "python",
+        "tools/figures.py",
+        "--bench-ce",
+        paths[0],
+        *(["--bench-fused", paths[1]] if len(paths) > 1 else []),
+        env=QUIET_ENV,
+    )
