@@ -1,6 +1,6 @@
 """Test matrix: a tests session per Keras line and backend, plus lint and the demo.
 
-    python -m nox                 # every tests-* session, lint, parity
+    python -m nox                 # every tests-* session, lint, parity, package, docs
     python -m nox -s tests-jax    # one backend, the pinned Keras (constraints.txt)
     python -m nox -s tests-nightly-jax   # the next Keras (its own constraints file)
     python -m nox -s tests-oldest-torch  # the oldest Keras pyproject.toml allows
