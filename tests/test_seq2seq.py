@@ -213,6 +213,21 @@ def test_all_zero_weights_give_zero_not_nan(flags):
     np.testing.assert_array_equal(grad, 0.0)
 
 
+def test_default_equals_the_kmask_token_mean():
+    """What the TFA guide recommends for exact means across replicas gives
+    the function's default on one device."""
+    logits, targets, weights = _batch(2)
+    token_mean = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)
+    expected = tfa_reference(logits, targets, weights, dict.fromkeys(FLAGS, False))
+    expected = expected.sum() / weights.sum()
+    assert float(token_mean(targets, logits, sample_weight=weights)) == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert float(kmask.sequence_loss(logits, targets, weights)) == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
 def test_gradient_matches_numpy():
     """d/dlogits of TFA's default scalar: w * (softmax - onehot) / sum(w)."""
     logits, targets, weights = _batch(2)
