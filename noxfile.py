@@ -1,6 +1,6 @@
 """Test matrix: a tests session per Keras line and backend, plus lint and the demo.
 
-    python -m nox                 # every tests-* session, lint, parity
+    python -m nox                 # every tests-* session, lint, parity, package, docs
     python -m nox -s tests-jax    # one backend, the pinned Keras (constraints.txt)
     python -m nox -s tests-nightly-jax   # the next Keras (its own constraints file)
     python -m nox -s tests-oldest-torch  # the oldest Keras pyproject.toml allows
@@ -9,12 +9,19 @@
     python -m nox -s demo         # the seed demo on all three backends
     python -m nox -s bench        # speed and memory benchmarks (not run by default)
     python -m nox -s bench -- --quick   # the same on small shapes, a smoke test
+    python -m nox -s package      # build, twine check, the suite on the installed wheel
+    python -m nox -s docs         # the site, `mkdocs build --strict` into site/
+    python -m nox -s figures      # the PNGs under docs/figures (not run by default)
 
 Every install goes through constraints.txt, which pins the versions we test
 (and keeps pip from resolving an unpinned, multi-GB CUDA torch).
 """
 
 from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
 
 import nox
 
@@ -46,7 +53,7 @@ TEST_SESSIONS = [
     ),
 ]
 
-nox.options.sessions = [*TEST_SESSIONS, "lint", "parity"]
+nox.options.sessions = [*TEST_SESSIONS, "lint", "parity", "package", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -104,9 +111,12 @@ def rnn_table(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install(*CONSTRAINTS, "ruff")
+    """ruff, and mypy on the package (`[tool.mypy]` in pyproject.toml): the
+    backends and Keras ship no type information, so only NumPy is installed."""
+    session.install(*CONSTRAINTS, "ruff", "mypy", "numpy")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "kmask")
 
 
 @nox.session
@@ -138,3 +148,116 @@ def bench(session: nox.Session) -> None:
             *session.posargs,
             env=QUIET_ENV,
         )
+
+
+# What the wheel may hold besides `kmask/`: its metadata folder.
+WHEEL_METADATA = ".dist-info/"
+# What the package session copies next to the tests: everything they read
+# from the repository root, but not `kmask/`, so that the installed one runs.
+TEST_TREE = ("tests", "tools", "examples")
+TEST_FILES = (
+    "conftest.py",
+    "pyproject.toml",
+    "constraints.txt",
+    "constraints-keras-nightly.txt",
+    "constraints-keras-oldest.txt",
+)
+PACKAGE_BACKEND = "torch"  # the fastest suite on CPU
+
+
+def _check_wheel(session: nox.Session, wheel: Path) -> None:
+    """The wheel holds the library only (no tests, tools, benchmarks or
+    examples) and ships `kmask/py.typed`."""
+    names = zipfile.ZipFile(wheel).namelist()
+    strays = [
+        name
+        for name in names
+        if not name.startswith("kmask/")
+        and not name.split("/")[0].endswith(WHEEL_METADATA.rstrip("/"))
+    ]
+    if strays:
+        session.error(f"{wheel.name} holds more than kmask/: {strays}")
+    if "kmask/py.typed" not in names:
+        session.error(f"{wheel.name} lacks kmask/py.typed")
+    modules = sorted(name for name in names if name.startswith("kmask/"))
+    session.log(f"{wheel.name}: {len(modules)} files, " + ", ".join(modules))
+
+
+@nox.session(reuse_venv=False)
+def package(session: nox.Session) -> None:
+    """Builds the sdist and the wheel, checks them, installs the wheel into
+    this fresh virtualenv and runs the test suite (and the doctests) against
+    the installed package, from a folder where the source tree is not
+    importable."""
+    session.install(*CONSTRAINTS, "build", "twine")
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    # The build backend's isolated environment installs through the same pins.
+    build_env = {"PIP_CONSTRAINT": str(Path("constraints.txt").resolve())}
+    session.run("python", "-m", "build", "--outdir", str(dist), env=build_env)
+    artifacts = sorted(str(path) for path in dist.iterdir())
+    session.run("twine", "check", "--strict", *artifacts)
+    (wheel,) = dist.glob("kmask-*.whl")
+    _check_wheel(session, wheel)
+
+    session.install(*CONSTRAINTS, f"{wheel}[{PACKAGE_BACKEND},test]")
+    session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
+    checkout = tmp / "checkout"
+    shutil.rmtree(checkout, ignore_errors=True)
+    checkout.mkdir()
+    for folder in TEST_TREE:
+        shutil.copytree(
+            folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in TEST_FILES:
+        shutil.copy(name, checkout / name)
+    env = {**QUIET_ENV, "KERAS_BACKEND": PACKAGE_BACKEND}
+    with session.chdir(checkout):
+        session.run(
+            "python",
+            "-c",
+            "import kmask, sysconfig; from pathlib import Path; "
+            "site = Path(sysconfig.get_paths()['purelib']); "
+            "where = Path(kmask.__file__).resolve(); "
+            "print('kmask', kmask.__version__, 'from', where); "
+            "assert where.is_relative_to(site), (where, site)",
+            env=env,
+        )
+        session.run("pytest", *session.posargs, env=env)
+        session.run("pytest", "--pyargs", "kmask", env=env)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
+    API pages are read from the source by mkdocstrings (griffe), so neither
+    Keras nor a backend is installed."""
+    session.install(
+        *CONSTRAINTS, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"
+    )
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        "site",
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+@nox.session
+def figures(session: nox.Session) -> None:
+    """The PNGs under `docs/figures/` (`tools/figures.py`), under JAX. Reads the
+    JSON `nox -s bench` writes; other paths after `--`: the masked-CE JSON,
+    then the fused-linear one."""
+    session.install(*CONSTRAINTS, "-e", ".[jax]", "matplotlib")
+    paths = session.posargs or ["bench_masked_ce.json", "bench_fused_linear.json"]
+    session.run(
+        "python",
+        "tools/figures.py",
+        "--bench-ce",
+        paths[0],
+        *(["--bench-fused", paths[1]] if len(paths) > 1 else []),
+        env=QUIET_ENV,
+    )

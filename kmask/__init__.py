@@ -31,8 +31,9 @@ from kmask.reduce import (
     masked_reduce,
 )
 from kmask.report import LayerMasks, MaskReport, OutputMasks, mask_report
+from kmask.seq2seq import SequenceLoss, sequence_loss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "REDUCTIONS",
@@ -53,6 +54,7 @@ __all__ = [
     "MaskedSparseCategoricalCrossentropy",
     "OutputMasks",
     "Perplexity",
+    "SequenceLoss",
     "ValueMask",
     "__version__",
     "accumulation_batches",
@@ -64,6 +66,7 @@ __all__ = [
     "mask_report",
     "masked_loss",
     "masked_reduce",
+    "sequence_loss",
     "sequence_mask",
     "sparse_crossentropy_with_logits",
     "value_mask",

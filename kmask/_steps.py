@@ -60,9 +60,9 @@ def per_step_mask(valid: Any, y_pred: Any, class_axis: int = -1):
     """`valid` broadcast to the per-step shape of `y_pred`."""
     steps = step_shape(y_pred, class_axis)
     check_fits_steps("mask", tuple(valid.shape), steps, y_pred=y_pred.shape)
-    steps = list(ops.shape(y_pred))
-    del steps[class_axis]
-    return broadcast_to_steps(valid, tuple(steps))
+    dims = list(ops.shape(y_pred))
+    del dims[class_axis]
+    return broadcast_to_steps(valid, tuple(dims))
 
 
 def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):

@@ -28,10 +28,12 @@ from typing import Any
 
 import keras
 
+from kmask.typing import Tensor
+
 _state = threading.local()
 
 
-def global_denominator(local: Any):
+def global_denominator(local: Any) -> Tensor:
     """The denominator that makes the replicas' combined gradient exact.
 
     Args:

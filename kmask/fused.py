@@ -33,6 +33,7 @@ from kmask.ops import (
 )
 from kmask.ops.crossentropy import LinearOptions
 from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.typing import Tensor
 
 __all__ = [
     "FusedLinearCrossentropy",
@@ -58,7 +59,7 @@ def fused_linear_crossentropy(
     transpose_kernel: bool = False,
     softcap: float | None = None,
     return_token_accuracy: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     Equals `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)` on
@@ -209,7 +210,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         **kwargs: Any,
-    ):
+    ) -> None:
         super().__init__(**kwargs)
         reduction = standardize_reduction(reduction)
         if reduction == "none":
@@ -241,7 +242,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         """The tied embedding layer, its name until found, or `None`."""
         return self._tie.layer
 
-    def build(self, input_shape):
+    def build(self, input_shape: Any) -> None:
         hidden_shape = input_shape[0] if _is_pair(input_shape) else input_shape
         self.kernel = None
         if self._tie.layer is None:
@@ -265,7 +266,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             return self.kernel
         return self._tie.matrix()
 
-    def call(self, inputs, mask=None):
+    def call(self, inputs: Any, mask: Tensor | None = None) -> Tensor:
         options = self._linear_options
         if not _is_pair(inputs):
             kernel = self.projection()
@@ -291,19 +292,19 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.add_loss(value)
         return per_step
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> tuple:
         if _is_pair(input_shape):
             return tuple(input_shape[1])
         return (*input_shape[:-1], self.vocabulary_size)
 
-    def compute_output_spec(self, inputs, mask=None):
+    def compute_output_spec(self, inputs: Any, mask: Tensor | None = None) -> Any:
         self._tie.find(inputs[0] if _is_pair(inputs) else inputs)
         if _is_pair(inputs):
             return keras.KerasTensor(tuple(inputs[1].shape), dtype="float32")
         shape = (*inputs.shape[:-1], self.vocabulary_size)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
-    def compute_mask(self, inputs, mask=None):
+    def compute_mask(self, inputs: Any, mask: Tensor | None = None) -> Tensor | None:
         # The per-step losses are 0 on padding: nothing downstream needs a mask.
         return None if _is_pair(inputs) else mask
 

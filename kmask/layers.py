@@ -15,6 +15,7 @@ from keras import ops
 
 from kmask import _moved, _shapes
 from kmask.masks import PADDINGS, keras_mask, sequence_mask, value_mask
+from kmask.typing import Tensor
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -47,16 +48,18 @@ class AttachMask(keras.layers.Layer):
     array([[False,  True]])
     """
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.supports_masking = True
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Tensor:
         tensor, _ = _unpack_pair(inputs, self.name, "masked_tensor")
         return _new_tensor(tensor)
 
-    def compute_mask(self, inputs, previous_mask=None):
+    def compute_mask(
+        self, inputs: Any, previous_mask: Tensor | None = None
+    ) -> Tensor | None:
         tensor, masked_tensor = _unpack_pair(inputs, self.name, "masked_tensor")
         mask = keras_mask(masked_tensor)
         if mask is None:
@@ -69,10 +72,10 @@ class AttachMask(keras.layers.Layer):
         _check_time_axis(tensor, tuple(mask.shape), self.name)
         return mask
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[0])
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs: Any) -> Any:
         tensor, _ = _unpack_pair(inputs, self.name, "masked_tensor")
         return keras.KerasTensor(tensor.shape, dtype=tensor.dtype)
 
@@ -108,7 +111,7 @@ class LengthMask(keras.layers.Layer):
            [0, 1, 1, 1]])
     """
 
-    def __init__(self, padding: str = "post", **kwargs: Any):
+    def __init__(self, padding: str = "post", **kwargs: Any) -> None:
         if padding not in PADDINGS:
             raise ValueError(
                 f"Invalid value for argument `padding`. Expected one of "
@@ -119,11 +122,13 @@ class LengthMask(keras.layers.Layer):
         self.padding = padding
         self.supports_masking = True
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Tensor:
         x, _ = _unpack_pair(inputs, self.name, "lengths")
         return _new_tensor(x)
 
-    def compute_mask(self, inputs, previous_mask=None):
+    def compute_mask(
+        self, inputs: Any, previous_mask: Tensor | None = None
+    ) -> Tensor | None:
         x, lengths = _unpack_pair(inputs, self.name, "lengths")
         if len(lengths.shape) == 2 and lengths.shape[1] == 1:
             lengths = ops.squeeze(lengths, axis=1)
@@ -138,10 +143,10 @@ class LengthMask(keras.layers.Layer):
         time = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
         return sequence_mask(lengths, time, padding=self.padding)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[0])
 
-    def compute_output_spec(self, inputs):
+    def compute_output_spec(self, inputs: Any) -> Any:
         x, _ = _unpack_pair(inputs, self.name, "lengths")
         return keras.KerasTensor(x.shape, dtype=x.dtype)
 
@@ -183,22 +188,24 @@ class ValueMask(keras.layers.Layer):
     array([[ True, False]])
     """
 
-    def __init__(self, mask_value: Any = 0.0, **kwargs: Any):
+    def __init__(self, mask_value: Any = 0.0, **kwargs: Any) -> None:
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.mask_value = mask_value
         self.supports_masking = True
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Tensor:
         valid = value_mask(inputs, self.mask_value)
         if len(inputs.shape) > len(valid.shape):
             valid = ops.expand_dims(valid, -1)
         return ops.where(valid, inputs, ops.zeros_like(inputs))
 
-    def compute_mask(self, inputs, previous_mask=None):
+    def compute_mask(
+        self, inputs: Any, previous_mask: Tensor | None = None
+    ) -> Tensor | None:
         return value_mask(inputs, self.mask_value)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape)
 
     def get_config(self) -> dict[str, Any]:

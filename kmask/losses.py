@@ -29,6 +29,7 @@ from kmask.ops import (
     sparse_crossentropy,
 )
 from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.typing import Tensor
 
 
 def _sparse_per_step(y_true, y_pred, ignore_class: int | None = None, **kwargs):
@@ -72,7 +73,7 @@ class MaskedLoss(keras.losses.Loss):
     """
 
     # The dtype the targets are cast to; `None`: the predictions'.
-    _target_dtype = None
+    _target_dtype: str | None = None
 
     def __init__(
         self,
@@ -82,7 +83,7 @@ class MaskedLoss(keras.losses.Loss):
         name: str | None = None,
         dtype: Any = None,
         **loss_kwargs: Any,
-    ):
+    ) -> None:
         reduction = standardize_reduction(reduction)
         loss, loss_kwargs = _resolve.instantiate_class(loss, loss_kwargs)
         super().__init__(
@@ -95,12 +96,14 @@ class MaskedLoss(keras.losses.Loss):
         self._per_step = _resolve.per_step_function(self.loss, self.loss_kwargs)
         self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+    ) -> Tensor:
         return masked_loss(
             y_true, y_pred, self, sample_weight=sample_weight, reduction=self.reduction
         )
 
-    def call(self, y_true, y_pred):
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         """The per-step loss: the wrapped loss with its class axis reduced.
 
         The extension point, as in Keras: override it to change the loss of
@@ -116,7 +119,7 @@ class MaskedLoss(keras.losses.Loss):
             return fused(y_true, y_pred, None)
         return self._per_step(y_true, y_pred)
 
-    def target_mask(self, y_true):
+    def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding this loss finds in `y_true`, or `None`."""
         if self.mask_value is None:
             return None
@@ -290,7 +293,7 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         reduction: str | None = "token_mean",
         name: str = "masked_sparse_categorical_crossentropy",
         dtype: Any = None,
-    ):
+    ) -> None:
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(
                 "Invalid value for argument `label_smoothing`. Expected a value "
@@ -313,7 +316,7 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             z_loss=z_loss,
         )
 
-    def target_mask(self, y_true):
+    def target_mask(self, y_true: Tensor) -> Tensor | None:
         ignore_class = self.loss_kwargs["ignore_class"]
         ignored = None
         if ignore_class is not None:
@@ -450,7 +453,7 @@ class MaskedHuber(_NamedMaskedLoss):
         reduction: str | None = "token_mean",
         name: str | None = None,
         dtype: Any = None,
-    ):
+    ) -> None:
         super().__init__(mask_value, reduction, name, dtype, delta=delta)
 
 
@@ -463,7 +466,7 @@ def masked_loss(
     sample_weight: Any = None,
     reduction: str | None = "token_mean",
     **loss_kwargs: Any,
-):
+) -> Tensor:
     """Computes a masked loss in one call, with an explicit mask.
 
     The primitive every kmask loss calls: the masks are found, padded steps

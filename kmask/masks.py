@@ -14,13 +14,16 @@ from keras import ops
 
 from kmask import _moved, _shapes, _steps
 from kmask._keras_compat import get_keras_mask
+from kmask.typing import Tensor
 
 __all__ = ["PADDINGS", "combine_masks", "keras_mask", "sequence_mask", "value_mask"]
 
 PADDINGS = ("pre", "post")
 
 
-def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"):
+def sequence_mask(
+    lengths: Any, maxlen: int | None = None, padding: str = "post"
+) -> Tensor:
     """Builds a boolean mask from sequence lengths.
 
     Args:
@@ -73,7 +76,7 @@ def sequence_mask(lengths: Any, maxlen: int | None = None, padding: str = "post"
     return ops.greater_equal(positions, maxlen - lengths[:, None])
 
 
-def value_mask(y: Any, mask_value: Any):
+def value_mask(y: Any, mask_value: Any) -> Tensor:
     """Marks the steps of `y` that are not padding.
 
     For targets with a feature axis (rank 3 or more, or a vector
@@ -121,7 +124,7 @@ def value_mask(y: Any, mask_value: Any):
     return ops.logical_not(is_pad)
 
 
-def combine_masks(*masks: Any):
+def combine_masks(*masks: Any) -> Tensor | None:
     """ANDs the masks that are not `None`; `None` when all are.
 
     Masks of rank `[batch]` combine with per-step masks by broadcasting over
@@ -139,7 +142,7 @@ def combine_masks(*masks: Any):
     return combined
 
 
-def keras_mask(y_pred: Any):
+def keras_mask(y_pred: Any) -> Tensor | None:
     """Returns the mask Keras propagated onto `y_pred`, or `None`.
 
     On JAX the mask is not an attribute of the array, so only Keras's own

@@ -24,6 +24,7 @@ from kmask import _moved, _pipeline, _resolve
 from kmask.masks import combine_masks, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
+from kmask.typing import Tensor
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -70,7 +71,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         name: str | None = None,
         dtype: Any = None,
         **fn_kwargs: Any,
-    ):
+    ) -> None:
         fn, fn_kwargs = _resolve.instantiate_class(fn, fn_kwargs)
         super().__init__(name=name or _resolve.default_name(fn), dtype=dtype)
         self.fn, self.fn_kwargs = fn, fn_kwargs
@@ -88,7 +89,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             shape=(), initializer="zeros", dtype="float32", name="count"
         )
 
-    def target_mask(self, y_true):
+    def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding found in `y_true` (`mask_value`, and a wrapped kmask
         loss's own), or `None`."""
         masks = []
@@ -98,7 +99,9 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             masks.append(self.fn.target_mask(y_true))
         return combine_masks(*masks)
 
-    def update_state(self, y_true, y_pred, sample_weight=None) -> None:
+    def update_state(
+        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+    ) -> None:
         """Adds the real steps of one batch to the sum and the count.
 
         Args:
@@ -121,7 +124,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         self.total.assign_add(ops.cast(total, "float32"))
         self.count.assign_add(ops.cast(count, "float32"))
 
-    def result(self):
+    def result(self) -> Tensor:
         return ops.cast(self._mean(), self.dtype)
 
     def _mean(self):
@@ -259,10 +262,10 @@ class Perplexity(_NamedMaskedMetric):
         mask_value: Any = None,
         name: str | None = None,
         dtype: Any = None,
-    ):
+    ) -> None:
         super().__init__(mask_value, name, dtype, from_logits=from_logits)
 
-    def result(self):
+    def result(self) -> Tensor:
         return ops.cast(ops.exp(self._mean()), self.dtype)
 
 

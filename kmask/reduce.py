@@ -38,6 +38,7 @@ from keras import ops
 
 from kmask import _moved, _shapes, _steps
 from kmask.distribute import global_denominator
+from kmask.typing import Tensor
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
 KERAS_REDUCTION_ALIASES = {
@@ -65,7 +66,7 @@ def masked_reduce(
     mask: Any = None,
     reduction: str | None = "token_mean",
     sample_weight: Any = None,
-):
+) -> Tensor:
     """Reduces per-step values over the real steps only.
 
     See the module docstring of `kmask.reduce` for what each reduction
@@ -122,7 +123,9 @@ def masked_reduce(
     return ops.cast(result, result_dtype)
 
 
-def masked_sum_and_count(values: Any, mask: Any = None, sample_weight: Any = None):
+def masked_sum_and_count(
+    values: Any, mask: Any = None, sample_weight: Any = None
+) -> tuple[Tensor, Tensor]:
     """The two sums every token mean is made of: `sum(l*w*m)` and `sum(w*m)`.
 
     Metrics keep these as state so that a mean over several batches is exact;
@@ -135,7 +138,7 @@ def masked_sum_and_count(values: Any, mask: Any = None, sample_weight: Any = Non
     return ops.sum(weighted), ops.sum(step_weight)
 
 
-def divide_or_zero(numerator: Any, denominator: Any):
+def divide_or_zero(numerator: Any, denominator: Any) -> Tensor:
     """`numerator / denominator`, exactly 0 (with a finite gradient) where the
     denominator is 0."""
     nonzero = ops.not_equal(denominator, 0)

@@ -15,6 +15,7 @@ import pytest
 from keras import ops
 
 from kmask import _keras_compat as compat
+from tools.backends import REPOSITORY
 
 PACKAGE = Path(compat.__file__).resolve().parent
 
@@ -120,7 +121,8 @@ def test_the_keras_range_is_the_tested_range():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    root = PACKAGE.parent
+    # The repository's files, also where the suite runs on the installed wheel.
+    root = REPOSITORY
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     keras_requirement = next(
         Requirement(spec)

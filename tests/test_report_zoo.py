@@ -396,7 +396,8 @@ def test_a_compiled_kmask_loss_finds_the_padding_the_model_loses():
 
 
 def _words(report) -> str:
-    """The report's verdicts, one per output, in the README table's words."""
+    """The report's verdicts, one per output, in the words of the zoo table
+    (docs/guides/mask-report.md)."""
     words = []
     for output in report.outputs:
         if output.loss_sees_mask is None:

@@ -1,4 +1,4 @@
-"""README's Keras x backend table, read from the log of the test command.
+"""The Keras x backend table of docs/measured.md, read from the log of the test command.
 
     python -m nox 2>&1 | tee nox.log
     python -m tools.matrix nox.log

@@ -489,6 +489,8 @@ def _softmax_grad_(
     (`sum_exp` `None`: they are the softmax already)."""
     scale = coefficient
     if z_loss:
+        # The forward pass computes the normaliser whenever z_loss is set.
+        assert log_normalizer is not None
         scale = coefficient * (1.0 + 2.0 * z_loss * log_normalizer)
     if sum_exp is not None:
         scale = scale / sum_exp

@@ -20,6 +20,7 @@ from keras import ops
 
 from kmask._steps import broadcast_to_steps, dense_inputs, last_size, where_valid
 from kmask.ops._dispatch import backend_kernel, keeps_exponentials
+from kmask.typing import Tensor
 
 
 def sparse_crossentropy_with_logits(
@@ -28,7 +29,7 @@ def sparse_crossentropy_with_logits(
     valid: Any = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-):
+) -> Tensor:
     """The per-step sparse cross-entropy from logits, with a fused gradient.
 
     Computed in float32 whatever the dtype of `logits`.
@@ -89,7 +90,7 @@ def categorical_crossentropy_with_logits(
     logits: Any,
     valid: Any = None,
     label_smoothing: float = 0.0,
-):
+) -> Tensor:
     """The per-step cross-entropy of probability targets from logits, fused.
 
     `-sum(t * log_softmax(logits))` over the last axis, with `t` the targets
@@ -276,7 +277,7 @@ def sparse_crossentropy(
     axis: int = -1,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-):
+) -> Tensor:
     """Per-step sparse cross-entropy, from logits or probabilities.
 
     Logits go to `sparse_crossentropy_with_logits` (the class axis moved
@@ -326,7 +327,7 @@ def sparse_crossentropy(
     return (1.0 - label_smoothing) * per_step + label_smoothing * uniform
 
 
-def crossentropy(y_true: Any, y_pred: Any, from_logits: bool = False):
+def crossentropy(y_true: Any, y_pred: Any, from_logits: bool = False) -> Tensor:
     """Per-step cross-entropy of one-hot targets (`y_pred`'s shape) or of
     sparse labels (without `y_pred`'s last axis, or with an axis of 1)."""
     y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
@@ -367,7 +368,7 @@ def linear_crossentropy(
     options: LinearOptions,
     sample_weight: Any = None,
     return_correct: bool = False,
-):
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,

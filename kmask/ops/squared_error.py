@@ -9,9 +9,10 @@ from keras import ops
 
 from kmask._steps import dense_inputs, last_size, where_valid
 from kmask.ops._dispatch import backend_kernel
+from kmask.typing import Tensor
 
 
-def mean_squared_error(targets: Any, predictions: Any, valid: Any = None):
+def mean_squared_error(targets: Any, predictions: Any, valid: Any = None) -> Tensor:
     """The per-step mean squared error over the last axis, fused.
 
     `mean((predictions - targets) ** 2)`, whose gradient is one expression,

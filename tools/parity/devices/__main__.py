@@ -1,4 +1,4 @@
-"""`python -m tools.parity.devices`: the README's table of device setups."""
+"""`python -m tools.parity.devices`: the table in docs/concepts/distributed.md."""
 
 from __future__ import annotations
 
