@@ -42,7 +42,7 @@ def make_data(seed: int = 0):
         symbols, frames = [], []
         for symbol in rng.randint(1, CLASSES, rng.randint(1, MAX_LABELS + 1)):
             # Silence now and then, and always between two equal symbols.
-            silence = rng.rand() < 0.3 or (symbols and symbols[-1] == symbol)
+            silence = rng.rand() < 0.3 or bool(symbols and symbols[-1] == symbol)
             sound = [BLANK] * silence + [symbol] * rng.randint(2, 4)
             if len(frames) + len(sound) > MAX_FRAMES:
                 break
@@ -168,7 +168,7 @@ def main() -> int:
     print()
 
     decoded = [greedy_decode(logits[n], lengths[n]) for n in range(len(y))]
-    targets = [list(y[n, : label_lengths[n]]) for n in range(len(y))]
+    targets = [y[n, : label_lengths[n]].tolist() for n in range(len(y))]
     right = sum(d == t for d, t in zip(decoded, targets, strict=True))
     print("utterance | frames | labels | greedy decoding")
     for n in range(0, UTTERANCES, 16):
