@@ -641,7 +641,8 @@ def test_sequence_accuracy_of_all_padding_is_zero():
 def test_sequence_accuracy_in_evaluate_over_uneven_batches():
     tokens, labels, real = _tagging_data()
     model = _tagger()
-    model.compile(loss=None, metrics=[MaskedSequenceAccuracy(name="sequences")])
+    loss = MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=PAD_LABEL)
+    model.compile(loss=loss, metrics=[MaskedSequenceAccuracy(name="sequences")])
     logits = model.predict(tokens, verbose=0)
     results = model.evaluate(tokens, labels, batch_size=4, verbose=0, return_dict=True)
     expected = np_sequence_accuracy(labels, logits, real)
