@@ -621,13 +621,15 @@ def test_sequence_accuracy_reads_every_mask_source():
 
 
 def test_sequence_accuracy_weights_rows_and_drops_empty_rows():
-    labels, logits, valid = _sequence_batch(5)
+    labels, logits, valid = _sequence_batch(7)
     valid[3] = False
     labels[3] = PAD_LABEL
     row_weights = np.array([1.0, 2.0, 0.5, 3.0, 1.0, 0.0])
     metric = MaskedSequenceAccuracy(mask_value=PAD_LABEL)
     metric.update_state(labels, logits, row_weights)
     expected = np_sequence_accuracy(labels, logits, valid, row_weights)
+    unweighted = np_sequence_accuracy(labels, logits, valid, row_weights != 0)
+    assert abs(expected - unweighted) > 0.01  # the weights matter here
     np.testing.assert_allclose(result(metric), expected, rtol=RTOL)
 
 
