@@ -45,6 +45,10 @@ def segment_weights(segment_ids: Any):
     array([[0.5  , 0.5  , 0.333, 0.333, 0.333, 0.   ]], dtype=float32)
     """
     segment_ids = ops.convert_to_tensor(segment_ids)
+    if len(segment_ids.shape) != 2:
+        raise _shapes.invalid_shape(
+            "segment_ids", "[batch, time]", segment_ids=segment_ids.shape
+        )
     real = ops.cast(ops.not_equal(segment_ids, 0), "float32")
     return divide_or_zero(real, segment_step_counts(segment_ids, real))
 

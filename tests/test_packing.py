@@ -161,6 +161,11 @@ def test_shift_labels_without_segments_masks_the_last_step_only():
     np.testing.assert_array_equal(found, [[4, 5, -1], [7, 8, -1]])
 
 
+def test_segment_weights_refuse_ids_that_are_not_batch_by_time():
+    with pytest.raises(ValueError, match=r"argument `segment_ids`.*\(4,\)"):
+        kmask.segment_weights(np.ones(4, "int32"))
+
+
 def test_shift_labels_refuse_bad_shapes():
     with pytest.raises(ValueError, match=r"argument `tokens`.*\(3,\)"):
         kmask.shift_labels(np.arange(3))
