@@ -101,7 +101,7 @@ def to_numpy(tensor):
 @pytest.mark.parametrize(
     "reduction", ["token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none"]
 )
-@pytest.mark.parametrize("blank", [0, 4])
+@pytest.mark.parametrize("blank", [0, 2, 4])
 def test_every_reduction_matches_the_numpy_forward_algorithm(reduction, blank):
     y_true, logits, mask, lengths = make_batch(seed=blank, blank=blank)
     weights = np.array([1.0, 0.5, 2.0, 1.0])
