@@ -70,6 +70,9 @@ def _use_keras_line(session: nox.Session, line: str) -> None:
 
 def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
     session.install(*CONSTRAINTS, "-e", f".[{backend},test]")
+    if backend == "jax":
+        # optax.ctc_loss: the independent CTC that tests/test_ctc.py checks against.
+        session.install(*CONSTRAINTS, "optax")
     if line is None or KERAS_LINES[line][3]:
         session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
     if line is not None:

@@ -1,6 +1,7 @@
 """kmask: masked losses, metrics and mask tools for padded sequences in Keras 3."""
 
 from kmask import distribute
+from kmask.ctc import MaskedCTC, masked_ctc
 from kmask.fused import (
     FusedLinearCrossentropy,
     fused_linear_crossentropy,
@@ -21,9 +22,11 @@ from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
 from kmask.metrics import (
     MaskedCategoricalAccuracy,
     MaskedMeanMetricWrapper,
+    MaskedSequenceAccuracy,
     MaskedSparseCategoricalAccuracy,
     Perplexity,
 )
+from kmask.packing import segment_weights, shift_labels
 from kmask.reduce import (
     REDUCTIONS,
     accumulation_batches,
@@ -43,6 +46,7 @@ __all__ = [
     "LengthMask",
     "MaskReport",
     "MaskedBinaryCrossentropy",
+    "MaskedCTC",
     "MaskedCategoricalAccuracy",
     "MaskedCategoricalCrossentropy",
     "MaskedHuber",
@@ -50,6 +54,7 @@ __all__ = [
     "MaskedMeanAbsoluteError",
     "MaskedMeanMetricWrapper",
     "MaskedMeanSquaredError",
+    "MaskedSequenceAccuracy",
     "MaskedSparseCategoricalAccuracy",
     "MaskedSparseCategoricalCrossentropy",
     "OutputMasks",
@@ -64,10 +69,13 @@ __all__ = [
     "fused_linear_crossentropy",
     "keras_mask",
     "mask_report",
+    "masked_ctc",
     "masked_loss",
     "masked_reduce",
+    "segment_weights",
     "sequence_loss",
     "sequence_mask",
+    "shift_labels",
     "sparse_crossentropy_with_logits",
     "value_mask",
 ]

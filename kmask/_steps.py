@@ -13,6 +13,7 @@ from typing import Any
 from keras import ops
 
 from kmask._shapes import check_fits_steps, check_same_shape, step_shape
+from kmask.typing import Tensor
 
 # Padded steps are replaced by these before a loss sees them, so the loss is
 # finite there whatever the padding held: 0.5 is a valid probability, logit
@@ -34,7 +35,7 @@ def align_rank(mask: Any, rank: int):
     return mask
 
 
-def squeeze_trailing(tensor: Any, rank: int):
+def squeeze_trailing(tensor: Any, rank: int) -> Tensor:
     """Drops trailing axes of size 1 beyond `rank` (Keras's `[batch, time, 1]`
     weights)."""
     while len(tensor.shape) > rank and tensor.shape[-1] == 1:
@@ -42,7 +43,7 @@ def squeeze_trailing(tensor: Any, rank: int):
     return tensor
 
 
-def broadcast_to_steps(mask: Any, steps: tuple):
+def broadcast_to_steps(mask: Any, steps: tuple) -> Tensor:
     """`mask` (`[batch]` or a leading part of `steps`) broadcast to `steps`."""
     mask = ops.convert_to_tensor(mask)
     return ops.broadcast_to(align_rank(mask, len(steps)), steps)

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _pipeline, _resolve
+from kmask import _moved, _pipeline, _resolve, _shapes
 from kmask.masks import combine_masks, value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
@@ -465,6 +465,7 @@ def masked_loss(
     mask_value: Any = None,
     sample_weight: Any = None,
     reduction: str | None = "token_mean",
+    segment_ids: Any = None,
     **loss_kwargs: Any,
 ) -> Tensor:
     """Computes a masked loss in one call, with an explicit mask.
@@ -483,6 +484,10 @@ def masked_loss(
         mask_value: Optional pad value of `y_true`.
         sample_weight: Optional weights, `[batch]` or the per-step shape.
         reduction: A kmask reduction name; defaults to `"token_mean"`.
+        segment_ids: Optional integer `[batch, time]` ids of the sequences
+            packed in each row, `0` at padding (see `kmask.segment_weights`):
+            id 0 is padding, and `"sequence_mean"` is the mean over packed
+            sequences.
         **loss_kwargs: Passed to the wrapped loss.
 
     Returns:
@@ -512,6 +517,18 @@ def masked_loss(
         pad = None if mask_value is None else value_mask(y_true, mask_value)
         return combine_masks(masked.target_mask(y_true), pad)
 
+    if segment_ids is not None:
+        segment_ids = ops.convert_to_tensor(segment_ids)
+        predictions = ops.convert_to_tensor(y_pred)
+        _shapes.check_fits_steps(
+            "segment_ids",
+            tuple(segment_ids.shape),
+            _shapes.step_shape(predictions, masked._class_axis),
+            y_pred=predictions.shape,
+        )
+        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
+        mask = in_segment if mask is None else combine_masks(mask, in_segment)
+
     with keras.name_scope(masked.name):
         steps = _pipeline.prepare(
             y_true,
@@ -529,7 +546,9 @@ def masked_loss(
             masked._class_axis,
             masked._masked_op(steps.y_true, steps.y_pred),
         )
-        result = masked_reduce(per_step, steps.valid, reduction, steps.sample_weight)
+        result = masked_reduce(
+            per_step, steps.valid, reduction, steps.sample_weight, segment_ids
+        )
         return ops.cast(result, masked.dtype)
 
 

@@ -1,4 +1,4 @@
-"""Where masks come from: lengths, pad values, the propagated Keras mask.
+"""Where masks come from: lengths, pad values, segments, the propagated mask.
 
 A mask here is a boolean tensor that is `True` on real steps and `False` on
 padding. Masks stay boolean until `kmask.reduce` casts them.
@@ -16,7 +16,15 @@ from kmask import _moved, _shapes, _steps
 from kmask._keras_compat import get_keras_mask
 from kmask.typing import Tensor
 
-__all__ = ["PADDINGS", "combine_masks", "keras_mask", "sequence_mask", "value_mask"]
+__all__ = [
+    "PADDINGS",
+    "combine_masks",
+    "keras_mask",
+    "post_padded_lengths",
+    "segment_step_counts",
+    "sequence_mask",
+    "value_mask",
+]
 
 PADDINGS = ("pre", "post")
 
@@ -149,6 +157,72 @@ def keras_mask(y_pred: Any) -> Tensor | None:
     (internal) accessor finds it; `kmask._keras_compat` looks it up.
     """
     return get_keras_mask(y_pred)
+
+
+def post_padded_lengths(mask: Any, argument: str = "mask") -> Tensor:
+    """The number of real steps of each row of a `[batch, time]` mask whose
+    real steps come first (padding `"post"`), as int32 `[batch]`.
+
+    Raises a `ValueError` naming `argument` when the mask is concrete (eager)
+    and a real step follows a padded one; inside a compiled function the
+    order cannot be checked and the real steps are counted.
+    """
+    concrete = _concrete(mask)
+    if concrete is not None:
+        if concrete.ndim != 2:
+            raise _shapes.invalid_shape(
+                argument, "[batch, time]", **{argument: concrete.shape}
+            )
+        real = concrete.astype(bool)
+        after_padding = real[:, 1:] & ~real[:, :-1]
+        if np.any(after_padding):
+            rows = np.flatnonzero(after_padding.any(axis=1))
+            raise ValueError(
+                f"Invalid value for argument `{argument}`: the real steps must "
+                "come first and the padding after them (padding 'post'). "
+                f"Received: a real step after a padded one in rows {rows.tolist()}"
+            )
+    return ops.sum(ops.cast(mask, "int32"), axis=-1)
+
+
+def segment_step_counts(segment_ids: Any, counted: Any) -> Tensor:
+    """At every step, the sum of `counted` over the steps of its segment.
+
+    A segment is a run of equal ids in a row of `segment_ids` (`[batch,
+    time]`); packed sequences are numbered `1, 2, ...` along the row and `0`
+    is padding. With `counted` the real steps (0 or 1) this is the length of
+    each step's sequence. Linear in the number of steps.
+
+    Args:
+        segment_ids: Integer tensor `[batch, time]`.
+        counted: Numbers to add up, `[batch, time]`.
+
+    Returns:
+        A tensor of `counted`'s dtype and shape.
+    """
+    segment_ids = ops.convert_to_tensor(segment_ids)
+    counted = ops.convert_to_tensor(counted)
+    batch, time = _static_or_dynamic(segment_ids, 0), _static_or_dynamic(segment_ids, 1)
+    starts = ops.concatenate(
+        [
+            ops.ones_like(segment_ids[:, :1], dtype="int32"),
+            ops.cast(ops.not_equal(segment_ids[:, 1:], segment_ids[:, :-1]), "int32"),
+        ],
+        axis=1,
+    )
+    run = ops.cumsum(starts, axis=1) - 1
+    rows = ops.expand_dims(ops.arange(batch, dtype="int32"), 1)
+    run_ids = ops.reshape(rows * time + run, (-1,))
+    sums = ops.segment_sum(
+        ops.reshape(counted, (-1,)), run_ids, num_segments=batch * time
+    )
+    return ops.reshape(ops.take(sums, run_ids, axis=0), ops.shape(counted))
+
+
+def _static_or_dynamic(tensor, axis: int):
+    """The size of `axis`: an int where it is static, else a scalar tensor."""
+    size = tensor.shape[axis]
+    return ops.shape(tensor)[axis] if size is None else size
 
 
 def _equals_pad(y, pad: np.ndarray):

@@ -21,6 +21,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
+from kmask._steps import broadcast_to_steps, squeeze_trailing
 from kmask.masks import combine_masks, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
@@ -224,6 +225,84 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
 
     _fn = staticmethod(keras.metrics.categorical_accuracy)
     _metric_name = "masked_categorical_accuracy"
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class MaskedSequenceAccuracy(_NamedMaskedMetric):
+    """The fraction of sequences whose every real step is predicted right.
+
+    A row counts as right when the arg max of `y_pred` over the class axis
+    equals the label at each of its real steps; rows with no real step drop
+    out. The state is two numbers, the right rows and the counted rows (both
+    weighted by a `[batch]` `sample_weight`), so the result is exact across
+    batches and replicas. Padding comes from every source the other metrics
+    use: the mask Keras propagated onto `y_pred`, `mask_value`, and steps
+    whose `sample_weight` is 0.
+
+    Args:
+        mask_value: Optional pad label, e.g. `0` or `-100`.
+        name: Name of the metric.
+        dtype: Dtype of the result.
+
+    Returns:
+        `result()`: right rows / counted rows since the last reset, 0 before
+        any counted row. `y_true` is `[batch, time]` labels, `y_pred`
+        `[batch, time, classes]`.
+
+    Example:
+
+    >>> from kmask.metrics import MaskedSequenceAccuracy
+    >>> metric = MaskedSequenceAccuracy(mask_value=-100)
+    >>> y_true = [[1, 0, -100], [1, 1, 1], [-100, -100, -100]]
+    >>> y_pred = [[[0.2, 0.8], [0.9, 0.1], [0.9, 0.1]],
+    ...           [[0.2, 0.8], [0.9, 0.1], [0.2, 0.8]],
+    ...           [[0.2, 0.8], [0.9, 0.1], [0.2, 0.8]]]
+    >>> metric.update_state(y_true, y_pred)
+    >>> float(metric.result())  # row 1 right, row 2 wrong, row 3 all padding
+    0.5
+    """
+
+    _fn = staticmethod(keras.metrics.sparse_categorical_accuracy)
+    _metric_name = "masked_sequence_accuracy"
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Adds the right rows and the counted rows of one batch.
+
+        Args:
+            y_true: Labels, `[batch, time]`.
+            y_pred: Scores, `[batch, time, classes]`; a mask Keras propagated
+                onto them counts.
+            sample_weight: Optional weights: `[batch]` weights the rows,
+                `[batch, time]` marks padding where it is 0.
+        """
+        steps = _pipeline.prepare(
+            y_true,
+            y_pred,
+            dtype=self.dtype,
+            target_mask=self.target_mask,
+            class_axis=self._class_axis,
+            sample_weight=sample_weight,
+        )
+        per_step = _pipeline.per_step_values(steps, self._per_step, self._class_axis)
+        step_axes = tuple(range(1, len(per_step.shape)))
+        right = ops.equal(per_step, ops.ones_like(per_step))
+        real = ops.ones_like(right)
+        if steps.valid is not None:
+            real = broadcast_to_steps(steps.valid, tuple(ops.shape(per_step)))
+        row_right = ops.all(
+            ops.logical_or(right, ops.logical_not(real)), axis=step_axes
+        )
+        row_counted = ops.any(real, axis=step_axes)
+        row_weight = None
+        if sample_weight is not None:
+            row_weight = squeeze_trailing(ops.convert_to_tensor(sample_weight), 1)
+            if len(row_weight.shape) != 1:
+                row_weight = None
+        total, count = masked_sum_and_count(
+            ops.cast(row_right, "float32"), row_counted, row_weight
+        )
+        self.total.assign_add(ops.cast(total, "float32"))
+        self.count.assign_add(ops.cast(count, "float32"))
 
 
 @keras.saving.register_keras_serializable(package="kmask")

@@ -12,6 +12,12 @@ mask `m` (a step whose weight is 0 counts as padding too):
 | `sum_over_batch_size` | `sum(l*w*m) / number of per-step values`       |
 | `none`                | `l*w*m`, one value per step                    |
 
+With `segment_ids` (several sequences packed in a row), steps with id 0 are
+padding and `n` counts the real steps of each packed sequence, so
+`sequence_mean` is the mean over packed sequences. With `token_counts` (one
+value per sequence standing for several tokens, as a CTC loss does), the
+denominator of `token_mean` is `sum(token_counts*w*m)`.
+
 Keras's names are accepted as aliases: `None` is `"none"`, `"mean"` is
 `"sum_over_batch_size"` and `"mean_with_sample_weight"` is `"token_mean"`.
 
@@ -38,6 +44,7 @@ from keras import ops
 
 from kmask import _moved, _shapes, _steps
 from kmask.distribute import global_denominator
+from kmask.masks import segment_step_counts
 from kmask.typing import Tensor
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
@@ -66,6 +73,8 @@ def masked_reduce(
     mask: Any = None,
     reduction: str | None = "token_mean",
     sample_weight: Any = None,
+    segment_ids: Any = None,
+    token_counts: Any = None,
 ) -> Tensor:
     """Reduces per-step values over the real steps only.
 
@@ -80,6 +89,14 @@ def masked_reduce(
             `"sum"`, `"sum_over_batch_size"` or `"none"`.
         sample_weight: Optional weights of shape `[batch]` (per sequence) or
             `values.shape` (per step). A weight of 0 marks padding.
+        segment_ids: Optional integer `[batch, time]` ids of the sequences
+            packed in each row (`0` is padding, see `kmask.segment_weights`).
+            Steps with id 0 are padding, and `"sequence_mean"` averages over
+            the packed sequences instead of the rows.
+        token_counts: Optional number of tokens behind each value, of shape
+            `[batch]` or `values.shape`: the denominator of `"token_mean"`
+            adds `token_counts*w*m` instead of `w*m` (a CTC loss is one
+            value per sequence, a mean over its labels).
 
     Returns:
         A scalar in `values`' dtype, or per-step values for `"none"`.
@@ -97,6 +114,10 @@ def masked_reduce(
     reduction = standardize_reduction(reduction)
     values = ops.convert_to_tensor(values)
     result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
+    if segment_ids is not None:
+        segment_ids = _segment_ids(segment_ids, values)
+        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
+        mask = in_segment if mask is None else _and_mask(mask, in_segment, values)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
     if reduction == "none":
         return ops.cast(weighted, result_dtype)
@@ -107,14 +128,15 @@ def masked_reduce(
         # An empty batch gives 0, as Keras's `divide_no_nan` does.
         result = divide_or_zero(ops.sum(weighted), global_denominator(size))
     elif reduction == "token_mean":
+        token_weight = step_weight
+        if token_counts is not None:
+            counts = _fit_to_values(token_counts, weighted, "token_counts")
+            token_weight = step_weight * ops.cast(counts, step_weight.dtype)
         result = divide_or_zero(
-            ops.sum(weighted), global_denominator(ops.sum(step_weight))
+            ops.sum(weighted), global_denominator(ops.sum(token_weight))
         )
     else:
-        step_axes = tuple(range(1, len(weighted.shape)))
-        real_steps = ops.cast(ops.not_equal(step_weight, 0), weighted.dtype)
-        if step_axes:
-            real_steps = ops.sum(real_steps, axis=step_axes, keepdims=True)
+        real_steps = _sequence_steps(step_weight, segment_ids)
         per_sequence = divide_or_zero(ops.ones_like(real_steps), real_steps)
         result = divide_or_zero(
             ops.sum(weighted * per_sequence),
@@ -251,6 +273,41 @@ def _weighted_steps(values, mask, sample_weight):
     step_weight = ops.broadcast_to(step_weight, ops.shape(values))
     step_values = ops.where(valid, values, ops.zeros_like(values))
     return step_values * step_weight, step_weight
+
+
+def _sequence_steps(step_weight, segment_ids):
+    """At every value, `n`: the real values of its sequence (its row, or its
+    packed segment when `segment_ids` are given)."""
+    real = ops.cast(ops.not_equal(step_weight, 0), step_weight.dtype)
+    rank = len(real.shape)
+    if segment_ids is None:
+        if rank == 1:
+            return real
+        return ops.sum(real, axis=tuple(range(1, rank)), keepdims=True)
+    per_step = real if rank == 2 else ops.sum(real, axis=tuple(range(2, rank)))
+    counts = segment_step_counts(segment_ids, per_step)
+    return _steps.align_rank(counts, rank)
+
+
+def _segment_ids(segment_ids: Any, values):
+    """`segment_ids` checked to be `[batch, time]`, the first two axes of
+    `values`."""
+    segment_ids = ops.convert_to_tensor(segment_ids)
+    shape, target = tuple(segment_ids.shape), tuple(values.shape)
+    if len(shape) != 2 or not _shapes.fits_steps(shape, target):
+        raise _shapes.invalid_shape(
+            "segment_ids",
+            f"[batch, time] = {target[:2]}",
+            segment_ids=shape,
+            values=target,
+        )
+    return segment_ids
+
+
+def _and_mask(mask: Any, other, values):
+    """`mask` (checked against `values`) AND `other`, at `values`' rank."""
+    mask = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
+    return ops.logical_and(mask, _steps.align_rank(other, len(values.shape)))
 
 
 def _fit_to_values(tensor: Any, values, name: str):

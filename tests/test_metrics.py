@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from kmask.layers import LengthMask
 from kmask.losses import (
     MaskedMeanAbsoluteError,
     MaskedSparseCategoricalCrossentropy,
@@ -16,6 +17,7 @@ from kmask.losses import (
 from kmask.metrics import (
     MaskedCategoricalAccuracy,
     MaskedMeanMetricWrapper,
+    MaskedSequenceAccuracy,
     MaskedSparseCategoricalAccuracy,
     Perplexity,
 )
@@ -432,6 +434,7 @@ METRICS = {
     ),
     "categorical-accuracy": lambda: MaskedCategoricalAccuracy(mask_value=PAD_VECTOR),
     "perplexity": lambda: Perplexity(from_logits=True, mask_value=NAN),
+    "sequence-accuracy": lambda: MaskedSequenceAccuracy(mask_value=PAD_LABEL),
     "wrapper-name": lambda: MaskedMeanMetricWrapper(
         "sparse_categorical_crossentropy", mask_value=PAD_LABEL, from_logits=True
     ),
@@ -555,3 +558,100 @@ def test_targets_that_would_broadcast_are_rejected(y_true_shape, y_pred_shape):
     )
     with pytest.raises(ValueError, match=pattern):
         metric.update_state(np.zeros(y_true_shape), np.full(y_pred_shape, 0.5))
+
+
+# ----------------------------------------------------------------------------
+# Whole-sequence accuracy: right rows / counted rows.
+
+
+def np_sequence_accuracy(labels, scores, valid, row_weights=None):
+    """Rows whose every real step has arg max == label, over rows with a real
+    step; `row_weights` weight the rows."""
+    right = (np.asarray(scores).argmax(-1) == np.asarray(labels)) | ~valid
+    counted = valid.any(axis=1)
+    weights = np.ones(len(counted)) if row_weights is None else row_weights
+    weights = weights * counted
+    return (right.all(axis=1) * weights).sum() / weights.sum()
+
+
+def _sequence_batch(seed, batch=6, time=5, classes=3):
+    """Logits whose arg max is the label at most steps, so that some rows are
+    entirely right; lengths 0 to `time`, NaN in the padding."""
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(0, time + 1, batch)
+    lengths[0] = time
+    valid = np.arange(time)[None, :] < lengths[:, None]
+    labels = rng.randint(0, classes, (batch, time))
+    logits = rng.normal(size=(batch, time, classes))
+    hits = rng.rand(batch, time) < 0.85
+    np.put_along_axis(
+        logits, labels[..., None], np.where(hits, 5.0, -5.0)[..., None], axis=-1
+    )
+    logits = np.where(valid[..., None], logits, NAN).astype("float32")
+    return np.where(valid, labels, PAD_LABEL).astype("int32"), logits, valid
+
+
+def test_sequence_accuracy_is_exact_over_several_batches():
+    metric = MaskedSequenceAccuracy(mask_value=PAD_LABEL)
+    batches = [_sequence_batch(seed) for seed in range(3)]
+    for labels, logits, _ in batches:
+        metric.update_state(labels, logits)
+    labels, logits, valid = (
+        np.concatenate(parts) for parts in zip(*batches, strict=True)
+    )
+    expected = np_sequence_accuracy(labels, logits, valid)
+    assert 0 < expected < 1
+    np.testing.assert_allclose(result(metric), expected, rtol=RTOL)
+    assert len(metric.variables) == 2
+
+
+def test_sequence_accuracy_reads_every_mask_source():
+    labels, logits, valid = _sequence_batch(4)
+    expected = np_sequence_accuracy(labels, logits, valid)
+    by_weight = MaskedSequenceAccuracy()
+    by_weight.update_state(np.where(valid, labels, 0), logits, valid.astype("float32"))
+    np.testing.assert_allclose(result(by_weight), expected, rtol=RTOL)
+
+    masked = LengthMask()(
+        [ops.convert_to_tensor(logits), ops.convert_to_tensor(valid.sum(1))]
+    )
+    by_propagated = MaskedSequenceAccuracy()
+    by_propagated.update_state(np.where(valid, labels, 0), masked)
+    np.testing.assert_allclose(result(by_propagated), expected, rtol=RTOL)
+
+
+def test_sequence_accuracy_weights_rows_and_drops_empty_rows():
+    labels, logits, valid = _sequence_batch(7)
+    valid[3] = False
+    labels[3] = PAD_LABEL
+    row_weights = np.array([1.0, 2.0, 0.5, 3.0, 1.0, 0.0])
+    metric = MaskedSequenceAccuracy(mask_value=PAD_LABEL)
+    metric.update_state(labels, logits, row_weights)
+    expected = np_sequence_accuracy(labels, logits, valid, row_weights)
+    unweighted = np_sequence_accuracy(labels, logits, valid, row_weights != 0)
+    assert abs(expected - unweighted) > 0.01  # the weights matter here
+    np.testing.assert_allclose(result(metric), expected, rtol=RTOL)
+
+
+def test_sequence_accuracy_of_all_padding_is_zero():
+    labels, logits, _ = _sequence_batch(6)
+    metric = MaskedSequenceAccuracy(mask_value=PAD_LABEL)
+    metric.update_state(np.full_like(labels, PAD_LABEL), logits)
+    assert result(metric) == 0.0
+
+
+def test_sequence_accuracy_in_evaluate_over_uneven_batches():
+    """Labels are the model's own arg max, one step changed in every other
+    row: half the rows are right, over batches of 4 and 2 rows."""
+    tokens, _, real = _tagging_data()
+    model = _tagger()
+    logits = model.predict(tokens, verbose=0)
+    labels = logits.argmax(-1)
+    labels[1::2, 0] = (labels[1::2, 0] + 1) % 3
+    labels = np.where(real, labels, PAD_LABEL).astype("int32")
+    loss = MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=PAD_LABEL)
+    model.compile(loss=loss, metrics=[MaskedSequenceAccuracy(name="sequences")])
+    results = model.evaluate(tokens, labels, batch_size=4, verbose=0, return_dict=True)
+    expected = np_sequence_accuracy(labels, logits, real)
+    assert expected == 0.5
+    np.testing.assert_allclose(results["sequences"], expected, rtol=RTOL)

@@ -433,3 +433,29 @@ def test_gradient_with_batch_mask_and_batch_weight():
     np.testing.assert_allclose(
         grad, reference_grad(VALUES, mask, "sequence_mean", sample_weight), rtol=1e-5
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    hnp.arrays("float64", st.integers(1, 6), elements=st.floats(-5, 5)),
+    st.integers(0, 2**31 - 1),
+)
+def test_token_counts_make_token_mean_a_mean_over_tokens(losses, seed):
+    """One value per sequence standing for `counts` tokens (a CTC loss):
+    `sum(l*w*m) / sum(counts*w*m)`."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 4, size=losses.shape)
+    mask = rng.random(losses.shape) < 0.8
+    weights = rng.random(losses.shape)
+    found = kmask.masked_reduce(
+        losses, mask, sample_weight=weights, token_counts=counts
+    )
+    keep = mask & (weights != 0)
+    denominator = (counts * weights)[keep].sum()
+    expected = (losses * weights)[keep].sum() / denominator if denominator else 0.0
+    assert float(found) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_token_counts_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"argument `token_counts`.*\(3,\)"):
+        kmask.masked_reduce(np.ones((2,)), token_counts=np.ones((3,)))

@@ -20,6 +20,8 @@ PUBLIC_MODULES = (
     kmask.reduce,
     kmask.report,
     kmask.seq2seq,
+    kmask.ctc,
+    kmask.packing,
 )
 
 

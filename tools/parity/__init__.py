@@ -59,6 +59,8 @@ One module per job:
 - `losses.py`: the losses under test, as a user configures them;
 - `sources.py`: the clean batches and the mask sources that pad them;
 - `cases.py`: `Case`, and a builder per runner that pairs inputs with NumPy;
+- `sequences.py`: the masked CTC, packed-sequence and whole-sequence accuracy
+  cases with their NumPy references (a CTC that enumerates every path);
 - `suite.py`: the families of cases and `build_suite`;
 - `runner.py`: the child, one backend calling the public API;
 - `compare.py`: `relative_error` and the comparison of every output;

@@ -77,7 +77,8 @@ def deviation(actual, reference, scale=None) -> tuple[float, tuple]:
     )
     if disagree.any():
         return math.inf, tuple(int(i) for i in np.argwhere(disagree)[0])
-    deviation = np.where(nan_reference, 0.0, np.abs(actual - reference))
+    with np.errstate(invalid="ignore"):  # inf - inf, replaced just below
+        deviation = np.where(nan_reference, 0.0, np.abs(actual - reference))
     deviation = np.where(actual == reference, 0.0, deviation)  # inf meets inf
     magnitude = np.abs(scale[~np.isnan(scale) & np.isfinite(scale)])
     floor = max(float(magnitude.max(initial=0.0)), ERROR_FLOOR)

@@ -250,6 +250,62 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
     return _value_and_grads(linear, params, spec["compiled"])
 
 
+def _run_ctc(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
+    """`kmask.masked_ctc` with the frame mask from the lengths, or
+    `kmask.MaskedCTC` behind `kmask.LengthMask`: the value and its gradient."""
+    from keras import ops
+
+    lengths = inputs["lengths"]
+    options = {
+        "blank_index": spec["blank_index"],
+        "mask_value": spec["mask_value"],
+        "reduction": spec["reduction"],
+        "zero_infinity": spec["zero_infinity"],
+    }
+    weights = inputs.get("sample_weight")
+
+    def objective(logits):
+        if spec["api"] == "class":
+            masked = kmask.LengthMask()([logits, lengths])
+            value = kmask.MaskedCTC(**options)(inputs["y_true"], masked, weights)
+        else:
+            mask = kmask.sequence_mask(lengths, logits.shape[1])
+            value = kmask.masked_ctc(
+                inputs["y_true"], logits, mask, sample_weight=weights, **options
+            )
+        return ops.sum(value), {"value": value}
+
+    return _value_and_grad(objective, inputs["y_pred"], spec["compiled"])
+
+
+def _run_packed(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
+    """Next-token labels from `kmask.shift_labels`, each packed sequence
+    counted once by `segment_ids=` or by `kmask.segment_weights`; see
+    `sequences.packed_case`."""
+    from keras import ops
+
+    ids = inputs["ids"]
+    labels = kmask.shift_labels(inputs["tokens"], ids)
+    loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=-100)
+    labelled = ops.where(ops.not_equal(labels, -100), ids, ops.zeros_like(ids))
+    weights = kmask.segment_weights(labelled)
+
+    def objective(logits):
+        if spec["api"] == "segment_ids":
+            value = kmask.masked_loss(
+                labels, logits, loss, reduction="sequence_mean", segment_ids=ids
+            )
+        else:
+            value = loss(labels, logits, sample_weight=weights)
+        return value, {"value": value}
+
+    results = _value_and_grad(objective, inputs["y_pred"], spec["compiled"])
+    results["labels"] = _to_numpy(labels)
+    if spec["api"] == "segment_weights":
+        results["weights"] = _to_numpy(weights)
+    return results
+
+
 @cache
 def _device_rows() -> dict[tuple[str, str], dict[str, Any]] | Exception:
     """Every device setup of this backend, run once in a process of its own
@@ -284,6 +340,8 @@ RUNNERS: dict[str, Callable[[dict, dict], dict]] = {
     "metric": _run_metric,
     "layer": _run_layer,
     "fused": _run_fused,
+    "ctc": _run_ctc,
+    "packed": _run_packed,
     "devices": _run_devices,
 }
 

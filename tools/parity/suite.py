@@ -13,6 +13,7 @@ from tools.parity.cases import Case, fused_case, layer_case, loss_case, metric_c
 from tools.parity.devices import data as device_data
 from tools.parity.losses import LOSSES, LOSSES_BY_NAME, Loss
 from tools.parity.references import np_absolute, np_squared
+from tools.parity.sequences import sequence_cases
 from tools.parity.sources import (
     ALL_SOURCES,
     EDGE_SOURCES,
@@ -253,6 +254,13 @@ def _fused() -> list[Case]:
             transpose_kernel=True,
         ),
     ]
+
+
+@_family
+def _sequences() -> list[Case]:
+    """Masked CTC, packed sequences and whole-sequence accuracy; see
+    `tools.parity.sequences`."""
+    return sequence_cases()
 
 
 def _replicas(setup: str) -> int:

@@ -1,0 +1,244 @@
+"""Masked CTC: `masked_ctc` and the `MaskedCTC` loss.
+
+Speech and handwriting pad both the frames and the labels. The frames of
+each sequence are counted from its mask (the mask Keras propagated onto
+`y_pred` AND an explicit `mask`), the labels from `mask_value`, so padding is
+never aligned as if it were real. The CTC itself is `keras.ops.ctc_loss`
+(TensorFlow's `tf.nn.ctc_loss`, PyTorch's `ctc_loss`, a forward algorithm
+under JAX), called only on inputs made safe first:
+
+- padded frames are replaced by zeros with `where`, so NaN or inf there
+  reaches neither the loss nor its gradient (exactly 0 at padded frames);
+- a sequence without a real frame is given one harmless frame and no label,
+  then contributes 0;
+- an infeasible sequence (its labels need more frames than it has: one per
+  label, plus one blank between each pair of equal neighbours) is computed
+  without labels, then set to inf (`zero_infinity=False`, as PyTorch does)
+  or to 0 with a zero gradient (`zero_infinity=True`).
+
+The per-sequence losses are reduced by `kmask.masked_reduce` over the
+sequences with at least one real frame: `"token_mean"` is
+`sum(loss_i) / sum(label_length_i)` (the denominator global across replicas),
+`"sequence_mean"` the mean over sequences, `"sum"`, `"sum_over_batch_size"`
+(Keras's `CTC` when nothing is padded) and `"none"` (`[batch]`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from kmask import _shapes
+from kmask._steps import accumulation_dtype
+from kmask.masks import combine_masks, keras_mask, post_padded_lengths
+from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.typing import Tensor
+
+__all__ = ["MaskedCTC", "masked_ctc"]
+
+
+def masked_ctc(
+    y_true: Any,
+    y_pred: Any,
+    mask: Any = None,
+    blank_index: int = 0,
+    mask_value: int = -1,
+    reduction: str | None = "token_mean",
+    sample_weight: Any = None,
+    zero_infinity: bool = False,
+) -> Tensor:
+    """CTC over the real frames and labels of each sequence.
+
+    Args:
+        y_true: Integer labels `[batch, max_label_length]`, padded at the end
+            with `mask_value`.
+        y_pred: Logits `[batch, frames, classes]`; a mask Keras propagated
+            onto them (`Masking`, `LengthMask`, ...) marks the real frames.
+        mask: Optional boolean `[batch, frames]`, `True` on real frames. The
+            real frames must come first (padding `'post'`).
+        blank_index: The class of the CTC blank.
+        mask_value: The label that pads `y_true`.
+        reduction: `"token_mean"` (default), `"sequence_mean"`, `"sum"`,
+            `"sum_over_batch_size"` or `"none"`; see the module docstring.
+        sample_weight: Optional `[batch]` weights of the sequences.
+        zero_infinity: Whether an infeasible sequence gives 0 (and a zero
+            gradient) rather than inf.
+
+    Returns:
+        A scalar, or `[batch]` losses with `reduction="none"`.
+
+    Example:
+
+    >>> import kmask
+    >>> y_true = [[1, 2, -1]]
+    >>> y_pred = [[[0.0, 0.0, 0.0]] * 3 + [[float("nan")] * 3]]
+    >>> mask = [[True, True, True, False]]
+    >>> loss = kmask.masked_ctc(y_true, y_pred, mask, reduction="sum")
+    >>> round(float(loss), 4)  # -log(5 alignments / 3**3)
+    1.6864
+    """
+    reduction = standardize_reduction(reduction)
+    propagated = keras_mask(y_pred)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_pred = ops.cast(y_pred, accumulation_dtype(y_pred.dtype))
+    y_true = ops.convert_to_tensor(y_true)
+    _check_shapes(y_true, y_pred)
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+        _shapes.check_fits_steps(
+            "mask", tuple(mask.shape), tuple(y_pred.shape[:2]), y_pred=y_pred.shape
+        )
+    real_frames = combine_masks(propagated, mask)
+    if real_frames is None:
+        real_frames = ops.ones_like(y_pred[..., 0], dtype="bool")
+    real_frames = ops.broadcast_to(
+        real_frames if len(real_frames.shape) == 2 else real_frames[:, None],
+        ops.shape(y_pred)[:2],
+    )
+    frame_lengths = post_padded_lengths(real_frames, "mask")
+    real_labels = ops.not_equal(y_true, ops.cast(mask_value, y_true.dtype))
+    label_lengths = post_padded_lengths(real_labels, "y_true")
+    labels = ops.where(real_labels, y_true, ops.cast(blank_index, y_true.dtype))
+    labels = ops.cast(labels, "int32")
+
+    has_frames = ops.greater(frame_lengths, 0)
+    feasible = ops.less_equal(
+        label_lengths + _repeats(labels, real_labels), frame_lengths
+    )
+    computed = ops.logical_and(has_frames, feasible)
+    # The op only ever sees sequences it can align: padded frames zeroed, at
+    # least one frame, and no labels where they cannot fit.
+    logits = ops.where(real_frames[..., None], y_pred, ops.zeros_like(y_pred))
+    per_sequence = ops.ctc_loss(
+        labels,
+        logits,
+        ops.where(computed, label_lengths, ops.zeros_like(label_lengths)),
+        ops.where(has_frames, frame_lengths, ops.ones_like(frame_lengths)),
+        mask_index=blank_index,
+    )
+    per_sequence = ops.cast(per_sequence, y_pred.dtype)
+    infeasible_loss = 0.0 if zero_infinity else float("inf")
+    per_sequence = ops.where(
+        ops.logical_or(computed, ops.logical_not(has_frames)),
+        per_sequence,
+        ops.cast(infeasible_loss, per_sequence.dtype),
+    )
+    return masked_reduce(
+        per_sequence,
+        has_frames,
+        reduction,
+        sample_weight,
+        token_counts=label_lengths,
+    )
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class MaskedCTC(keras.losses.Loss):
+    """CTC loss over the real frames and labels: `masked_ctc` as a Keras loss.
+
+    The real frames come from the mask Keras propagated onto `y_pred` (put
+    one there with `Masking`, `kmask.LengthMask` or `kmask.AttachMask`); the
+    labels are padded with `mask_value`. See `kmask.ctc` for the reductions
+    and what happens to padding and infeasible sequences.
+
+    Args:
+        blank_index: The class of the CTC blank.
+        mask_value: The label that pads `y_true`.
+        reduction: `"token_mean"` (default), `"sequence_mean"`, `"sum"`,
+            `"sum_over_batch_size"` or `"none"`.
+        zero_infinity: Whether an infeasible sequence gives 0 rather than inf.
+        name: Name of the loss.
+        dtype: The loss's dtype; it is computed in float32 (or wider).
+
+    Returns:
+        Called as `loss(y_true, y_pred, sample_weight=None)` with labels
+        `[batch, max_label_length]` and logits `[batch, frames, classes]`: a
+        scalar, or `[batch]` losses with `reduction="none"`.
+
+    Example:
+
+    >>> import kmask
+    >>> loss = kmask.MaskedCTC(reduction="none")
+    >>> y_true = [[1, -1], [1, 1]]  # "1 1" needs 3 frames, the 2nd row has 2
+    >>> y_pred = [[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    >>> [round(float(v), 4) for v in loss(y_true, y_pred)]  # -log(3/4), inf
+    [0.2877, inf]
+    """
+
+    def __init__(
+        self,
+        blank_index: int = 0,
+        mask_value: int = -1,
+        reduction: str | None = "token_mean",
+        zero_infinity: bool = False,
+        name: str = "masked_ctc",
+        dtype: Any = None,
+    ) -> None:
+        reduction = standardize_reduction(reduction)
+        super().__init__(name=name, reduction=None, dtype=dtype)
+        self.reduction = reduction
+        self.blank_index = blank_index
+        self.mask_value = mask_value
+        self.zero_infinity = zero_infinity
+        self.dtype_arg = dtype
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Tensor:
+        with keras.name_scope(self.name):
+            loss = self._ctc(y_true, y_pred, self.reduction, sample_weight)
+            return ops.cast(loss, self.dtype)
+
+    def call(self, y_true: Any, y_pred: Any) -> Tensor:
+        """The loss of each sequence, `[batch]` (0 where it has no real frame)."""
+        return self._ctc(y_true, y_pred, "none", None)
+
+    def _ctc(self, y_true, y_pred, reduction, sample_weight):
+        return masked_ctc(
+            y_true,
+            y_pred,
+            blank_index=self.blank_index,
+            mask_value=self.mask_value,
+            reduction=reduction,
+            sample_weight=sample_weight,
+            zero_infinity=self.zero_infinity,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "blank_index": self.blank_index,
+            "mask_value": self.mask_value,
+            "reduction": self.reduction,
+            "zero_infinity": self.zero_infinity,
+            "name": self.name,
+            "dtype": self.dtype_arg,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MaskedCTC:
+        return cls(**config)
+
+
+def _repeats(labels, real_labels):
+    """How many neighbouring real labels are equal: each needs a blank frame
+    between them."""
+    equal = ops.logical_and(
+        ops.equal(labels[:, 1:], labels[:, :-1]), real_labels[:, 1:]
+    )
+    return ops.sum(ops.cast(equal, "int32"), axis=-1)
+
+
+def _check_shapes(y_true, y_pred) -> None:
+    """Labels `[batch, max_label_length]`, logits `[batch, frames, classes]`."""
+    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    if len(pred_shape) != 3:
+        raise _shapes.invalid_shape(
+            "y_pred", "[batch, frames, classes]", y_pred=pred_shape, y_true=true_shape
+        )
+    if len(true_shape) != 2 or not _shapes.same_dim(true_shape[0], pred_shape[0]):
+        raise _shapes.invalid_shape(
+            "y_true",
+            "[batch, max_label_length] with y_pred's batch",
+            y_true=true_shape,
+            y_pred=pred_shape,
+        )
