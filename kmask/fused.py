@@ -259,16 +259,17 @@ def _head(hidden, kernel, labels, bias, options, mask=None, sample_weight=None):
     labels = ops.convert_to_tensor(labels)
     _shapes.check_linear(hidden, kernel, labels, bias)
     target = None if mask_value is None else value_mask(labels, mask_value)
+    masked = _pipeline.valid_steps(
+        tuple(labels.shape), target, mask=mask, labels=labels.shape
+    )
     valid = _pipeline.valid_steps(
-        tuple(labels.shape),
-        target,
-        mask=mask,
-        sample_weight=sample_weight,
-        labels=labels.shape,
+        tuple(labels.shape), masked, sample_weight=sample_weight, labels=labels.shape
     )
 
     def reduce(per_step):
-        return masked_reduce(per_step, valid, reduction, sample_weight)
+        # The masks without the zero weights: `sum_over_batch_size` counts
+        # zero weights, as Keras does.
+        return masked_reduce(per_step, masked, reduction, sample_weight)
 
     per_step, value = linear_crossentropy(
         hidden,
