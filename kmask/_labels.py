@@ -32,9 +32,10 @@ def concrete(value: Any) -> np.ndarray | None:
         return None
 
 
-def out_of_range_steps(labels: Any, classes: Any, valid: Any):
+def out_of_range_steps(labels: Any, classes: Any, valid: Any, argument: str = "y_true"):
     """The real steps whose label is outside `[0, classes)`: a boolean
     tensor of `labels`' shape (`valid` is `None` or broadcasts to it).
+    An error names the labels `argument`.
 
     Raises:
         ValueError: in eager execution, when there is such a step.
@@ -47,7 +48,9 @@ def out_of_range_steps(labels: Any, classes: Any, valid: Any):
         bad = ops.logical_and(bad, _align(valid, len(labels.shape)))
     found = concrete(ops.any(bad))
     if found is not None and bool(found):
-        _raise_out_of_range(concrete(bad), concrete(labels), concrete(classes))
+        _raise_out_of_range(
+            concrete(bad), concrete(labels), concrete(classes), argument
+        )
     return bad
 
 
@@ -71,14 +74,14 @@ def _align(mask: Any, rank: int):
     return mask
 
 
-def _raise_out_of_range(bad: np.ndarray, labels: np.ndarray, classes: Any) -> None:
+def _raise_out_of_range(bad, labels, classes, argument: str) -> None:
     positions = np.argwhere(np.broadcast_to(bad, labels.shape))
     first = tuple(int(i) for i in positions[0])
     value = labels[first].item()
     index = ", ".join(str(i) for i in first)
     raise ValueError(
-        f"Invalid value for argument `y_true`. Expected labels in "
+        f"Invalid value for argument `{argument}`. Expected labels in "
         f"[0, {int(classes)}) ({int(classes)} classes) at every real step (a "
-        f"padded step may hold any label). Received: y_true[{index}]={value}, "
+        f"padded step may hold any label). Received: {argument}[{index}]={value}, "
         f"{len(positions)} label(s) out of range at real steps"
     )

@@ -22,7 +22,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _pipeline, _shapes
+from kmask import _labels, _moved, _pipeline, _shapes
+from kmask._resolve import plain
 from kmask.masks import value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
@@ -242,7 +243,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             **super().get_config(),
             "vocabulary_size": self.vocabulary_size,
             "use_bias": self.use_bias,
-            "mask_value": self.mask_value,
+            "mask_value": plain(self.mask_value),
             "reduction": self.reduction,
             "chunk_size": self.chunk_size,
             "label_smoothing": self.label_smoothing,
@@ -265,6 +266,11 @@ def _head(hidden, kernel, labels, bias, options, mask=None, sample_weight=None):
     valid = _pipeline.valid_steps(
         tuple(labels.shape), masked, sample_weight=sample_weight, labels=labels.shape
     )
+    # Out of range at a real step: a ValueError eagerly, NaN when traced.
+    out_of_range = _labels.out_of_range_steps(
+        ops.cast(labels, "int32"), kernel.shape[-1], valid, "labels"
+    )
+    labels = _labels.safe_labels(ops.cast(labels, "int32"), out_of_range)
 
     def reduce(per_step):
         # The masks without the zero weights: `sum_over_batch_size` counts
@@ -283,7 +289,12 @@ def _head(hidden, kernel, labels, bias, options, mask=None, sample_weight=None):
         z_loss,
         sample_weight,
     )
-    return per_step, (reduce(per_step) if value is None else value)
+    value = reduce(per_step) if value is None else value
+    if reduction == "none":
+        value = _labels.poison(value, out_of_range)
+    else:
+        value = ops.where(ops.any(out_of_range), float("nan"), value)
+    return _labels.poison(per_step, out_of_range), value
 
 
 def _check_options(chunk_size: Any, label_smoothing: float) -> None:

@@ -104,7 +104,6 @@ def test_out_of_range_labels_at_padded_steps_are_padding(name):
     labels, logits = _data()
     valid = _valid()
     padded = np.where(valid, labels, 99).astype("int32")
-    padded[0, 0] = labels[0, 0]
     user = LABEL_USERS[name]()
     y_pred = _predictions(name, logits)
     actual = _evaluate(user, padded, y_pred, sample_weight=valid.astype("float32"))
@@ -126,10 +125,10 @@ def test_out_of_range_label_is_nan_when_compiled(bad, xla):
     labels, logits = _data()
     labels[1, 1] = bad
     loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)
-    value, grad = _compiled_value_and_grad(lambda x: loss(labels, x), logits, xla)
+    value, grad = _compiled_value_and_grad(lambda x, y: loss(y, x), logits, labels, xla)
     assert np.isnan(value)
     # Only the loss says it: the other steps' gradients stay what they were.
-    assert np.all(np.isfinite(grad[0]))
+    assert np.all(np.isfinite(grad))
 
 
 @pytest.mark.skipif(BACKEND == "torch", reason="PyTorch runs eagerly: it raises")
@@ -138,20 +137,20 @@ def test_out_of_range_label_is_nan_in_a_compiled_metric():
     labels[0, 2] = C
     metric = kmask.MaskedSparseCategoricalAccuracy()
 
-    def update(y_pred):
-        metric.update_state(labels, y_pred)
+    def update(y_pred, y_true):
+        metric.update_state(y_true, y_pred)
         return metric.result() + ops.sum(y_pred) * 0.0
 
-    value, _ = _compiled_value_and_grad(update, logits, False)
+    value, _ = _compiled_value_and_grad(update, logits, labels, False)
     assert np.isnan(value)
 
 
-def _compiled_value_and_grad(fn, x, xla):
+def _compiled_value_and_grad(fn, x, labels, xla):
+    """Traced as training traces it: the labels are an argument too."""
     from tools import backends
 
-    value, (grad,) = backends.value_and_grad(fn, jit=True, xla=xla)(
-        ops.convert_to_tensor(x)
-    )
+    step = backends.value_and_grad(fn, argnums=(0,), jit=True, xla=xla)
+    value, (grad,) = step(ops.convert_to_tensor(x), ops.convert_to_tensor(labels))
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(grad))
 
 
@@ -486,3 +485,27 @@ def test_a_keras_loss_instance_with_another_axis():
         sample_weight=valid.astype("float32"),
     )
     _close(value, np_token_mean(np_sparse_ce(labels, logits), valid))
+
+
+def test_fused_head_checks_its_labels_too():
+    rng = np.random.default_rng(10)
+    hidden = rng.normal(size=(B, T, 3)).astype("float32")
+    kernel = rng.normal(size=(3, C)).astype("float32")
+    labels, _ = _data(10)
+    labels[0, 3] = -100
+    valid = labels != -100
+    value = kmask.fused_linear_crossentropy(hidden, kernel, labels, mask_value=-100)
+    expected = np_token_mean(
+        np_sparse_ce(np.where(valid, labels, 0), hidden @ kernel), valid
+    )
+    _close(value, expected)
+    labels[1, 2] = C
+    with pytest.raises(ValueError, match=r"labels\[1, 2\]=5"):
+        kmask.fused_linear_crossentropy(hidden, kernel, labels, mask_value=-100)
+    if BACKEND != "torch":
+
+        def step(h, y):
+            return kmask.fused_linear_crossentropy(h, kernel, y, mask_value=-100)
+
+        value, _ = _compiled_value_and_grad(step, hidden, labels, False)
+        assert np.isnan(value)

@@ -34,8 +34,10 @@ NAMES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 
 
 def _rows() -> list[tuple[str, Callable]]:
-    """`(input, build)`: `build()` returns `(fn, y_pred)`, `fn(y_pred)` the
-    scalar a user would look at. Imported lazily: the child's backend."""
+    """`(input, build)`: `build()` returns `(fn, inputs)`, `fn(*inputs)` the
+    scalar a user would look at. The targets are arguments, as in training
+    (a constant would be known while tracing). Imported lazily: the child's
+    backend."""
     import keras
     import numpy as np
     from keras import ops
@@ -54,7 +56,7 @@ def _rows() -> list[tuple[str, Callable]]:
             loss = kmask.MaskedSparseCategoricalCrossentropy(
                 from_logits=True, **options
             )
-            return (lambda y_pred: loss(bad, y_pred)), logits
+            return (lambda y_pred, y_true: loss(y_true, y_pred)), (logits, bad)
 
         return build
 
@@ -64,39 +66,42 @@ def _rows() -> list[tuple[str, Callable]]:
             bad[1, 1] = bad_label
             metric = kmask.MaskedSparseCategoricalAccuracy()
 
-            def fn(y_pred):
-                metric.update_state(bad, y_pred)
+            def fn(y_pred, y_true):
+                metric.update_state(y_true, y_pred)
                 return metric.result()
 
-            return fn, logits
+            return fn, (logits, bad)
 
         return build
 
     def empty():
         loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)
-        return (lambda y_pred: loss(np.zeros((0, T), "int32"), y_pred)), np.zeros(
-            (0, T, C), "float32"
-        )
+        inputs = (np.zeros((0, T, C), "float32"), np.zeros((0, T), "int32"))
+        return (lambda y_pred, y_true: loss(y_true, y_pred)), inputs
 
     def lengths():
-        return (lambda y_pred: ops.sum(kmask.sequence_mask([3.5, 2.0], 5))), logits
+        def fn(lengths):
+            return ops.sum(ops.cast(kmask.sequence_mask(lengths, 5), "float32"))
+
+        return fn, (np.array([3.5, 2.0], "float32"),)
 
     def string_pad():
         def fn(y_pred):
             return kmask.MaskedLoss("mse", mask_value="pad")(y_pred, y_pred)
 
-        return fn, logits
+        return fn, (logits,)
 
     def unit_axis():
         loss = kmask.MaskedSparseCategoricalCrossentropy(
             from_logits=True, ignore_class=0
         )
         column = np.where(valid, labels, 0)[..., None]
-        return (lambda y_pred: loss(column, y_pred)), logits
+        return (lambda y_pred, y_true: loss(y_true, y_pred)), (logits, column)
 
     def class_axis_first():
         loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, axis=0)
-        return (lambda y_pred: loss(labels, y_pred)), np.moveaxis(logits, -1, 0).copy()
+        moved = np.moveaxis(logits, -1, 0).copy()
+        return (lambda y_pred, y_true: loss(y_true, y_pred)), (moved, labels)
 
     def saved_and_reloaded():
         pad = np.array([0, 0, 1])
@@ -109,7 +114,10 @@ def _rows() -> list[tuple[str, Callable]]:
             model.save(path)
             loaded = keras.models.load_model(path)
         targets = np.eye(3, dtype="float32")[rng.integers(0, 3, size=(B, T))]
-        return (lambda y_pred: loaded.loss(targets, y_pred)), logits[..., :3].copy()
+        return (lambda y_pred, y_true: loaded.loss(y_true, y_pred)), (
+            logits[..., :3].copy(),
+            targets,
+        )
 
     def keras_name(keras_loss):
         def build():
@@ -121,16 +129,16 @@ def _rows() -> list[tuple[str, Callable]]:
                 )
             padded = np.where(valid[..., None], logits, -9.0).astype("float32")
 
-            def fn(y_pred):
-                return loss(labels, keras.layers.Masking(mask_value=-9.0)(y_pred))
+            def fn(y_pred, y_true):
+                return loss(y_true, keras.layers.Masking(mask_value=-9.0)(y_pred))
 
-            return fn, padded
+            return fn, (padded, labels)
 
         return build
 
     def perplexity():
         metric = kmask.Perplexity(from_logits=True)
-        return (lambda y_pred: metric.result() + ops.sum(y_pred) * 0.0), logits
+        return (lambda y_pred: metric.result() + ops.sum(y_pred) * 0.0), (logits,)
 
     return [
         ("sparse CE, label 7 with 5 classes at a real step", sparse(7)),
@@ -180,10 +188,11 @@ def _outcome(build: Callable, compiled: bool, backend: str) -> str:
     from keras import ops
 
     try:
-        fn, y_pred = build()
+        fn, inputs = build()
         if compiled:
             fn = _compiled(fn, backend)
-        value = float(ops.convert_to_numpy(fn(ops.convert_to_tensor(y_pred))))
+        value = fn(*(ops.convert_to_tensor(x) for x in inputs))
+        value = float(ops.convert_to_numpy(value))
     # Every kind of failure is a row of the table.
     except Exception as error:
         return _describe(error)
