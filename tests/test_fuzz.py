@@ -41,6 +41,7 @@ def test_disagreements_name_the_case_and_both_outcomes():
     reason="one run covers all three backends: it runs in the jax session",
 )
 def test_bounded_fuzz_agrees_on_every_backend():
-    ran, found = fuzz.run(40, seed=0)
+    ran, found, kinds = fuzz.run(40, seed=0)
     assert ran >= 30
     assert not found, "\n".join(found)
+    assert kinds["value"] and kinds["ValueError"], kinds

@@ -109,6 +109,7 @@ def _rows() -> list[tuple[str, Callable]]:
         inputs = keras.Input((T, 3))
         model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
         model.compile(loss=loss)
+        model.optimizer.build(model.trainable_variables)
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "model.keras"
             model.save(path)

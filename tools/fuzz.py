@@ -62,15 +62,15 @@ def case_strategy():
     @st.composite
     def case(draw):
         loss = draw(st.sampled_from(LOSSES))
-        rank = draw(st.integers(1, 4))
-        steps = [draw(st.integers(0, 3)) for _ in range(rank - 1)]
-        features = draw(st.integers(1, 4))
         source = draw(st.sampled_from(SOURCES))
         if source == "ignore_class" and loss not in SPARSE:
             source = "mask_value"
-        if source == "propagated" and rank != 3:
-            source = "sample_weight"
-        bad = draw(st.one_of(st.none(), st.none(), st.sampled_from(BAD)))
+        # Masking propagates a mask over `[batch, time, features]`.
+        rank = 3 if source == "propagated" else draw(st.sampled_from((1, 2, 3, 4)))
+        # An empty axis now and then; ignore_class 0 needs another class.
+        steps = [draw(st.sampled_from((1, 2, 3, 1, 2, 3, 0))) for _ in range(rank - 1)]
+        features = draw(st.integers(2 if source == "ignore_class" else 1, 4))
+        bad = draw(st.sampled_from((None, None, None, *BAD)))
         return {
             "loss": loss,
             "shape": [*steps, features],
@@ -139,12 +139,11 @@ def arrays(case: dict) -> dict[str, Any]:
         y_true = np.where(valid, y_true, 0).astype("int32")
     elif source == "sample_weight":
         if case["per_sequence_weight"] and steps:
-            weight = rng.uniform(0.5, 2.0, steps[:1]) * valid.reshape(steps[0], -1).all(
-                -1
-            )
-            out["valid"] = np.broadcast_to(
-                weight.reshape(steps[:1] + (1,) * (len(steps) - 1)) != 0, steps
-            )
+            # A sequence with a padded step gets weight 0: all of it is padding.
+            whole = valid.all(axis=tuple(range(1, valid.ndim)))
+            weight = rng.uniform(0.5, 2.0, steps[:1]) * whole
+            per_sequence = weight.reshape(steps[:1] + (1,) * (len(steps) - 1))
+            out["valid"] = np.broadcast_to(per_sequence != 0, steps)
         else:
             weight = rng.uniform(0.5, 2.0, steps) * valid
         out["sample_weight"] = weight.astype("float32")
@@ -291,9 +290,11 @@ def disagreements(cases: list[dict], outcomes: dict[str, list]) -> list[str]:
     return found
 
 
-def run(count: int, seed: int, backends: list[str] | None = None) -> tuple[int, list]:
+def run(
+    count: int, seed: int, backends: list[str] | None = None
+) -> tuple[int, list, dict]:
     """Draws `count` cases, runs them on every backend; `(cases run, the
-    disagreements)`."""
+    disagreements, how many ended in a value or in each exception type)`."""
     cases = generate(count, seed)
     backends = backends or installed_backends()
     outcomes = {}
@@ -310,7 +311,16 @@ def run(count: int, seed: int, backends: list[str] | None = None) -> tuple[int, 
             if done.returncode != 0:
                 raise RuntimeError(f"{backend} child failed:\n{done.stderr[-3000:]}")
             outcomes[backend] = json.loads((workdir / f"{backend}.json").read_text())
-    return len(cases), disagreements(cases, outcomes)
+    return len(cases), disagreements(cases, outcomes), _kinds(outcomes)
+
+
+def _kinds(outcomes: dict[str, list]) -> dict[str, int]:
+    """How the first backend's cases ended: a value, or an exception type."""
+    kinds: dict[str, int] = {}
+    for outcome in next(iter(outcomes.values()), []):
+        kind = outcome.get("error", "value")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,10 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         child(Path(args.child), keras.backend.backend())
         return
     backends = installed_backends()
-    ran, found = run(args.examples, args.seed, backends)
+    ran, found, kinds = run(args.examples, args.seed, backends)
     print(
         f"fuzz: ran {ran} cases on {', '.join(backends)}: "
-        f"{ran - len(found)} agree, {len(found)} disagree"
+        f"{ran - len(found)} agree, {len(found)} disagree; outcomes {kinds}"
     )
     for line in found:
         print(line)
