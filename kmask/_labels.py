@@ -78,10 +78,10 @@ def _raise_out_of_range(bad, labels, classes, argument: str) -> None:
     positions = np.argwhere(np.broadcast_to(bad, labels.shape))
     first = tuple(int(i) for i in positions[0])
     value = labels[first].item()
-    index = ", ".join(str(i) for i in first)
+    position = f"{argument}[{', '.join(str(i) for i in first)}]" if first else argument
     raise ValueError(
         f"Invalid value for argument `{argument}`. Expected labels in "
         f"[0, {int(classes)}) ({int(classes)} classes) at every real step (a "
-        f"padded step may hold any label). Received: {argument}[{index}]={value}, "
+        f"padded step may hold any label). Received: {position}={value}, "
         f"{len(positions)} label(s) out of range at real steps"
     )

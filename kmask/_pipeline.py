@@ -119,10 +119,11 @@ def prepare(
     if sparse_labels:
         y_true = squeeze_trailing(y_true, len(y_pred.shape) - 1)
     check_targets(y_true, y_pred)
+    sparse = sparse_labels and len(y_true.shape) == len(y_pred.shape) - 1
     masked = valid_steps(
         step_shape(y_pred),
         propagated,
-        target_mask(y_true),
+        _target_padding(target_mask, y_true, sparse),
         mask=mask,
         y_pred=y_pred.shape,
     )
@@ -136,7 +137,7 @@ def prepare(
         )
     y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
     out_of_range = None
-    if sparse_labels and len(y_true.shape) == len(y_pred.shape) - 1:
+    if sparse:
         labels = ops.cast(y_true, "int32")
         out_of_range = _labels.out_of_range_steps(labels, _classes(y_pred), valid)
         y_true = ops.cast(_labels.safe_labels(labels, out_of_range), y_true.dtype)
@@ -193,6 +194,19 @@ def _class_axis_last(y_true, y_pred, class_axis: int):
     if len(y_true.shape) == rank:
         y_true = ops.moveaxis(y_true, class_axis, -1)
     return y_true, ops.moveaxis(y_pred, class_axis, -1)
+
+
+def _target_padding(target_mask, y_true, sparse: bool):
+    """The padding `target_mask` finds in `y_true`. Sparse labels get a unit
+    feature axis first, so that a pad value is compared label by label
+    whatever their rank (`value_mask` reads the last axis of rank-3 targets
+    as features), and the mask loses it again."""
+    if not sparse:
+        return target_mask(y_true)
+    padding = target_mask(ops.expand_dims(y_true, -1))
+    if padding is None:
+        return None
+    return squeeze_trailing(padding, len(y_true.shape))
 
 
 def _classes(y_pred):

@@ -511,3 +511,24 @@ def test_fused_head_checks_its_labels_too():
 
         value, _ = _compiled_value_and_grad(step, hidden, labels, False)
         assert np.isnan(value)
+
+
+@pytest.mark.parametrize("name", ["scce_logits", "perplexity"])
+def test_a_pad_label_is_compared_label_by_label_at_any_rank(name):
+    """Labels `[batch, time, part]` for `y_pred` `[batch, time, part, classes]`:
+    the pad value marks single labels, not whole rows of them."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(B, T, 3, C)).astype("float32")
+    labels = rng.integers(0, C, size=(B, T, 3)).astype("int32")
+    valid = rng.random((B, T, 3)) < 0.6
+    padded = np.where(valid, labels, -100)
+    if name == "perplexity":
+        metric = kmask.Perplexity(from_logits=True, mask_value=-100)
+        metric.update_state(padded, logits)
+        value, transform = metric.result(), math.exp
+    else:
+        loss = kmask.MaskedSparseCategoricalCrossentropy(
+            from_logits=True, mask_value=-100
+        )
+        value, transform = loss(padded, logits), float
+    _close(value, transform(np_token_mean(np_sparse_ce(labels, logits), valid)))
