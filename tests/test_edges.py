@@ -231,6 +231,10 @@ def test_perplexity_with_no_real_step_is_zero():
         (lambda: kmask.sequence_mask(np.array([3.0, 2.0]), 5), "lengths"),
         (lambda: kmask.sequence_mask([[3, 2]], 5), "lengths"),
         (lambda: kmask.sequence_mask([3, 2], 5.0), "maxlen"),
+        (
+            lambda: kmask.LengthMask()([keras.Input((T, 2)), keras.Input(())]),
+            "lengths",
+        ),
         (lambda: kmask.sequence_mask([3, 9], 5), "lengths"),
         (lambda: kmask.sequence_mask([3, 2], 5, padding="left"), "padding"),
         (lambda: kmask.MaskedLoss("mse", mask_value="pad"), "mask_value"),
