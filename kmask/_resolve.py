@@ -120,6 +120,17 @@ def takes_sparse_labels(fn: Any) -> bool:
     return any(fn is function for function in sparse_functions)
 
 
+def ignore_class(fn: Any, fn_kwargs: dict) -> int | None:
+    """The `ignore_class` the wrapped function was given (as a keyword
+    argument, or in a Keras loss's config), or `None`; a kmask loss finds
+    its own padding."""
+    if "ignore_class" in fn_kwargs:
+        return fn_kwargs["ignore_class"]
+    if isinstance(fn, keras.losses.Loss) and not hasattr(fn, "target_mask"):
+        return fn.get_config().get("ignore_class")
+    return None
+
+
 def class_last_kwargs(fn_kwargs: dict) -> dict:
     """`fn_kwargs` with `axis=-1` where they have an axis: the pipeline
     moves the class axis last before the per-step function runs."""

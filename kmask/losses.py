@@ -22,7 +22,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
-from kmask.masks import combine_masks, pad_array, value_mask
+from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
     mean_squared_error,
@@ -124,10 +124,11 @@ class MaskedLoss(keras.losses.Loss):
         return self._per_step(y_true, y_pred)
 
     def target_mask(self, y_true):
-        """The padding this loss finds in `y_true`, or `None`."""
-        if self.mask_value is None:
-            return None
-        return value_mask(y_true, self.mask_value)
+        """The padding this loss finds in `y_true` (`mask_value`, and the
+        wrapped loss's `ignore_class`), or `None`."""
+        pad = None if self.mask_value is None else value_mask(y_true, self.mask_value)
+        ignored = _resolve.ignore_class(self.loss, self.loss_kwargs)
+        return combine_masks(pad, ignore_class_mask(y_true, ignored))
 
     def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
         """The op computing `call()` that takes the mask itself, or `None`."""
@@ -318,13 +319,6 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             z_loss=z_loss,
         )
         self._sparse_labels = True
-
-    def target_mask(self, y_true):
-        ignore_class = self.loss_kwargs["ignore_class"]
-        ignored = None
-        if ignore_class is not None:
-            ignored = ops.not_equal(y_true, ops.cast(ignore_class, y_true.dtype))
-        return combine_masks(super().target_mask(y_true), ignored)
 
     def _fused_op(self, y_true, y_pred):
         """The per-step loss, `kmask.ops.sparse_crossentropy`: from logits it

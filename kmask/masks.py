@@ -133,6 +133,15 @@ def value_mask(y: Any, mask_value: Any):
     return ops.logical_not(is_pad)
 
 
+def ignore_class_mask(y: Any, ignore_class: int | None):
+    """`True` where the sparse label in `y` is not `ignore_class` (Keras's
+    argument), `None` when there is no class to ignore."""
+    if ignore_class is None:
+        return None
+    y = ops.convert_to_tensor(y)
+    return ops.not_equal(y, ops.cast(ignore_class, y.dtype))
+
+
 def pad_array(mask_value: Any) -> np.ndarray:
     """`mask_value` as a float64 NumPy scalar or vector.
 

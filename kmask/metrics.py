@@ -21,7 +21,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
-from kmask.masks import combine_masks, pad_array, value_mask
+from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
 
@@ -96,9 +96,11 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         )
 
     def target_mask(self, y_true):
-        """The padding found in `y_true` (`mask_value`, and a wrapped kmask
-        loss's own), or `None`."""
-        masks = []
+        """The padding found in `y_true` (`mask_value`, an `ignore_class`,
+        and a wrapped kmask loss's own), or `None`."""
+        masks = [
+            ignore_class_mask(y_true, _resolve.ignore_class(self.fn, self.fn_kwargs))
+        ]
         if self.mask_value is not None:
             masks.append(value_mask(y_true, self.mask_value))
         if hasattr(self.fn, "target_mask"):

@@ -536,3 +536,28 @@ def test_a_pad_label_is_compared_label_by_label_at_any_rank(name):
         )
         value, transform = loss(padded, logits), float
     _close(value, transform(np_token_mean(np_sparse_ce(labels, logits), valid)))
+
+
+@pytest.mark.parametrize("wrapped", ["name", "instance", "metric"])
+def test_a_wrapped_keras_ignore_class_is_padding_not_out_of_range(wrapped):
+    labels, logits = _data(12)
+    valid = _valid()
+    padded = np.where(valid, labels, -1)
+    if wrapped == "name":
+        user = kmask.MaskedLoss(
+            "sparse_categorical_crossentropy", from_logits=True, ignore_class=-1
+        )
+    elif wrapped == "instance":
+        user = kmask.MaskedLoss(
+            keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=-1
+            )
+        )
+    else:
+        user = kmask.MaskedMeanMetricWrapper(
+            "sparse_categorical_crossentropy", from_logits=True, ignore_class=-1
+        )
+    _close(
+        _evaluate(user, padded, logits),
+        np_token_mean(np_sparse_ce(labels, logits), valid),
+    )
