@@ -123,7 +123,9 @@ def prepare(
     masked = valid_steps(
         step_shape(y_pred),
         propagated,
-        _target_padding(target_mask, y_true, sparse),
+        _target_padding(
+            target_mask, y_true, sparse, len(y_true.shape) == len(y_pred.shape)
+        ),
         mask=mask,
         y_pred=y_pred.shape,
     )
@@ -196,17 +198,27 @@ def _class_axis_last(y_true, y_pred, class_axis: int):
     return y_true, ops.moveaxis(y_pred, class_axis, -1)
 
 
-def _target_padding(target_mask, y_true, sparse: bool):
-    """The padding `target_mask` finds in `y_true`. Sparse labels get a unit
-    feature axis first, so that a pad value is compared label by label
-    whatever their rank (`value_mask` reads the last axis of rank-3 targets
-    as features), and the mask loses it again."""
-    if not sparse:
+def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
+    """The padding `target_mask` finds in `y_true`. `value_mask` guesses from
+    the rank whether the last axis holds features (rank 3 or more) or labels;
+    the pipeline knows. Sparse labels get a unit feature axis, so that a pad
+    value is compared label by label whatever their rank; dense targets of
+    rank 1 or 2 get leading unit axes, so that their last axis is read as
+    features. The mask loses the added axes again."""
+    if sparse:
+        padding = target_mask(ops.expand_dims(y_true, -1))
+        return None if padding is None else squeeze_trailing(padding, len(y_true.shape))
+    if not dense:
         return target_mask(y_true)
-    padding = target_mask(ops.expand_dims(y_true, -1))
-    if padding is None:
-        return None
-    return squeeze_trailing(padding, len(y_true.shape))
+    # Dense targets of rank 1 or 2 have a feature axis too: leading unit
+    # axes make `value_mask` read it as one, and go again.
+    added = max(3 - len(y_true.shape), 0)
+    for _ in range(added):
+        y_true = ops.expand_dims(y_true, 0)
+    padding = target_mask(y_true)
+    for _ in range(added if padding is not None else 0):
+        padding = ops.squeeze(padding, axis=0)
+    return padding
 
 
 def _classes(y_pred):

@@ -561,3 +561,16 @@ def test_a_wrapped_keras_ignore_class_is_padding_not_out_of_range(wrapped):
         _evaluate(user, padded, logits),
         np_token_mean(np_sparse_ce(labels, logits), valid),
     )
+
+
+@pytest.mark.parametrize("pad", [-1.0, float("nan")])
+def test_a_pad_value_marks_rows_of_rank_2_dense_targets(pad):
+    """Targets `[batch, features]` (no time axis): a row of pad values is
+    one padded step, as for `[batch, time, features]`."""
+    rng = np.random.default_rng(13)
+    targets = rng.normal(size=(4, 3)).astype("float32")
+    predictions = rng.normal(size=(4, 3)).astype("float32")
+    real = np.array([True, False, True, False])
+    padded = np.where(real[:, None], targets, pad).astype("float32")
+    value = kmask.MaskedMeanAbsoluteError(mask_value=pad)(padded, predictions)
+    _close(value, np.abs(targets - predictions).mean(-1)[real].mean())
