@@ -7,6 +7,7 @@
     python -m nox -s rnn-table    # Keras 3.16's RNN change, per Keras line and backend
     python -m nox -s parity       # all three backends compared (tools.parity)
     python -m nox -s demo         # the seed demo on all three backends
+    python -m nox -s fuzz         # the cross-backend fuzz, many cases (not default)
     python -m nox -s bench        # speed and memory benchmarks (not run by default)
     python -m nox -s bench -- --quick   # the same on small shapes, a smoke test
     python -m nox -s package      # build, twine check, the suite on the installed wheel
@@ -128,6 +129,15 @@ def parity(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".[all,test]")
     session.run("python", "-m", "tools.parity", "--json", "parity.json", env=QUIET_ENV)
     session.run("pytest", "tests/test_parity.py", *session.posargs, env=QUIET_ENV)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The cross-backend fuzz with many more cases than the tests run (not a
+    default session); prints how many it ran. `-- --examples N --seed S`."""
+    session.install(*CONSTRAINTS, "-e", ".[all,test]")
+    arguments = session.posargs or ["--examples", "2000"]
+    session.run("python", "-m", "tools.fuzz", *arguments, env=QUIET_ENV)
 
 
 @nox.session

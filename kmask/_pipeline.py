@@ -2,10 +2,14 @@
 
 Every kmask loss, metric and the fused head run it:
 
-1. `prepare`: `y_pred` in float32 (or float64), the shapes checked, and the
-   real steps found: the AND of the mask Keras propagated onto `y_pred`, the
-   padding found in `y_true` (a pad value, `ignore_class`), an explicit mask
-   and the steps whose `sample_weight` is 0 (`valid_steps`).
+1. `prepare`: `y_pred` in float32 (or float64) with its class axis moved
+   last (so everything downstream reduces the last axis), sparse labels of
+   shape `[..., 1]` squeezed, the shapes checked, and the real steps found:
+   the AND of the mask Keras propagated onto `y_pred`, the padding found in
+   `y_true` (a pad value, `ignore_class`), an explicit mask and the steps
+   whose `sample_weight` is 0 (`valid_steps`). Sparse labels out of range at
+   a real step raise in eager execution and make the step NaN when traced
+   (`kmask._labels`).
 2. `per_step_values`: padded steps neutralised with `where` before the
    per-step function sees them (never multiplied by 0 after: `0 * NaN` is
    NaN, and so is its gradient), or the mask handed to a fused op that
@@ -21,8 +25,15 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from kmask import _labels
 from kmask._shapes import check_fits_steps, check_targets, step_shape
-from kmask._steps import accumulation_dtype, fill_padding, per_step_mask, weight_mask
+from kmask._steps import (
+    accumulation_dtype,
+    fill_padding,
+    per_step_mask,
+    squeeze_trailing,
+    weight_mask,
+)
 from kmask.masks import combine_masks, keras_mask
 
 # `(y_true, y_pred, valid) -> per-step values` where `valid` is a boolean
@@ -37,6 +48,11 @@ class Steps(NamedTuple):
     y_pred: Any
     valid: Any  # boolean, `[batch]` or a leading part of the per-step shape; or None
     sample_weight: Any
+    # The masks alone, without the zero weights: what `sum_over_batch_size`
+    # counts, as Keras does. `None` when there is no mask.
+    masked: Any = None
+    # The real steps whose label is out of range (NaN there), or None.
+    out_of_range: Any = None
 
 
 def valid_steps(
@@ -75,6 +91,7 @@ def prepare(
     class_axis: int = -1,
     mask: Any = None,
     sample_weight: Any = None,
+    sparse_labels: bool = False,
 ) -> Steps:
     """Step 1: tensors of the right dtype and shape, and the real steps.
 
@@ -86,24 +103,47 @@ def prepare(
         target_mask: `y_true -> mask` of the padding in the targets, or `None`.
         target_dtype: The dtype of the targets handed on; `y_pred`'s when
             `None`.
-        class_axis: The axis of `y_pred` the per-step function reduces.
+        class_axis: The axis of `y_pred` the per-step function reduces; it
+            is moved last (with `y_true`'s when it has `y_pred`'s rank), and
+            the per-step function sees it last.
         mask: Optional explicit mask.
         sample_weight: Optional weights; a weight of 0 marks padding.
+        sparse_labels: Whether `y_true` holds integer labels when it has one
+            axis less than `y_pred` (or a last axis of 1): they are checked
+            against the number of classes.
     """
     propagated = keras_mask(y_pred)
     y_pred = ops.cast(ops.convert_to_tensor(y_pred), accumulation_dtype(dtype))
     y_true = ops.convert_to_tensor(y_true)
+    y_true, y_pred = _class_axis_last(y_true, y_pred, class_axis)
+    if sparse_labels:
+        y_true = squeeze_trailing(y_true, len(y_pred.shape) - 1)
     check_targets(y_true, y_pred)
-    valid = valid_steps(
-        step_shape(y_pred, class_axis),
+    sparse = sparse_labels and len(y_true.shape) == len(y_pred.shape) - 1
+    masked = valid_steps(
+        step_shape(y_pred),
         propagated,
-        target_mask(y_true),
+        _target_padding(
+            target_mask, y_true, sparse, len(y_true.shape) == len(y_pred.shape)
+        ),
         mask=mask,
-        sample_weight=sample_weight,
         y_pred=y_pred.shape,
     )
+    valid = masked
+    if sample_weight is not None:
+        valid = valid_steps(
+            step_shape(y_pred),
+            masked,
+            sample_weight=sample_weight,
+            y_pred=y_pred.shape,
+        )
     y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
-    return Steps(y_true, y_pred, valid, sample_weight)
+    out_of_range = None
+    if sparse:
+        labels = ops.cast(y_true, "int32")
+        out_of_range = _labels.out_of_range_steps(labels, _classes(y_pred), valid)
+        y_true = ops.cast(_labels.safe_labels(labels, out_of_range), y_true.dtype)
+    return Steps(y_true, y_pred, valid, sample_weight, masked, out_of_range)
 
 
 def per_step_values(
@@ -123,10 +163,65 @@ def per_step_values(
             at padded steps whatever they hold), used instead of `call`.
     """
     y_true, y_pred, valid = steps.y_true, steps.y_pred, steps.valid
+    if 0 in tuple(y_pred.shape):
+        # An empty batch: Keras's `max` refuses empty tensors on TensorFlow
+        # and PyTorch. The values (there are none) stay connected to
+        # `y_pred`, so its gradient is an empty zero, not missing.
+        return ops.sum(y_pred, axis=class_axis) * 0.0
     if masked_call is not None:
         if valid is not None:
             valid = per_step_mask(valid, y_pred, class_axis)
-        return masked_call(y_true, y_pred, valid)
-    if valid is not None:
-        y_true, y_pred = fill_padding(y_true, y_pred, valid, class_axis)
-    return call(y_true, y_pred)
+        per_step = masked_call(y_true, y_pred, valid)
+    else:
+        if valid is not None:
+            y_true, y_pred = fill_padding(y_true, y_pred, valid, class_axis)
+        per_step = call(y_true, y_pred)
+    if steps.out_of_range is None:
+        return per_step
+    return _labels.poison(per_step, steps.out_of_range)
+
+
+def _class_axis_last(y_true, y_pred, class_axis: int):
+    """`(y_true, y_pred)` with `y_pred`'s class axis moved last, and
+    `y_true`'s too when it has `y_pred`'s rank (one-hot or dense targets)."""
+    rank = len(y_pred.shape)
+    if rank < 2 or class_axis in (-1, rank - 1):
+        return y_true, y_pred
+    if not -rank <= class_axis < rank:
+        raise ValueError(
+            f"Invalid value for argument `axis`. Expected an axis of y_pred "
+            f"(rank {rank}). Received: axis={class_axis}, "
+            f"y_pred.shape={tuple(y_pred.shape)}"
+        )
+    if len(y_true.shape) == rank:
+        y_true = ops.moveaxis(y_true, class_axis, -1)
+    return y_true, ops.moveaxis(y_pred, class_axis, -1)
+
+
+def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
+    """The padding `target_mask` finds in `y_true`. `value_mask` guesses from
+    the rank whether the last axis holds features (rank 3 or more) or labels;
+    the pipeline knows. Sparse labels get a unit feature axis, so that a pad
+    value is compared label by label whatever their rank; dense targets of
+    rank 1 or 2 get leading unit axes, so that their last axis is read as
+    features. The mask loses the added axes again."""
+    if sparse:
+        padding = target_mask(ops.expand_dims(y_true, -1))
+        return None if padding is None else squeeze_trailing(padding, len(y_true.shape))
+    if not dense:
+        return target_mask(y_true)
+    # Dense targets of rank 1 or 2 have a feature axis too: leading unit
+    # axes make `value_mask` read it as one, and go again.
+    added = max(3 - len(y_true.shape), 0)
+    for _ in range(added):
+        y_true = ops.expand_dims(y_true, 0)
+    padding = target_mask(y_true)
+    for _ in range(added if padding is not None else 0):
+        padding = ops.squeeze(padding, axis=0)
+    return padding
+
+
+def _classes(y_pred):
+    """The number of classes: static where known, else a tensor."""
+    classes = y_pred.shape[-1]
+    return ops.shape(y_pred)[-1] if classes is None else classes

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
+
+from kmask.ops.crossentropy import crossentropy, sparse_crossentropy
 
 
 def default_name(fn: Any) -> str:
@@ -81,7 +84,86 @@ def class_axis(fn: Any, fn_kwargs: dict) -> int:
     if "axis" in fn_kwargs:
         return fn_kwargs["axis"]
     axis = getattr(fn, "loss_kwargs", {}).get("axis", getattr(fn, "axis", None))
+    if axis is None and isinstance(fn, keras.losses.Loss):
+        # Keras's wrapped losses keep it in their config only.
+        axis = fn.get_config().get("axis")
     return -1 if axis is None else axis
+
+
+# Keras's functions and losses that take integer labels.
+SPARSE_LABEL_NAMES = frozenset(
+    {
+        "sparse_categorical_crossentropy",
+        "sparse_categorical_accuracy",
+        "sparse_top_k_categorical_accuracy",
+    }
+)
+
+
+def takes_sparse_labels(fn: Any) -> bool:
+    """Whether `fn` takes integer labels (checked against the number of
+    classes): a Keras sparse loss or metric by name, function or instance,
+    kmask's cross-entropy ops, or a kmask loss that does."""
+    if isinstance(fn, str):
+        return fn in SPARSE_LABEL_NAMES
+    if getattr(fn, "_sparse_labels", False):
+        return True
+    if isinstance(fn, keras.losses.SparseCategoricalCrossentropy):
+        return True
+    sparse_functions = (
+        keras.losses.sparse_categorical_crossentropy,
+        keras.metrics.sparse_categorical_accuracy,
+        keras.metrics.sparse_top_k_categorical_accuracy,
+        sparse_crossentropy,
+        crossentropy,
+    )
+    return any(fn is function for function in sparse_functions)
+
+
+def ignore_class(fn: Any, fn_kwargs: dict) -> int | None:
+    """The `ignore_class` the wrapped function was given (as a keyword
+    argument, or in a Keras loss's config), or `None`; a kmask loss finds
+    its own padding."""
+    if "ignore_class" in fn_kwargs:
+        return fn_kwargs["ignore_class"]
+    if isinstance(fn, keras.losses.Loss) and not hasattr(fn, "target_mask"):
+        return fn.get_config().get("ignore_class")
+    return None
+
+
+def class_last_kwargs(fn_kwargs: dict) -> dict:
+    """`fn_kwargs` with `axis=-1` where they have an axis: the pipeline
+    moves the class axis last before the per-step function runs."""
+    if "axis" not in fn_kwargs:
+        return fn_kwargs
+    return {**fn_kwargs, "axis": -1}
+
+
+def class_last(fn: Any) -> Any:
+    """A `keras.losses.Loss` instance with another `axis` rebuilt with
+    `axis=-1` (see `class_last_kwargs`); anything else as it is."""
+    # A kmask loss moves its own class axis.
+    if not isinstance(fn, keras.losses.Loss) or hasattr(fn, "target_mask"):
+        return fn
+    config = fn.get_config()
+    if config.get("axis", -1) == -1:
+        return fn
+    return type(fn).from_config({**config, "axis": -1})
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain Python for a config: NumPy arrays as lists, NumPy
+    scalars as Python numbers, tuples as lists (Keras's JSON has no tuples
+    or arrays that come back as themselves), recursively."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
 
 
 def wrapper_config(key: str, fn: Any, fields: dict, fn_kwargs: dict) -> dict:
@@ -89,7 +171,7 @@ def wrapper_config(key: str, fn: Any, fields: dict, fn_kwargs: dict) -> dict:
     name), its own `fields`, then the function's keyword arguments."""
     if not isinstance(fn, str):
         fn = keras.saving.serialize_keras_object(fn)
-    return {key: fn, **fields, **fn_kwargs}
+    return {key: fn, **plain(fields), **plain(fn_kwargs)}
 
 
 def deserialize_wrapped(config: dict[str, Any], key: str) -> dict[str, Any]:

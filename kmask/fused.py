@@ -22,8 +22,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _pipeline, _shapes
+from kmask import _labels, _moved, _pipeline, _shapes
 from kmask._keras_compat import upstream_layer
+from kmask._resolve import plain
 from kmask.masks import value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
@@ -315,7 +316,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             "embedding": self._tie.name(),
             "softcap": self.softcap,
             "use_bias": self.use_bias,
-            "mask_value": self.mask_value,
+            "mask_value": plain(self.mask_value),
             "reduction": self.reduction,
             "chunk_size": self.chunk_size,
             "label_smoothing": self.label_smoothing,
@@ -343,11 +344,9 @@ class _Tie:
         self.layer = layer
 
     def name(self) -> str | None:
-        return (
-            self.layer
-            if isinstance(self.layer, str) or not self.layer
-            else (self.layer.name)
-        )
+        if self.layer is None or isinstance(self.layer, str):
+            return self.layer
+        return self.layer.name
 
     def find(self, tensor: Any) -> None:
         """Binds a tie known by name to the layer of that name upstream of
@@ -391,16 +390,23 @@ def _head(
     labels = ops.convert_to_tensor(labels)
     _shapes.check_linear(hidden, kernel, labels, bias, linear_options.transpose_kernel)
     target = None if mask_value is None else value_mask(labels, mask_value)
-    valid = _pipeline.valid_steps(
-        tuple(labels.shape),
-        target,
-        mask=mask,
-        sample_weight=sample_weight,
-        labels=labels.shape,
+    masked = _pipeline.valid_steps(
+        tuple(labels.shape), target, mask=mask, labels=labels.shape
     )
+    valid = _pipeline.valid_steps(
+        tuple(labels.shape), masked, sample_weight=sample_weight, labels=labels.shape
+    )
+    # Out of range at a real step: a ValueError eagerly, NaN when traced.
+    vocabulary = kernel.shape[0 if linear_options.transpose_kernel else 1]
+    out_of_range = _labels.out_of_range_steps(
+        ops.cast(labels, "int32"), vocabulary, valid, "labels"
+    )
+    labels = _labels.safe_labels(ops.cast(labels, "int32"), out_of_range)
 
     def reduce(per_step):
-        return masked_reduce(per_step, valid, reduction, sample_weight)
+        # The masks without the zero weights: `sum_over_batch_size` counts
+        # zero weights, as Keras does.
+        return masked_reduce(per_step, masked, reduction, sample_weight)
 
     per_step, value, correct = linear_crossentropy(
         hidden,
@@ -413,10 +419,16 @@ def _head(
         sample_weight,
         return_correct=return_token_accuracy,
     )
+    value = reduce(per_step) if value is None else value
+    if reduction == "none":
+        value = _labels.poison(value, out_of_range)
+    else:
+        value = ops.where(ops.any(out_of_range), float("nan"), value)
     accuracy = None
     if return_token_accuracy:
         accuracy = masked_reduce(correct, valid, "token_mean", sample_weight)
-    return per_step, (reduce(per_step) if value is None else value), accuracy
+        accuracy = ops.where(ops.any(out_of_range), float("nan"), accuracy)
+    return _labels.poison(per_step, out_of_range), value, accuracy
 
 
 def _linear_options(

@@ -14,7 +14,8 @@ import keras
 from keras import ops
 
 from kmask import _moved, _shapes
-from kmask.masks import PADDINGS, keras_mask, sequence_mask, value_mask
+from kmask._resolve import plain
+from kmask.masks import PADDINGS, keras_mask, pad_array, sequence_mask, value_mask
 from kmask.typing import Tensor
 
 
@@ -191,6 +192,7 @@ class ValueMask(keras.layers.Layer):
     def __init__(self, mask_value: Any = 0.0, **kwargs: Any) -> None:
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
+        pad_array(mask_value)
         self.mask_value = mask_value
         self.supports_masking = True
 
@@ -209,7 +211,7 @@ class ValueMask(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "mask_value": self.mask_value}
+        return {**super().get_config(), "mask_value": plain(self.mask_value)}
 
 
 def _unpack_pair(inputs, layer_name: str, second: str):

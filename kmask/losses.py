@@ -22,7 +22,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _resolve, _shapes
-from kmask.masks import combine_masks, value_mask
+from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
     mean_squared_error,
@@ -91,10 +91,16 @@ class MaskedLoss(keras.losses.Loss):
         )
         self.reduction = reduction
         self.loss, self.loss_kwargs = loss, loss_kwargs
+        if mask_value is not None:
+            pad_array(mask_value)
         self.mask_value = mask_value
         self.dtype_arg = dtype
-        self._per_step = _resolve.per_step_function(self.loss, self.loss_kwargs)
         self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)
+        # The pipeline moves the class axis last before `call()` sees it.
+        self._per_step = _resolve.per_step_function(
+            _resolve.class_last(self.loss), _resolve.class_last_kwargs(self.loss_kwargs)
+        )
+        self._sparse_labels = _resolve.takes_sparse_labels(self.loss)
 
     def __call__(
         self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
@@ -108,7 +114,8 @@ class MaskedLoss(keras.losses.Loss):
 
         The extension point, as in Keras: override it to change the loss of
         each step. Calling the loss runs it on inputs whose padded steps
-        were replaced by harmless values, then reduces over the real steps.
+        were replaced by harmless values, with the class axis (`axis=`)
+        moved last, then reduces over the real steps.
         The named losses' fused ops (which select padding away inside their
         gradient instead) run only while `call()` is kmask's own; both give
         the same numbers.
@@ -120,10 +127,11 @@ class MaskedLoss(keras.losses.Loss):
         return self._per_step(y_true, y_pred)
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
-        """The padding this loss finds in `y_true`, or `None`."""
-        if self.mask_value is None:
-            return None
-        return value_mask(y_true, self.mask_value)
+        """The padding this loss finds in `y_true` (`mask_value`, and the
+        wrapped loss's `ignore_class`), or `None`."""
+        pad = None if self.mask_value is None else value_mask(y_true, self.mask_value)
+        ignored = _resolve.ignore_class(self.loss, self.loss_kwargs)
+        return combine_masks(pad, ignore_class_mask(y_true, ignored))
 
     def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
         """The op computing `call()` that takes the mask itself, or `None`."""
@@ -229,9 +237,7 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         """From logits with the class axis last and targets of the logits'
         shape, `kmask.ops.categorical_crossentropy_with_logits`."""
         kwargs = self.loss_kwargs
-        if not kwargs["from_logits"] or not _is_class_axis_last(
-            y_true, y_pred, kwargs["axis"]
-        ):
+        if not kwargs["from_logits"] or not _is_class_axis_last(y_true, y_pred, -1):
             return None
         smoothing = kwargs["label_smoothing"]
 
@@ -315,18 +321,12 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             label_smoothing=label_smoothing,
             z_loss=z_loss,
         )
-
-    def target_mask(self, y_true: Tensor) -> Tensor | None:
-        ignore_class = self.loss_kwargs["ignore_class"]
-        ignored = None
-        if ignore_class is not None:
-            ignored = ops.not_equal(y_true, ops.cast(ignore_class, y_true.dtype))
-        return combine_masks(super().target_mask(y_true), ignored)
+        self._sparse_labels = True
 
     def _fused_op(self, y_true, y_pred):
         """The per-step loss, `kmask.ops.sparse_crossentropy`: from logits it
         takes the mask itself."""
-        kwargs = dict(self.loss_kwargs)
+        kwargs = dict(self.loss_kwargs, axis=-1)
         del kwargs["ignore_class"]
 
         def fused(y_true, y_pred, valid):
@@ -539,15 +539,13 @@ def masked_loss(
             class_axis=masked._class_axis,
             mask=mask,
             sample_weight=sample_weight,
+            sparse_labels=masked._sparse_labels,
         )
         per_step = _pipeline.per_step_values(
-            steps,
-            masked.call,
-            masked._class_axis,
-            masked._masked_op(steps.y_true, steps.y_pred),
+            steps, masked.call, -1, masked._masked_op(steps.y_true, steps.y_pred)
         )
         result = masked_reduce(
-            per_step, steps.valid, reduction, steps.sample_weight, segment_ids
+            per_step, steps.masked, reduction, steps.sample_weight, segment_ids
         )
         return ops.cast(result, masked.dtype)
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 import numpy as np
 from keras import ops
 
-from kmask import _moved, _shapes, _steps
+from kmask import _labels, _moved, _shapes, _steps
 from kmask._keras_compat import get_keras_mask
 from kmask.typing import Tensor
 
@@ -60,10 +59,21 @@ def sequence_mask(
             f"Invalid value for argument `padding`. Expected one of {PADDINGS}. "
             f"Received: padding={padding!r}"
         )
-    concrete = _concrete(lengths)
+    if isinstance(maxlen, (bool, float, str, np.floating)):
+        raise ValueError(
+            "Invalid value for argument `maxlen`. Expected a non-negative "
+            f"integer or None. Received: maxlen={maxlen!r}"
+        )
+    concrete = _labels.concrete(lengths)
     if concrete is not None:
         if concrete.ndim != 1:
             raise _shapes.invalid_shape("lengths", "[batch]", lengths=concrete.shape)
+        if concrete.dtype.kind not in "iu":
+            raise ValueError(
+                "Invalid value for argument `lengths`. Expected integers "
+                f"(the number of real steps of each sequence). Received: "
+                f"lengths={concrete.tolist()} of dtype {concrete.dtype}"
+            )
         if maxlen is None:
             maxlen = int(concrete.max()) if concrete.size else 0
         out_of_range = (concrete < 0) | (concrete > maxlen)
@@ -72,6 +82,12 @@ def sequence_mask(
                 f"Invalid value for argument `lengths`: every length must be in "
                 f"[0, maxlen={maxlen}]. Received: lengths={concrete.tolist()}"
             )
+    elif "int" not in str(lengths.dtype):
+        raise ValueError(
+            "Invalid value for argument `lengths`. Expected integers (the "
+            f"number of real steps of each sequence). Received: lengths of "
+            f"dtype {lengths.dtype}"
+        )
     elif maxlen is None:
         raise ValueError(
             "Argument `maxlen` is required when `lengths` is a symbolic tensor "
@@ -113,23 +129,48 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
            [ True, False]])
     """
     y = ops.convert_to_tensor(y)
-    pad = np.asarray(mask_value, dtype="float64")
-    if pad.ndim > 1:
-        raise ValueError(
-            "Argument `mask_value` must be a scalar or a vector. "
-            f"Received: mask_value with shape {pad.shape}"
-        )
+    pad = pad_array(mask_value)
     has_feature_axis = pad.ndim == 1 or len(y.shape) >= 3
     if pad.ndim == 1 and y.shape[-1] is not None and y.shape[-1] != pad.shape[0]:
         raise ValueError(
-            "Argument `mask_value` must be as long as the feature axis of the "
-            f"targets. Received: mask_value={pad.tolist()} (length "
-            f"{pad.shape[0]}) for targets of shape {tuple(y.shape)}"
+            "Invalid value for argument `mask_value`. Expected a scalar or a "
+            f"vector as long as the feature axis of the targets ({y.shape[-1]}). "
+            f"Received: mask_value={pad.tolist()} (length {pad.shape[0]}), "
+            f"y.shape={tuple(y.shape)}"
         )
     is_pad = _equals_pad(y, pad)
     if has_feature_axis:
         is_pad = ops.all(is_pad, axis=-1)
     return ops.logical_not(is_pad)
+
+
+def ignore_class_mask(y: Any, ignore_class: int | None) -> Tensor | None:
+    """`True` where the sparse label in `y` is not `ignore_class` (Keras's
+    argument), `None` when there is no class to ignore."""
+    if ignore_class is None:
+        return None
+    y = ops.convert_to_tensor(y)
+    return ops.not_equal(y, ops.cast(ignore_class, y.dtype))
+
+
+def pad_array(mask_value: Any) -> np.ndarray:
+    """`mask_value` as a float64 NumPy scalar or vector.
+
+    Raises:
+        ValueError: naming `mask_value`, for anything but a number or a
+            vector of numbers (a string, a nested list, a dict...).
+    """
+    try:
+        pad = np.asarray(mask_value, dtype="float64")
+    except (TypeError, ValueError):
+        pad = None
+    if pad is None or pad.ndim > 1:
+        raise ValueError(
+            "Invalid value for argument `mask_value`. Expected a number, "
+            "float('nan') or a vector of numbers (a one-hot pad such as "
+            f"[0, 0, 1]). Received: mask_value={mask_value!r}"
+        )
+    return pad
 
 
 def combine_masks(*masks: Any) -> Tensor | None:
@@ -167,7 +208,7 @@ def post_padded_lengths(mask: Any, argument: str = "mask") -> Tensor:
     and a real step follows a padded one; inside a compiled function the
     order cannot be checked and the real steps are counted.
     """
-    concrete = _concrete(mask)
+    concrete = _labels.concrete(mask)
     if concrete is not None:
         if concrete.ndim != 2:
             raise _shapes.invalid_shape(
@@ -235,20 +276,6 @@ def _equals_pad(y, pad: np.ndarray):
     finite_pad = np.where(nan_positions, 0.0, pad)
     matches_value = ops.equal(y, ops.convert_to_tensor(finite_pad, dtype=y.dtype))
     return ops.where(ops.convert_to_tensor(nan_positions), ops.isnan(y), matches_value)
-
-
-def _concrete(value: Any) -> np.ndarray | None:
-    """`value` as a NumPy array when it is concrete, `None` when symbolic.
-
-    Inside a compiled function (tf.function, jax.jit) tensors have no value
-    yet; each backend refuses the conversion with its own exception type.
-    """
-    if isinstance(value, keras.KerasTensor):
-        return None
-    try:
-        return np.asarray(ops.convert_to_numpy(value))
-    except (TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError):
-        return None
 
 
 # The per-step helpers this module once held, now in the private modules of

@@ -22,7 +22,7 @@ from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
 from kmask._steps import broadcast_to_steps, squeeze_trailing
-from kmask.masks import combine_masks, value_mask
+from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
 from kmask.typing import Tensor
@@ -76,11 +76,18 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         fn, fn_kwargs = _resolve.instantiate_class(fn, fn_kwargs)
         super().__init__(name=name or _resolve.default_name(fn), dtype=dtype)
         self.fn, self.fn_kwargs = fn, fn_kwargs
+        if mask_value is not None:
+            pad_array(mask_value)
         self.mask_value = mask_value
+        # The pipeline moves the class axis last before `fn` sees it.
         self._per_step = _resolve.per_step_function(
-            self.fn, self.fn_kwargs, argument="fn", by_name=_metric_by_name
+            _resolve.class_last(self.fn),
+            _resolve.class_last_kwargs(self.fn_kwargs),
+            argument="fn",
+            by_name=_metric_by_name,
         )
         self._class_axis = _resolve.class_axis(self.fn, self.fn_kwargs)
+        self._sparse_labels = _resolve.takes_sparse_labels(self.fn)
         # Sums and counts are float32 even under mixed precision: a float16
         # count stops growing at 2048 tokens.
         self.total = self.add_variable(
@@ -91,9 +98,11 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         )
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
-        """The padding found in `y_true` (`mask_value`, and a wrapped kmask
-        loss's own), or `None`."""
-        masks = []
+        """The padding found in `y_true` (`mask_value`, an `ignore_class`,
+        and a wrapped kmask loss's own), or `None`."""
+        masks = [
+            ignore_class_mask(y_true, _resolve.ignore_class(self.fn, self.fn_kwargs))
+        ]
         if self.mask_value is not None:
             masks.append(value_mask(y_true, self.mask_value))
         if hasattr(self.fn, "target_mask"):
@@ -119,8 +128,9 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             target_mask=self.target_mask,
             class_axis=self._class_axis,
             sample_weight=sample_weight,
+            sparse_labels=self._sparse_labels,
         )
-        per_step = _pipeline.per_step_values(steps, self._per_step, self._class_axis)
+        per_step = _pipeline.per_step_values(steps, self._per_step)
         total, count = masked_sum_and_count(per_step, steps.valid, sample_weight)
         self.total.assign_add(ops.cast(total, "float32"))
         self.count.assign_add(ops.cast(count, "float32"))
@@ -321,7 +331,8 @@ class Perplexity(_NamedMaskedMetric):
 
     Returns:
         `result()`: the perplexity over the real tokens since the last reset;
-        1 when there were none.
+        0 when there were none, as Keras's metrics and keras-hub's
+        `Perplexity` give.
 
     Example:
 
@@ -345,7 +356,9 @@ class Perplexity(_NamedMaskedMetric):
         super().__init__(mask_value, name, dtype, from_logits=from_logits)
 
     def result(self) -> Tensor:
-        return ops.cast(ops.exp(self._mean()), self.dtype)
+        seen = ops.greater(ops.convert_to_tensor(self.count), 0)
+        perplexity = ops.where(seen, ops.exp(self._mean()), 0.0)
+        return ops.cast(perplexity, self.dtype)
 
 
 def _metric_by_name(name: str) -> Callable | None:

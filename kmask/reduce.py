@@ -9,8 +9,14 @@ mask `m` (a step whose weight is 0 counts as padding too):
 | `sequence_mean`       | `sum(l*w*m/n) / sum(w*m/n)`, `n` = real steps  |
 |                       | of each sequence; sequences with none drop out |
 | `sum`                 | `sum(l*w*m)`                                   |
-| `sum_over_batch_size` | `sum(l*w*m) / number of per-step values`       |
+| `sum_over_batch_size` | `sum(l*w*m) / sum(m)`, or with no mask         |
+|                       | `sum(l*w) / number of per-step values`         |
 | `none`                | `l*w*m`, one value per step                    |
+
+`sum_over_batch_size` is what Keras computes under that name: a mask (the
+propagated mask, `ignore_class`, and for kmask also `mask_value` and an
+explicit mask) divides by the number of real steps whatever the weights, and
+weights without a mask divide by every step, zero weights included.
 
 With `segment_ids` (several sequences packed in a row), steps with id 0 are
 padding and `n` counts the real steps of each packed sequence, so
@@ -124,8 +130,14 @@ def masked_reduce(
     if reduction == "sum":
         result = ops.sum(weighted)
     elif reduction == "sum_over_batch_size":
-        size = ops.cast(ops.size(weighted), weighted.dtype)
-        # An empty batch gives 0, as Keras's `divide_no_nan` does.
+        # As Keras: the real steps of the mask, zero weights included; an
+        # empty batch gives 0, as Keras's `divide_no_nan` does.
+        if mask is None:
+            size = ops.cast(ops.size(weighted), weighted.dtype)
+        else:
+            real = _fit_to_values(ops.cast(mask, "bool"), weighted, "mask")
+            real = ops.broadcast_to(ops.cast(real, weighted.dtype), ops.shape(weighted))
+            size = ops.sum(real)
         result = divide_or_zero(ops.sum(weighted), global_denominator(size))
     elif reduction == "token_mean":
         token_weight = step_weight

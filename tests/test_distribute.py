@@ -97,7 +97,7 @@ def test_local_divides_by_this_replicas_own_count(monkeypatch):
     expected = {
         "token_mean": token_sum / (2 * mask.sum()),
         "sequence_mean": per_sequence.sum() / (2 * 2),
-        "sum_over_batch_size": token_sum / (2 * values.size),
+        "sum_over_batch_size": token_sum / (2 * mask.sum()),
     }
     for reduction, global_mean in expected.items():
         found = float(kmask.masked_reduce(values, mask, reduction))

@@ -919,3 +919,22 @@ def test_dense_losses_reject_different_shapes():
     for loss in (categorical_crossentropy_with_logits, mean_squared_error):
         with pytest.raises(ValueError, match=r"same shape.*\(3, 7, 1\).*\(3, 7, 11\)"):
             loss(data["logits"][..., :1], data["logits"])
+
+
+def test_a_tied_kernel_takes_its_vocabulary_from_its_first_axis():
+    # [vocabulary, hidden]: the last class is V - 1, and V is out of range.
+    data = _data(25)
+    kernel = data["kernel"].T.copy()
+    labels = np.full((B, T), V - 1, "int32")
+    value = kmask.fused_linear_crossentropy(
+        data["hidden"], kernel, labels, transpose_kernel=True
+    )
+    expected = references.np_linear(
+        data["hidden"], data["kernel"], None, labels, np.ones((B, T), bool), None,
+        "token_mean",
+    )  # fmt: skip
+    _close(value, expected["value"])
+    with pytest.raises(ValueError, match=rf"labels.*{V}"):
+        kmask.fused_linear_crossentropy(
+            data["hidden"], kernel, labels + 1, transpose_kernel=True
+        )

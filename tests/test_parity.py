@@ -98,7 +98,7 @@ def test_sparse_reference_smoothing_and_z_loss():
         ("token_mean", 10 / 4),
         ("sequence_mean", 3.0),  # the means 2 and 4; the empty sequence drops out
         ("sum", 10.0),
-        ("sum_over_batch_size", 10 / 9),
+        ("sum_over_batch_size", 10 / 4),  # Keras: over the 4 real steps
         ("none", [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
     ],
 )

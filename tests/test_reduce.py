@@ -46,6 +46,16 @@ def reference_weight(values, mask=None, sample_weight=None) -> np.ndarray:
     return weight
 
 
+def _mask_count(values, mask=None) -> int:
+    """What Keras's `sum_over_batch_size` divides by: the real steps of the
+    mask, or every step without one."""
+    values = np.asarray(values)
+    if mask is None:
+        return values.size
+    real = _leading(np.asarray(mask, dtype=bool), values.ndim)
+    return int(np.broadcast_to(real, values.shape).sum())
+
+
 def _sequence_steps(weight) -> np.ndarray:
     """The number of real steps of each sequence: `n` in the docstring."""
     return (weight != 0).reshape(weight.shape[0], -1).sum(axis=1)
@@ -61,7 +71,9 @@ def reference_reduce(values, mask=None, reduction="token_mean", sample_weight=No
     if reduction == "sum":
         return per_step.sum()
     if reduction == "sum_over_batch_size":
-        return per_step.sum() / values.size
+        # Keras: the real steps of the mask, zero weights included.
+        count = _mask_count(values, mask)
+        return per_step.sum() / count if count else 0.0
     if reduction == "token_mean":
         total_weight = weight.sum()
         return per_step.sum() / total_weight if total_weight else 0.0
@@ -81,7 +93,8 @@ def reference_grad(values, mask=None, reduction="token_mean", sample_weight=None
     if reduction in ("none", "sum"):
         return weight
     if reduction == "sum_over_batch_size":
-        return weight / values.size
+        count = _mask_count(values, mask)
+        return weight / count if count else np.zeros(values.shape)
     if reduction == "token_mean":
         return weight / weight.sum() if weight.sum() else np.zeros(values.shape)
     steps = _leading(_sequence_steps(weight), values.ndim).astype("float64")

@@ -314,8 +314,9 @@ def sparse_crossentropy(
             "Arguments `valid` and `z_loss` need `from_logits=True`. "
             f"Received: z_loss={z_loss}, from_logits={from_logits}"
         )
-    if not label_smoothing:
-        return keras.losses.sparse_categorical_crossentropy(labels, y_pred)
+    # Keras's formula, written once: Keras's TensorFlow backend renormalizes
+    # the clipped probabilities (softmax of their log), the others do not,
+    # which differs by up to `epsilon` between backends.
     epsilon = keras.backend.epsilon()
     probs = y_pred / ops.sum(y_pred, axis=-1, keepdims=True)
     log_probs = ops.log(ops.clip(probs, epsilon, 1.0 - epsilon))
@@ -323,6 +324,8 @@ def sparse_crossentropy(
         log_probs, ops.expand_dims(labels, -1), axis=-1
     )
     per_step = -ops.squeeze(label_log_prob, axis=-1)
+    if not label_smoothing:
+        return per_step
     uniform = -ops.mean(log_probs, axis=-1)
     return (1.0 - label_smoothing) * per_step + label_smoothing * uniform
 

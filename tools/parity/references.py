@@ -105,7 +105,9 @@ def np_reduce(per_step, valid, weight, reduction):
     if reduction == "sum":
         coefficient = used_weight
     elif reduction == "sum_over_batch_size":
-        coefficient = used_weight / per_step.size
+        # Keras: the real steps of the mask, zero weights included.
+        count = np.broadcast_to(valid, per_step.shape).sum()
+        coefficient = used_weight / count if count else np.zeros(per_step.shape)
     elif reduction == "token_mean":
         coefficient = np_normalized(used_weight)
     else:
