@@ -121,6 +121,17 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             sample_weight: Optional weights, `[batch]` or `[batch, time]`; a
                 weight of 0 marks padding.
         """
+        steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
+        total, count = masked_sum_and_count(per_step, steps.valid, sample_weight)
+        self.total.assign_add(ops.cast(total, "float32"))
+        self.count.assign_add(ops.cast(count, "float32"))
+
+    def _through_pipeline(
+        self, y_true: Any, y_pred: Any, sample_weight: Any
+    ) -> tuple[_pipeline.Steps, Tensor]:
+        """One batch through the masking pipeline: its `Steps` and the
+        per-step values of `fn`, padding neutralised (the class axis is last
+        by then)."""
         steps = _pipeline.prepare(
             y_true,
             y_pred,
@@ -130,10 +141,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             sample_weight=sample_weight,
             sparse_labels=self._sparse_labels,
         )
-        per_step = _pipeline.per_step_values(steps, self._per_step)
-        total, count = masked_sum_and_count(per_step, steps.valid, sample_weight)
-        self.total.assign_add(ops.cast(total, "float32"))
-        self.count.assign_add(ops.cast(count, "float32"))
+        return steps, _pipeline.per_step_values(steps, self._per_step)
 
     def result(self) -> Tensor:
         return ops.cast(self._mean(), self.dtype)
@@ -285,15 +293,7 @@ class MaskedSequenceAccuracy(_NamedMaskedMetric):
             sample_weight: Optional weights: `[batch]` weights the rows,
                 `[batch, time]` marks padding where it is 0.
         """
-        steps = _pipeline.prepare(
-            y_true,
-            y_pred,
-            dtype=self.dtype,
-            target_mask=self.target_mask,
-            class_axis=self._class_axis,
-            sample_weight=sample_weight,
-        )
-        per_step = _pipeline.per_step_values(steps, self._per_step, self._class_axis)
+        steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
         step_axes = tuple(range(1, len(per_step.shape)))
         right = ops.equal(per_step, ops.ones_like(per_step))
         real = ops.ones_like(right)
