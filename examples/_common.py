@@ -96,9 +96,12 @@ def save_plot(curves: dict[str, list[float]], path: str, title: str) -> None:
     print(f"saved {path}")
 
 
-def check(rows: list[tuple[str, float, float]]) -> bool:
-    """Prints `name | kmask | NumPy` rows; whether every pair agrees."""
-    print("quantity | kmask | NumPy")
+def check(
+    rows: list[tuple[str, float, float]], header: str = "quantity | kmask | NumPy"
+) -> bool:
+    """Prints `header`, then `name | got | want` rows; whether every pair
+    agrees."""
+    print(header)
     all_ok = True
     for name, got, want in rows:
         ok = agrees(got, want)

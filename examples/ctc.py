@@ -21,7 +21,7 @@ import sys
 
 import keras
 import numpy as np
-from _common import agrees, epochs, set_numpy_weights
+from _common import check, epochs, set_numpy_weights
 
 import kmask
 
@@ -155,12 +155,7 @@ def main() -> int:
         ("Keras CTC (padded frames aligned)", keras_ctc, keras_numpy),
         ("no padding: kmask vs Keras CTC", kmask_full, keras_full),
     ]
-    print("quantity | value | NumPy (or Keras)")
-    ok = True
-    for name, got, want in rows:
-        agree = agrees(got, want)
-        ok &= agree
-        print(f"{name} | {got:.6f} | {want:.6f}" + ("" if agree else "  <- MISMATCH"))
+    ok = check(rows, header="quantity | value | NumPy (or Keras)")
     print(
         f"Keras's CTC over padded frames is {keras_ctc:.4f}; over the real frames "
         f"the same utterances give {per_utterance.mean():.4f}."
