@@ -78,16 +78,20 @@ def make_data(seed: int = 0):
 
 def numpy_losses(logits, labels, weights) -> dict[str, float]:
     """float64 cross-entropy of the logits: the token mean over the real
-    tokens and keras-hub's sum over batch x time."""
+    tokens and keras-hub's sum over batch x time; and the token accuracy
+    and perplexity over the real tokens."""
     logits = np.asarray(logits, "float64")
     top = logits.max(-1, keepdims=True)
     log_sum = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
     label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
     per_step = log_sum - label_logit
     total = float((per_step * weights).sum())
+    right = (logits.argmax(-1) == labels) * weights
     return {
         "token_mean": total / float(weights.sum()),
         "batch_x_time": total / weights.size,
+        "accuracy": float(right.sum() / weights.sum()),
+        "perplexity": float(np.exp(total / float(weights.sum()))),
     }
 
 
@@ -100,7 +104,8 @@ def keras_hub_model(weights) -> keras.Model:
 
 
 def kmask_model(weights):
-    """The same backbone, kmask's head on its tied, soft-capped embedding."""
+    """The same backbone, kmask's head on its tied, soft-capped embedding,
+    reporting its token accuracy and perplexity (`return_stats`)."""
     backbone = keras_hub.models.GemmaBackbone(**CONFIG)
     backbone.set_weights(weights)
     labels = keras.Input((SEQUENCE,), dtype="int32", name="labels")
@@ -111,11 +116,16 @@ def kmask_model(weights):
         use_bias=False,
         mask_value=PAD_LABEL,
         chunk_size=64,
+        return_stats=True,
         name="head",
     )
     inputs = {**backbone.input, "labels": labels}
     model = keras.Model(inputs, head([backbone(backbone.input), labels]))
-    model.compile(optimizer=keras.optimizers.Adam(2e-5), loss=None)
+    model.compile(
+        optimizer=keras.optimizers.Adam(2e-5),
+        loss=None,
+        metrics=[kmask.HeadAccuracy(), kmask.HeadPerplexity()],
+    )
     return model, backbone
 
 
@@ -138,7 +148,10 @@ def train(x, labels, weights, kmask_labels) -> list[tuple[str, float, float]]:
     hub_loss = keras.Model.evaluate(hub, x, labels, sample_weight=weights, verbose=0)
     logits = keras.Model.predict(hub, x, verbose=0)
     hub_numpy = numpy_losses(logits, labels, weights)
-    ours_loss = ours.evaluate({**x, "labels": kmask_labels}, verbose=0)
+    ours_logs = ours.evaluate(
+        {**x, "labels": kmask_labels}, verbose=0, return_dict=True
+    )
+    ours_loss = ours_logs["loss"]
     capped = backbone.token_embedding(backbone(x), reverse=True)
     ours_numpy = numpy_losses(ops.convert_to_numpy(capped), labels, weights)
     print(f"\nkeras-hub Gemma ({CONFIG['num_layers']} layers, vocabulary "
@@ -160,10 +173,12 @@ def train(x, labels, weights, kmask_labels) -> list[tuple[str, float, float]]:
         restored = keras.models.load_model(f"{folder}/gemma_kmask.keras")
     tied = restored.get_layer("head").embedding
     inner = restored.get_layer(backbone.name).token_embedding
-    restored_loss = restored.evaluate({**x, "labels": kmask_labels}, verbose=0)
+    restored_loss = restored.evaluate({**x, "labels": kmask_labels}, verbose=0)[0]
     return [
         ("keras-hub = sum / (B x T)", hub_loss[0], hub_numpy["batch_x_time"]),
         ("kmask = token mean", ours_loss, ours_numpy["token_mean"]),
+        ("kmask head accuracy", ours_logs["accuracy"], ours_numpy["accuracy"]),
+        ("kmask head perplexity", ours_logs["perplexity"], ours_numpy["perplexity"]),
         ("kmask after a .keras reload", restored_loss, ours_loss),
         ("reloaded head tied to the reloaded embedding", float(tied is inner), 1.0),
     ]

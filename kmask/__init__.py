@@ -20,6 +20,8 @@ from kmask.losses import (
 )
 from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
 from kmask.metrics import (
+    HeadAccuracy,
+    HeadPerplexity,
     MaskedCategoricalAccuracy,
     MaskedMeanMetricWrapper,
     MaskedSequenceAccuracy,
@@ -42,6 +44,8 @@ __all__ = [
     "REDUCTIONS",
     "AttachMask",
     "FusedLinearCrossentropy",
+    "HeadAccuracy",
+    "HeadPerplexity",
     "LayerMasks",
     "LengthMask",
     "MaskReport",

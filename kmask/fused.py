@@ -22,7 +22,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _moved, _pipeline, _shapes
+from kmask import _labels, _moved, _pipeline, _shapes, _steps
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -37,12 +37,19 @@ from kmask.reduce import masked_reduce, standardize_reduction
 from kmask.typing import Tensor
 
 __all__ = [
+    "HEAD_STATS",
     "FusedLinearCrossentropy",
     "categorical_crossentropy_with_logits",
     "fused_linear_crossentropy",
     "mean_squared_error",
     "sparse_crossentropy_with_logits",
 ]
+
+#: The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
+#: returns on its last axis, in this order: the loss, the label's negative
+#: log-likelihood (without label smoothing or z-loss), 1 where the argmax is
+#: the label, and the step's weight (0 on padding).
+HEAD_STATS = ("loss", "nll", "correct", "weight")
 
 
 def fused_linear_crossentropy(
@@ -123,7 +130,7 @@ def fused_linear_crossentropy(
     )
     hidden = ops.convert_to_tensor(hidden)
     kernel = ops.convert_to_tensor(kernel)
-    _, value, accuracy = _head(
+    _, value, stats = _head(
         hidden,
         kernel,
         labels,
@@ -133,7 +140,10 @@ def fused_linear_crossentropy(
         sample_weight,
         return_token_accuracy,
     )
-    return (value, accuracy) if return_token_accuracy else value
+    if not return_token_accuracy:
+        return value
+    correct, _, weight = stats
+    return value, masked_reduce(correct, None, "token_mean", weight)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -168,6 +178,12 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         label_smoothing: Smoothing towards the uniform distribution over the
             vocabulary, in `[0, 1]`.
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
+        return_stats: Whether the call on `[hidden, labels]` returns the
+            per-step statistics `kmask.fused.HEAD_STATS` (`loss`, `nll`,
+            `correct`, `weight`) on a last axis of 4 instead of the
+            per-step losses: compile with `metrics=[kmask.HeadAccuracy(),
+            kmask.HeadPerplexity()]` and they report the token accuracy and
+            perplexity, exact across batches, without holding the logits.
         kernel_initializer: Initializer of the `[hidden_size, vocabulary_size]`
             kernel (without `embedding`).
         bias_initializer: Initializer of the bias.
@@ -175,7 +191,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
 
     Returns:
         Called on `[hidden, labels]`: the float32 per-step losses, `labels`'
-        shape; called on `hidden`: the logits.
+        shape (with `return_stats`, `labels`' shape plus 4); called on
+        `hidden`: the logits.
 
     Example:
 
@@ -208,6 +225,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         chunk_size: int = 256,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        return_stats: bool = False,
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         **kwargs: Any,
@@ -231,6 +249,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.chunk_size = chunk_size
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.return_stats = bool(return_stats)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         # Held outside Keras's tracking: the embedding belongs to the model
@@ -282,26 +301,35 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             return options.softcap * ops.tanh(logits / options.softcap)
         hidden, labels = inputs
         hidden_mask = mask[0] if mask is not None else None
-        per_step, value, _ = _head(
+        per_step, value, stats = _head(
             hidden,
             self.projection(),
             labels,
             self.bias,
             (self.mask_value, self.reduction, options),
             hidden_mask,
+            return_stats=self.return_stats,
         )
         self.add_loss(value)
-        return per_step
+        if stats is None:
+            return per_step
+        by_name = dict(zip(("correct", "nll", "weight"), stats, strict=True))
+        by_name["loss"] = per_step
+        return ops.stack([by_name[stat] for stat in HEAD_STATS], axis=-1)
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         if _is_pair(input_shape):
-            return tuple(input_shape[1])
+            return (*input_shape[1], *self._stats_axis())
         return (*input_shape[:-1], self.vocabulary_size)
+
+    def _stats_axis(self) -> tuple[int, ...]:
+        return (len(HEAD_STATS),) if self.return_stats else ()
 
     def compute_output_spec(self, inputs: Any, mask: Tensor | None = None) -> Any:
         self._tie.find(inputs[0] if _is_pair(inputs) else inputs)
         if _is_pair(inputs):
-            return keras.KerasTensor(tuple(inputs[1].shape), dtype="float32")
+            shape = (*inputs[1].shape, *self._stats_axis())
+            return keras.KerasTensor(shape, dtype="float32")
         shape = (*inputs.shape[:-1], self.vocabulary_size)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
@@ -321,6 +349,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             "chunk_size": self.chunk_size,
             "label_smoothing": self.label_smoothing,
             "z_loss": self.z_loss,
+            "return_stats": self.return_stats,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }
@@ -381,11 +410,14 @@ def _head(
     options,
     mask=None,
     sample_weight=None,
-    return_token_accuracy=False,
+    return_stats=False,
 ):
-    """`(per_step, value, accuracy)` of the head: the pipeline's real steps
+    """`(per_step, value, stats)` of the head: the pipeline's real steps
     (pad label, mask, zero weights), then the chunked op, reduced by
-    `masked_reduce`; `accuracy` is `None` unless asked for."""
+    `masked_reduce`; `stats` is `None` unless asked for, else `(correct,
+    nll, weight)` per step: the argmax is the label (1/0), the label's
+    negative log-likelihood, and the step's weight (0 on padding), all NaN
+    at a real step whose label is out of range."""
     mask_value, reduction, linear_options = options
     labels = ops.convert_to_tensor(labels)
     _shapes.check_linear(hidden, kernel, labels, bias, linear_options.transpose_kernel)
@@ -408,7 +440,7 @@ def _head(
         # zero weights, as Keras does.
         return masked_reduce(per_step, masked, reduction, sample_weight)
 
-    per_step, value, correct = linear_crossentropy(
+    per_step, value, stats = linear_crossentropy(
         hidden,
         kernel,
         labels,
@@ -417,18 +449,26 @@ def _head(
         None if reduction == "none" else reduce,
         linear_options,
         sample_weight,
-        return_correct=return_token_accuracy,
+        return_stats=return_stats,
     )
     value = reduce(per_step) if value is None else value
     if reduction == "none":
         value = _labels.poison(value, out_of_range)
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
-    accuracy = None
-    if return_token_accuracy:
-        accuracy = masked_reduce(correct, valid, "token_mean", sample_weight)
-        accuracy = ops.where(ops.any(out_of_range), float("nan"), accuracy)
-    return _labels.poison(per_step, out_of_range), value, accuracy
+    if stats is not None:
+        steps = tuple(labels.shape)
+        weight = ops.ones(steps, "float32")
+        if valid is not None:
+            weight = ops.cast(_steps.broadcast_to_steps(valid, steps), "float32")
+        if sample_weight is not None:
+            sample_weight = ops.convert_to_tensor(sample_weight)
+            sample_weight = _steps.squeeze_trailing(sample_weight, len(steps))
+            weight = weight * _steps.broadcast_to_steps(
+                ops.cast(sample_weight, "float32"), steps
+            )
+        stats = tuple(_labels.poison(stat, out_of_range) for stat in (*stats, weight))
+    return _labels.poison(per_step, out_of_range), value, stats
 
 
 def _linear_options(

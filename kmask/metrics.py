@@ -22,14 +22,49 @@ from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
 from kmask._steps import broadcast_to_steps, squeeze_trailing
+from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
 from kmask.typing import Tensor
 
 
+class _TokenMean(keras.metrics.Metric):
+    """A metric whose state is a sum over the real tokens and their count,
+    both float32 even under mixed precision (a float16 count stops growing
+    at 2048 tokens); its result is their quotient, 0 before any real step."""
+
+    def __init__(self, name: str | None = None, dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="total"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="count"
+        )
+
+    def _add(self, total: Any, count: Any) -> None:
+        self.total.assign_add(ops.cast(total, "float32"))
+        self.count.assign_add(ops.cast(count, "float32"))
+
+    def _mean(self) -> Tensor:
+        """The token mean so far: total over count, 0 before any real step."""
+        total = ops.convert_to_tensor(self.total)
+        return divide_or_zero(total, ops.convert_to_tensor(self.count))
+
+    def result(self) -> Tensor:
+        return ops.cast(self._mean(), self.dtype)
+
+
+def _perplexity(metric: _TokenMean) -> Tensor:
+    """`exp` of a metric's token-mean negative log-likelihood; 0 before any
+    real step, as Keras's metrics and keras-hub's `Perplexity` give."""
+    seen = ops.greater(ops.convert_to_tensor(metric.count), 0)
+    return ops.cast(ops.where(seen, ops.exp(metric._mean()), 0.0), metric.dtype)
+
+
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedMeanMetricWrapper(keras.metrics.Metric):
+class MaskedMeanMetricWrapper(_TokenMean):
     """The mean of any per-step function over the real steps of every batch.
 
     The masked, token-weighted form of `keras.metrics.MeanMetricWrapper`.
@@ -88,14 +123,6 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
         )
         self._class_axis = _resolve.class_axis(self.fn, self.fn_kwargs)
         self._sparse_labels = _resolve.takes_sparse_labels(self.fn)
-        # Sums and counts are float32 even under mixed precision: a float16
-        # count stops growing at 2048 tokens.
-        self.total = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32", name="total"
-        )
-        self.count = self.add_variable(
-            shape=(), initializer="zeros", dtype="float32", name="count"
-        )
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding found in `y_true` (`mask_value`, an `ignore_class`,
@@ -122,9 +149,7 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
                 weight of 0 marks padding.
         """
         steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
-        total, count = masked_sum_and_count(per_step, steps.valid, sample_weight)
-        self.total.assign_add(ops.cast(total, "float32"))
-        self.count.assign_add(ops.cast(count, "float32"))
+        self._add(*masked_sum_and_count(per_step, steps.valid, sample_weight))
 
     def _through_pipeline(
         self, y_true: Any, y_pred: Any, sample_weight: Any
@@ -142,14 +167,6 @@ class MaskedMeanMetricWrapper(keras.metrics.Metric):
             sparse_labels=self._sparse_labels,
         )
         return steps, _pipeline.per_step_values(steps, self._per_step)
-
-    def result(self) -> Tensor:
-        return ops.cast(self._mean(), self.dtype)
-
-    def _mean(self):
-        """The token mean so far: total over count, 0 before any real step."""
-        total = ops.convert_to_tensor(self.total)
-        return divide_or_zero(total, ops.convert_to_tensor(self.count))
 
     def get_config(self) -> dict[str, Any]:
         fields = {"mask_value": self.mask_value, "name": self.name}
@@ -308,11 +325,11 @@ class MaskedSequenceAccuracy(_NamedMaskedMetric):
             row_weight = squeeze_trailing(ops.convert_to_tensor(sample_weight), 1)
             if len(row_weight.shape) != 1:
                 row_weight = None
-        total, count = masked_sum_and_count(
-            ops.cast(row_right, "float32"), row_counted, row_weight
+        self._add(
+            *masked_sum_and_count(
+                ops.cast(row_right, "float32"), row_counted, row_weight
+            )
         )
-        self.total.assign_add(ops.cast(total, "float32"))
-        self.count.assign_add(ops.cast(count, "float32"))
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -356,9 +373,112 @@ class Perplexity(_NamedMaskedMetric):
         super().__init__(mask_value, name, dtype, from_logits=from_logits)
 
     def result(self) -> Tensor:
-        seen = ops.greater(ops.convert_to_tensor(self.count), 0)
-        perplexity = ops.where(seen, ops.exp(self._mean()), 0.0)
-        return ops.cast(perplexity, self.dtype)
+        return _perplexity(self)
+
+
+class _HeadMetric(_TokenMean):
+    """The token-weighted mean of one of the head's per-step statistics
+    (`HEAD_STATS`) over every batch since the last reset."""
+
+    _stat = "correct"
+    _metric_name = "accuracy"
+
+    def __init__(self, name: str | None = None, dtype: Any = None) -> None:
+        super().__init__(name=name or self._metric_name, dtype=dtype)
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Adds a batch. `y_true` is ignored (the head saw the labels);
+        `y_pred` is the head's `[..., 4]` statistics; `sample_weight`
+        multiplies the head's step weights."""
+        del y_true
+        stats = ops.convert_to_tensor(y_pred)
+        if not stats.shape or stats.shape[-1] != len(HEAD_STATS):
+            raise ValueError(
+                "Invalid value for argument `y_pred`. Expected the per-step "
+                f"statistics {HEAD_STATS} of a kmask.FusedLinearCrossentropy "
+                "built with `return_stats=True`, a last axis of "
+                f"{len(HEAD_STATS)}. Received: y_pred.shape={tuple(stats.shape)}"
+            )
+        stats = ops.cast(stats, "float32")
+        weight = stats[..., HEAD_STATS.index("weight")]
+        steps = tuple(weight.shape)
+        if sample_weight is not None:
+            sample_weight = ops.convert_to_tensor(sample_weight, "float32")
+            sample_weight = squeeze_trailing(sample_weight, len(steps))
+            weight = weight * broadcast_to_steps(sample_weight, steps)
+        # A step of weight 0 adds nothing, even when it holds NaN.
+        real = ops.not_equal(weight, 0.0)
+        values = stats[..., HEAD_STATS.index(self._stat)]
+        self._add(*masked_sum_and_count(values, real, weight))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadAccuracy(_HeadMetric):
+    """The token accuracy of a `kmask.FusedLinearCrossentropy` head, exact
+    across batches, from its per-step statistics (the logits are never held).
+
+    Build the head with `return_stats=True`, make its output the model's,
+    and compile with `loss=None, metrics=[kmask.HeadAccuracy(),
+    kmask.HeadPerplexity()]`: the head adds its loss itself, and each metric
+    keeps a sum and a count of the real tokens.
+
+    Args:
+        name: Name of the metric; defaults to `"accuracy"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()`: the share of real tokens whose argmax (of the capped
+        logits, with a soft cap) is the label since the last reset, weighted
+        by `sample_weight`; 0 when there were none.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadAccuracy()
+    >>> # (loss, nll, correct, weight) per step; the last step is padding.
+    >>> metric.update_state(None, [[[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    >>> metric.update_state(None, [[[2.0, 2.0, 0.0, 1.0], [0.1, 0.1, 1.0, 1.0]]])
+    >>> round(float(metric.result()), 4)  # 2 right of 3 real tokens
+    0.6667
+    """
+
+    _stat = "correct"
+    _metric_name = "accuracy"
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadPerplexity(_HeadMetric):
+    """The perplexity of a `kmask.FusedLinearCrossentropy` head, exact across
+    batches: `exp(total negative log-likelihood / total real tokens)`.
+
+    The negative log-likelihood is the label's, without the head's label
+    smoothing or z-loss; see `HeadAccuracy` for the setup.
+
+    Args:
+        name: Name of the metric; defaults to `"perplexity"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()`: the perplexity over the real tokens since the last
+        reset; 0 when there were none, as `kmask.metrics.Perplexity` gives.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadPerplexity()
+    >>> metric.update_state(None, [[[1.1, 1.0986, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    >>> round(float(metric.result()), 2)  # exp(log(3))
+    3.0
+    """
+
+    _stat = "nll"
+    _metric_name = "perplexity"
+
+    def result(self) -> Tensor:
+        return _perplexity(self)
 
 
 def _metric_by_name(name: str) -> Callable | None:

@@ -260,8 +260,8 @@ def linear_crossentropy(
     steps_shape: tuple[int, ...],
     options: tuple,
     sample_weight: torch.Tensor | None = None,
-    return_correct: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """The chunked linear cross-entropy; see `kmask.ops.linear_crossentropy`.
 
     Args:
@@ -278,14 +278,16 @@ def linear_crossentropy(
             smoothing, z-loss, soft cap, transposed kernel.
         sample_weight: The weights `reduce` uses; when they need a gradient
             of their own (a Keras variable), the value is left to the caller.
-        return_correct: Whether to return, per token, whether the argmax of
-            the (capped) logits is the label.
+        return_stats: Whether to return, per token, whether the argmax of
+            the (capped) logits is the label, and the label's negative
+            log-likelihood.
 
     Returns:
         `(per_step, value, correct)`: float32 per-step losses `[tokens]` (0
         where not `valid`), `reduce(per_step)` or `None` where the reduction
         is left to the caller (no `reduce`, or no gradient to compute in
-        advance), and float32 1/0 `[tokens]` (0 where not `valid`) or `None`.
+        advance), and `(correct, nll)`, float32 `[tokens]` (0 where not
+        `valid`), or `None`.
         The first two are differentiable: the value's gradient is computed
         in the forward pass, the per-step losses' by recomputing the logits.
     """
@@ -299,11 +301,12 @@ def linear_crossentropy(
         and any(p is not None and p.requires_grad for p in params)
     ):
         coefficient = _reduction_coefficients(reduce, steps_shape, hidden.device)
-    correct = hidden.new_zeros(labels.shape) if return_correct else None
+    stats = hidden.new_zeros((2, *labels.shape)) if return_stats else None
     per_step, value = _LinearCrossentropy.apply(
-        hidden, kernel, bias, labels.long(), valid, coefficient, correct, *options
+        hidden, kernel, bias, labels.long(), valid, coefficient, stats, *options
     )
-    return per_step, (None if coefficient is None else value), correct
+    value = None if coefficient is None else value
+    return per_step, value, (None if stats is None else (stats[0], stats[1]))
 
 
 def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
@@ -321,9 +324,7 @@ def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
 
 class _LinearCrossentropy(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, kernel, bias, labels, valid, coefficient, correct, *options
-    ):
+    def forward(ctx, hidden, kernel, bias, labels, valid, coefficient, stats, *options):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, kernel, bias, labels, valid)
         ctx.options = options
@@ -336,7 +337,7 @@ class _LinearCrossentropy(torch.autograd.Function):
             valid,
             coefficient if any(needs) else None,
             needs,
-            correct,
+            stats,
             *options,
         )
         ctx.grads = grads
@@ -376,14 +377,15 @@ class _LinearCrossentropy(torch.autograd.Function):
 
 
 def _linear_chunks(
-    hidden, kernel, bias, labels, valid, coefficient, needs, correct,
+    hidden, kernel, bias, labels, valid, coefficient, needs, stats,
     chunk_size, ls, z_loss, softcap, transpose_kernel,
 ):  # fmt: skip
     """One pass over the chunks: `(grads, per_step)`, the gradients of
     `sum(coefficient * per_step)` with respect to `(hidden, kernel, bias)`
     (`None` where not `needs`, all `None` without `coefficient`) and the
-    per-step losses, 0 where not `valid`; writes into `correct` (if given)
-    whether each row's argmax is its label.
+    per-step losses, 0 where not `valid`; writes into `stats` (if given)
+    whether each row's argmax is its label and the label's negative
+    log-likelihood, 0 where not `valid`.
 
     Each chunk's logits go into one preallocated `[chunk_size, vocabulary]`
     buffer, which turns into their gradient in place (with `softcap`, a
@@ -424,17 +426,22 @@ def _linear_chunks(
             logits.mul_(softcap)
         chunk_labels = labels[rows, None]
         chunk_valid = valid[rows]
-        if correct is not None:
+        if stats is not None:
             found = logits.argmax(dim=1) == chunk_labels[:, 0]
-            correct[rows] = (found & chunk_valid).to(correct.dtype)
+            stats[0, rows] = (found & chunk_valid).to(stats.dtype)
         # The differences from the row's maximum (see `kmask.ops`).
         top = logits.amax(dim=1)
         top = torch.where(torch.isfinite(top), top, 0.0)
         logits.sub_(top[:, None])
         loss = _label_loss(logits, chunk_labels, ls)
+        label_shifted = None
+        if stats is not None:
+            label_shifted = logits.gather(1, chunk_labels).squeeze(1)
         exponentials = logits.exp_()
         sum_exp = exponentials.sum(dim=1)
         log_sum = sum_exp.log()
+        if label_shifted is not None:
+            stats[1, rows] = torch.where(chunk_valid, log_sum - label_shifted, 0.0)
         loss.add_(log_sum)
         if z_loss:
             loss.add_(z_loss * (top + log_sum).square())

@@ -370,8 +370,8 @@ def linear_crossentropy(
     reduce: Callable[[Any], Any] | None,
     options: LinearOptions,
     sample_weight: Any = None,
-    return_correct: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    return_stats: bool = False,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
     """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,
@@ -393,14 +393,16 @@ def linear_crossentropy(
         sample_weight: The weights `reduce` uses, if any: a kernel that
             computes the reduction's gradient in advance must know whether
             they need one of their own.
-        return_correct: Whether to return, per step, whether the argmax of
-            the (capped) logits is the label.
+        return_stats: Whether to return, per step, whether the argmax of
+            the (capped) logits is the label, and the negative
+            log-likelihood of the label (the cross-entropy without label
+            smoothing or z-loss).
 
     Returns:
-        `(per_step, value, correct)`: float32 per-step losses of `labels`'
+        `(per_step, value, stats)`: float32 per-step losses of `labels`'
         shape (0 where not `valid`), `reduce(per_step)` (`None` without
-        `reduce`), and float32 1/0 of `labels`' shape (0 where not `valid`;
-        `None` without `return_correct`), which has no gradient.
+        `reduce`), and `(correct, nll)`, float32 of `labels`' shape (0 where
+        not `valid`; `None` without `return_stats`), which have no gradient.
     """
     steps_shape = ops.shape(labels)
     hidden = ops.cast(hidden, "float32")
@@ -421,7 +423,7 @@ def linear_crossentropy(
     if kernel_op is not None:
         if sample_weight is not None:
             sample_weight = ops.convert_to_tensor(sample_weight)
-        per_step, value, correct = kernel_op(
+        per_step, value, stats = kernel_op(
             hidden,
             kernel,
             bias,
@@ -431,14 +433,14 @@ def linear_crossentropy(
             tuple(steps_shape),
             options,
             sample_weight,
-            return_correct,
+            return_stats,
         )
         per_step = ops.reshape(per_step, steps_shape)
         if value is None and reduce is not None:
             value = reduce(per_step)
-        if correct is not None:
-            correct = ops.reshape(correct, steps_shape)
-        return per_step, value, correct
+        if stats is not None:
+            stats = tuple(ops.reshape(stat, steps_shape) for stat in stats)
+        return per_step, value, stats
     # A batch smaller than a chunk is one chunk of its own size.
     chunk_size = options.chunk_size
     chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
@@ -451,17 +453,17 @@ def linear_crossentropy(
     valid = ops.pad(ops.cast(valid, "int32"), [[0, extra]])
     valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
-    per_step, correct = _chunked_crossentropy(
-        labels, valid, options, return_correct, chunks, *params
+    per_step, stats = _chunked_crossentropy(
+        labels, valid, options, return_stats, chunks, *params
     )
 
     def unchunk(values):
         return ops.reshape(ops.reshape(values, (-1,))[:tokens], steps_shape)
 
     per_step = unchunk(per_step)
-    if correct is not None:
-        correct = ops.stop_gradient(unchunk(correct))
-    return per_step, (None if reduce is None else reduce(per_step)), correct
+    if stats is not None:
+        stats = tuple(ops.stop_gradient(unchunk(stat)) for stat in stats)
+    return per_step, (None if reduce is None else reduce(per_step)), stats
 
 
 def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
@@ -479,15 +481,16 @@ def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
     return options.softcap * ops.tanh(logits / options.softcap)
 
 
-def _chunked_crossentropy(labels, valid, options, return_correct, chunks, *params):
+def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params):
     """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
-    bias])`: per-step losses `[chunks, chunk]` and, with `return_correct`,
-    whether each step's argmax is its label (stacked on the losses as one
-    output, whose second half has no gradient); both passes loop over
-    chunks and the backward pass recomputes each chunk's logits."""
+    bias])`: per-step losses `[chunks, chunk]` and, with `return_stats`,
+    whether each step's argmax is its label and its negative log-likelihood
+    (stacked on the losses as one output, of which only the losses have a
+    gradient); both passes loop over chunks and the backward pass recomputes
+    each chunk's logits."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
     empty = ops.zeros((chunks, params[0].shape[1]), "float32")
-    buffers = (empty,) * (4 if return_correct else 3)
+    buffers = (empty,) * (5 if return_stats else 3)
 
     @ops.custom_gradient
     def crossentropy(*params):
@@ -501,9 +504,12 @@ def _chunked_crossentropy(labels, valid, options, return_correct, chunks, *param
                 logits, chunk_labels, label_smoothing, z_loss
             )
             values = (*normalizer, per_step)
-            if return_correct:
+            if return_stats:
                 predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
-                values += (ops.cast(ops.equal(predicted, chunk_labels), "float32"),)
+                values += (
+                    ops.cast(ops.equal(predicted, chunk_labels), "float32"),
+                    _label_nll(logits, chunk_labels, normalizer),
+                )
             return tuple(
                 ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
                 for buffer, value in zip(buffers, values, strict=True)
@@ -511,12 +517,12 @@ def _chunked_crossentropy(labels, valid, options, return_correct, chunks, *param
 
         tops, log_sums, *outputs = ops.fori_loop(0, chunks, forward_chunk, buffers)
         outputs = [ops.where(valid, found, ops.zeros_like(found)) for found in outputs]
-        output = ops.stack(outputs) if return_correct else outputs[0]
+        output = ops.stack(outputs) if return_stats else outputs[0]
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            if return_correct:
+            if return_stats:
                 upstream = upstream[0]
 
             def backward_chunk(index, grads):
@@ -559,6 +565,14 @@ def _chunked_crossentropy(labels, valid, options, return_correct, chunks, *param
         return output, grad
 
     output = crossentropy(*params)
-    if return_correct:
-        return output[0], output[1]
+    if return_stats:
+        return output[0], (output[1], output[2])
     return output, None
+
+
+def _label_nll(logits, labels, normalizer):
+    """`logsumexp(logits) - logits[label]` per row: the cross-entropy
+    without label smoothing or z-loss, whatever the options."""
+    top, log_sum = normalizer
+    label_logit = ops.take_along_axis(logits, ops.expand_dims(labels, -1), axis=-1)
+    return log_sum - (ops.squeeze(label_logit, axis=-1) - top)
