@@ -5,10 +5,12 @@ masked cross-entropy on materialised logits, and whether they agree.
     python benchmarks/fused_linear.py --quick            # small shapes: a smoke test
     python benchmarks/fused_linear.py --backends jax --json bench_fused_linear.json
     python benchmarks/fused_linear.py --vocabulary 262144   # Gemma's vocabulary
+    python benchmarks/fused_linear.py --no-padding       # every token real
 
 The loss of the logits `hidden @ kernel + bias` (`tokens = batch * time =
 8192`, `hidden = 512`, `vocabulary = 32768` by default; lengths uniform in
-`[T/4, T]`, padding labelled -100) and its gradients with respect to
+`[T/4, T]`, padding labelled -100; every token real with `--no-padding`)
+and its gradients with respect to
 `hidden`, `kernel` and `bias`, two ways:
 
 - `materialised`: `ops.matmul(hidden, kernel) + bias` (what `Dense` computes)
@@ -69,9 +71,13 @@ SEED = 0
 OUTPUTS = ("loss", "hidden", "kernel", "bias")
 
 
-def make_inputs(batch: int, time: int, hidden: int, vocabulary: int) -> dict:
+def make_inputs(
+    batch: int, time: int, hidden: int, vocabulary: int, padding: bool = True
+) -> dict:
     rng = np.random.default_rng(SEED)
     lengths = rng.integers(time // 4, time + 1, batch)
+    if not padding:
+        lengths[:] = time
     valid = np.arange(time)[None, :] < lengths[:, None]
     labels = np.where(valid, rng.integers(0, vocabulary, (batch, time)), PAD_LABEL)
     return {
@@ -231,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--vocabulary", type=int, help=f"default {FULL['vocabulary']}")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps")
+    parser.add_argument(
+        "--no-padding", action="store_true", help="every token real (no -100)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -238,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = dict(QUICK if args.quick else FULL)
     if args.vocabulary:
         shape["vocabulary"] = args.vocabulary
+    if args.no_padding:
+        shape["padding"] = False
     chunk_size = min(args.chunk_size, 64) if args.quick else args.chunk_size
     if args.child:
         _child(args.child, args.variant, shape, chunk_size, args.repeats)
@@ -245,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     forwarded = ["--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
     forwarded += ["--quick"] if args.quick else []
     forwarded += ["--vocabulary", str(args.vocabulary)] if args.vocabulary else []
+    forwarded += ["--no-padding"] if args.no_padding else []
     reports: dict[str, dict[str, dict]] = {}
     for backend in args.backends or installed_backends():
         reports[backend] = {
@@ -287,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for report in variants.values():
             Path(report["outputs"]).unlink()
     sizes = ", ".join(f"{key} {value}" for key, value in shape.items())
+    labels = make_inputs(**shape)["labels"]
+    sizes += f", {int((labels != PAD_LABEL).sum())} real tokens of {labels.size}"
     print(
         f"\nFused linear cross-entropy, {sizes}, chunk_size {chunk_size} "
         f"({machine()}; "

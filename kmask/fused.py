@@ -6,7 +6,8 @@ chunk of tokens at a time, in the forward pass (for the normalizer and the
 label's logit) and again in the backward pass (for the gradients of `hidden`,
 `kernel` and `bias`), so memory holds one `[chunk_size, vocabulary]` block
 instead of `[tokens, vocabulary]` (`kmask.ops.linear_crossentropy`). The price
-is one more matmul (four instead of three per step). `FusedLinearCrossentropy`
+is one more matmul (four instead of three per step); padded tokens are left
+out of the chunks, so they cost no matmul at all. `FusedLinearCrossentropy`
 puts it at the end of a language model. Its padding comes from the same
 pipeline as every kmask loss's, and it reduces with `kmask.masked_reduce`:
 see `kmask.reduce` for the reductions.

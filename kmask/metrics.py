@@ -406,10 +406,9 @@ class _HeadMetric(_TokenMean):
             sample_weight = ops.convert_to_tensor(sample_weight, "float32")
             sample_weight = squeeze_trailing(sample_weight, len(steps))
             weight = weight * broadcast_to_steps(sample_weight, steps)
-        # A step of weight 0 adds nothing, even when it holds NaN.
-        real = ops.not_equal(weight, 0.0)
+        # A weight of 0 marks padding: such a step adds nothing, even NaN.
         values = stats[..., HEAD_STATS.index(self._stat)]
-        self._add(*masked_sum_and_count(values, real, weight))
+        self._add(*masked_sum_and_count(values, None, weight))
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype}

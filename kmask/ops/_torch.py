@@ -301,10 +301,25 @@ def linear_crossentropy(
         and any(p is not None and p.requires_grad for p in params)
     ):
         coefficient = _reduction_coefficients(reduce, steps_shape, hidden.device)
+    # Only the real rows go through the chunks: padding costs no matmul. The
+    # gathers and the scatter back are differentiable; a padded row's
+    # gradient is 0.
+    tokens = labels.shape[0]
+    real = torch.nonzero(valid).squeeze(1)
+    if real.numel() < tokens:
+        hidden, labels, valid = (
+            x.index_select(0, real) for x in (hidden, labels, valid)
+        )
+        if coefficient is not None:
+            coefficient = coefficient.index_select(0, real)
     stats = hidden.new_zeros((2, *labels.shape)) if return_stats else None
     per_step, value = _LinearCrossentropy.apply(
         hidden, kernel, bias, labels.long(), valid, coefficient, stats, *options
     )
+    if real.numel() < tokens:
+        per_step = per_step.new_zeros(tokens).index_copy(0, real, per_step)
+        if stats is not None:
+            stats = stats.new_zeros((2, tokens)).index_copy(1, real, stats)
     value = None if coefficient is None else value
     return per_step, value, (None if stats is None else (stats[0], stats[1]))
 

@@ -378,7 +378,9 @@ def linear_crossentropy(
     so NaN there cannot reach `kernel`'s gradient through `0 * NaN`) and carry
     a zero coefficient. Both passes loop over chunks of `chunk_size` tokens,
     and the backward pass recomputes each chunk's logits, so memory holds one
-    `[chunk_size, vocabulary]` block.
+    `[chunk_size, vocabulary]` block. The real tokens are put first (and put
+    back after), so the loops stop after the last chunk that holds one:
+    padding costs no matmul.
 
     Args:
         hidden: `[batch, ..., width]`.
@@ -441,12 +443,19 @@ def linear_crossentropy(
         if stats is not None:
             stats = tuple(ops.reshape(stat, steps_shape) for stat in stats)
         return per_step, value, stats
+    # The real tokens first, in order: both loops stop after the last chunk
+    # that holds one, so padding costs no matmul.
+    order = ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
+    hidden, labels, valid = (
+        ops.take(x, order, axis=0) for x in (hidden, labels, valid)
+    )
     # A batch smaller than a chunk is one chunk of its own size.
     chunk_size = options.chunk_size
     chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
     chunks = (tokens + chunk - 1) // chunk
-    # An empty batch runs one chunk of padding, so the loop has a body.
+    # An empty batch has one chunk of padding, so the buffers have a shape.
     chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
+    active = (ops.sum(ops.cast(valid, "int32")) + chunk - 1) // chunk
     extra = chunks * chunk - tokens
     hidden = ops.reshape(ops.pad(hidden, [[0, extra], [0, 0]]), (chunks, chunk, width))
     labels = ops.reshape(ops.pad(labels, [[0, extra]]), (chunks, chunk))
@@ -454,11 +463,13 @@ def linear_crossentropy(
     valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
     per_step, stats = _chunked_crossentropy(
-        labels, valid, options, return_stats, chunks, *params
+        labels, valid, options, return_stats, (chunks, active), *params
     )
+    restore = ops.argsort(order)
 
     def unchunk(values):
-        return ops.reshape(ops.reshape(values, (-1,))[:tokens], steps_shape)
+        values = ops.take(ops.reshape(values, (-1,))[:tokens], restore, axis=0)
+        return ops.reshape(values, steps_shape)
 
     per_step = unchunk(per_step)
     if stats is not None:
@@ -487,8 +498,10 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
     whether each step's argmax is its label and its negative log-likelihood
     (stacked on the losses as one output, of which only the losses have a
     gradient); both passes loop over chunks and the backward pass recomputes
-    each chunk's logits."""
+    each chunk's logits. `chunks` is `(all, active)`: the loops run over the
+    first `active` chunks (the others are padding: 0, with a 0 gradient)."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
+    chunks, active = chunks
     empty = ops.zeros((chunks, params[0].shape[1]), "float32")
     buffers = (empty,) * (5 if return_stats else 3)
 
@@ -515,7 +528,7 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                 for buffer, value in zip(buffers, values, strict=True)
             )
 
-        tops, log_sums, *outputs = ops.fori_loop(0, chunks, forward_chunk, buffers)
+        tops, log_sums, *outputs = ops.fori_loop(0, active, forward_chunk, buffers)
         outputs = [ops.where(valid, found, ops.zeros_like(found)) for found in outputs]
         output = ops.stack(outputs) if return_stats else outputs[0]
 
@@ -559,7 +572,7 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                 ops.zeros_like(kernel),
                 ops.zeros((vocabulary,), "float32"),
             )
-            d_hidden, d_kernel, d_bias = ops.fori_loop(0, chunks, backward_chunk, zeros)
+            d_hidden, d_kernel, d_bias = ops.fori_loop(0, active, backward_chunk, zeros)
             return (d_hidden, d_kernel, d_bias)[: len(params)]
 
         return output, grad

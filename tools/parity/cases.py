@@ -232,6 +232,9 @@ def layer_case(
 # FUSED_WIDTH]` projected to `FUSED_VOCABULARY` classes, `FUSED_CHUNK` tokens
 # at a time, so that the last of the chunks is partial.
 FUSED_WIDTH, FUSED_VOCABULARY, FUSED_CHUNK = 6, 9, 5
+# The layer's per-step statistics with `return_stats=True`, as documented
+# (`kmask.fused.HEAD_STATS`), spelled out here so that a change of order fails.
+LAYER_STATS = ("loss", "nll", "correct", "weight")
 
 
 def fused_case(
@@ -258,7 +261,8 @@ def fused_case(
     `step_weights` / `sequence_weights` (`sample_weight`), `propagated`
     (`Masking(0.0)` on the hidden states), `all_padding`. The function's
     options: `softcap`, `transpose_kernel` (the kernel given as `[vocabulary,
-    width]`) and `accuracy` (`return_token_accuracy`, compared too)."""
+    width]`) and `accuracy` (`return_token_accuracy`, compared too; for the
+    layer, `return_stats`: its per-step statistics are compared)."""
     options: dict[str, Any] = {"label_smoothing": label_smoothing, "z_loss": z_loss}
     if softcap is not None:
         options["softcap"] = softcap
@@ -340,8 +344,13 @@ def fused_case(
             names.append("per_step")
         else:
             names += ["grad_kernel"] + ["grad_bias"] * use_bias
-        names += ["accuracy"] * accuracy
+        names += ["accuracy"] * (accuracy and api == "function")
         expected = {key: reference[key] for key in names}
+        if accuracy and api == "layer":
+            columns = {**reference, "loss": reference["per_step"], "weight": used}
+            expected["stats"] = np.stack(
+                [np.asarray(columns[stat], "float64") for stat in LAYER_STATS], -1
+            )
         if transpose_kernel:
             expected["grad_kernel"] = expected["grad_kernel"].T
         half = ["hidden", "kernel", "bias"] if use_bias else ["hidden", "kernel"]

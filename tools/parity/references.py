@@ -172,7 +172,15 @@ def np_linear(
     d_logits = d_logits * slope
     correct = (logits.argmax(-1) == labels) & used
     accuracy, _ = np_reduce(correct.astype("float64"), valid, weight, "token_mean")
+    nll = np.zeros(valid.shape)
+    if used.any():
+        top = logits[used].max(-1, keepdims=True)
+        log_sum = np.log(np.exp(logits[used] - top).sum(-1)) + top[:, 0]
+        label_logit = np.take_along_axis(logits[used], labels[used][:, None], -1)
+        nll[used] = log_sum - label_logit[:, 0]
     return {
+        "nll": nll,
+        "correct": correct.astype("float64"),
         "value": value,
         "per_step": per_step,
         "grad_hidden": d_logits @ kernel.T,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 import kmask
+from kmask.fused import HEAD_STATS
 from tools.backends import value_and_grad
 from tools.parity.devices import data as device_data
 from tools.parity.devices import rows as device_rows
@@ -211,6 +212,7 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
             mask_value=spec["mask_value"],
             reduction=spec["reduction"],
             chunk_size=spec["chunk_size"],
+            return_stats=spec.get("accuracy", False),
             **options,
         )
         layer.build([tuple(inputs["hidden"].shape), tuple(inputs["labels"].shape)])
@@ -218,9 +220,12 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
         masking = _masking(spec, inputs["hidden"].dtype)
 
         def through_layer(xs):
-            per_step = layer([masking(xs["hidden"]), inputs["labels"]])
+            output = layer([masking(xs["hidden"]), inputs["labels"]])
             value = layer.losses[-1]
-            return value, {"value": value, "per_step": per_step}
+            if not layer.return_stats:
+                return value, {"value": value, "per_step": output}
+            per_step = output[..., HEAD_STATS.index("loss")]
+            return value, {"value": value, "per_step": per_step, "stats": output}
 
         return _value_and_grads(
             through_layer, {"hidden": inputs["hidden"]}, spec["compiled"]
