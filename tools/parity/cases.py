@@ -156,6 +156,47 @@ def metric_case(
     return Case(name, "metric", spec, inputs, expected, dtype)
 
 
+def head_metric_case(metric: str, stat: str, weighted: bool = False) -> Case:
+    """`kmask.HeadAccuracy` / `kmask.HeadPerplexity` (`stat`: the column they
+    average) over two batches of the layer's per-step statistics
+    (`LAYER_STATS`), NaN in every column but the weight at padding; with
+    `weighted`, `sample_weight` per row too. Its result after each batch."""
+    name = "/".join(["metric", "head", stat] + ["weights"] * weighted)
+    rng = case_rng(name)
+    inputs, expected = {}, {}
+    total = count = 0.0
+    for batch, (size, steps) in enumerate([(BATCH, STEPS), (3, 5)]):
+        real = rng.random((size, steps)) > 0.3
+        columns = {
+            "loss": rng.uniform(0.0, 4.0, (size, steps)),
+            "nll": rng.uniform(0.0, 4.0, (size, steps)),
+            "correct": (rng.random((size, steps)) < 0.4) * 1.0,
+        }
+        stats = np.stack(
+            [
+                real * 1.0 if key == "weight" else np.where(real, columns[key], NAN)
+                for key in LAYER_STATS
+            ],
+            -1,
+        ).astype("float32")
+        weight = real.astype("float64")
+        if weighted:
+            row = rng.uniform(0.5, 2.0, size).astype("float32")
+            inputs[f"sample_weight_{batch}"] = row
+            weight = weight * row[:, None]
+        inputs[f"y_true_{batch}"] = np.zeros((size, steps), "int32")
+        inputs[f"y_pred_{batch}"] = stats
+        values = stats[..., LAYER_STATS.index(stat)].astype("float64")
+        total += float((np.where(real, values, 0.0) * weight).sum())
+        count += float(weight.sum())
+        mean = total / count if count else 0.0
+        if stat == "nll":
+            mean = math.exp(mean) if count else 0.0
+        expected[f"result_{batch + 1}"] = np.float64(mean)
+    spec = {"masking": None, "metric": metric, "kwargs": {}, "half": []}
+    return Case(name, "metric", spec, inputs, expected, "float32")
+
+
 _METRIC_PADS = {"labels": -100, "one_hot": ONE_HOT_PAD, "regression": NAN}
 
 

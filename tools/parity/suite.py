@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 import kmask
-from tools.parity.cases import Case, fused_case, layer_case, loss_case, metric_case
+from tools.parity.cases import (
+    Case,
+    fused_case,
+    head_metric_case,
+    layer_case,
+    loss_case,
+    metric_case,
+)
 from tools.parity.devices import data as device_data
 from tools.parity.losses import LOSSES, LOSSES_BY_NAME, Loss
 from tools.parity.references import np_absolute, np_squared
@@ -174,6 +181,8 @@ def _metrics() -> list[Case]:
         perplexity_of_labels("perplexity/all_padding", "all_padding"),
         mae_of_nan_targets("weights", dtype="float16"),
         perplexity_of_labels("perplexity/labels", "weights", dtype="bfloat16"),
+        head_metric_case("HeadAccuracy", "correct"),
+        head_metric_case("HeadPerplexity", "nll", weighted=True),
     ]
 
 
