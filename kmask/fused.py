@@ -46,11 +46,12 @@ __all__ = [
     "sparse_crossentropy_with_logits",
 ]
 
-#: The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
-#: returns on its last axis, in this order: the loss, the label's negative
-#: log-likelihood (without label smoothing or z-loss), 1 where the argmax is
-#: the label, and the step's weight (0 on padding).
 HEAD_STATS = ("loss", "nll", "correct", "weight")
+"""The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
+returns on its last axis, in this order: the loss, the label's negative
+log-likelihood (without label smoothing or z-loss), 1 where the argmax of the
+(capped) logits is the label, and the step's weight (0 on padding). Read by
+`kmask.HeadAccuracy` and `kmask.HeadPerplexity`."""
 
 
 def fused_linear_crossentropy(
