@@ -11,6 +11,8 @@ from keras import ops
 import kmask
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
 from tests._grad import value_and_grad
+from tests._numeric import close as _close
+from tests._numeric import linear_data
 from tools.parity import references
 from tools.parity.references import np_reduce
 
@@ -54,24 +56,11 @@ def np_linear(hidden, kernel, bias, labels, valid, weight=None, reduction="token
             found["grad_bias"])  # fmt: skip
 
 
-def _close(actual, expected, rtol=1e-5):
-    actual = np.asarray(ops.convert_to_numpy(actual), "float64")
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
-    assert np.abs(actual - expected).max(initial=0.0) <= rtol * scale, (
-        actual,
-        expected,
-    )
-
-
 def _data(seed=0):
     rng = np.random.default_rng(seed)
-    return {
-        "hidden": rng.normal(size=(B, T, H)).astype("float32"),
-        "kernel": rng.normal(size=(H, V)).astype("float32"),
-        "bias": rng.normal(size=V).astype("float32"),
-        "labels": rng.integers(0, V, (B, T)).astype("int32"),
-        "logits": rng.normal(scale=2.0, size=(B, T, V)).astype("float32"),
-    }
+    data = linear_data(rng, B, T, H, V)
+    data["logits"] = rng.normal(scale=2.0, size=(B, T, V)).astype("float32")
+    return data
 
 
 # ----------------------------------------------------------------------------
