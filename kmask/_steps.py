@@ -49,6 +49,20 @@ def broadcast_to_steps(mask: Any, steps: tuple) -> Tensor:
     return ops.broadcast_to(align_rank(mask, len(steps)), steps)
 
 
+def step_weights(steps: tuple, valid: Any = None, sample_weight: Any = None) -> Tensor:
+    """float32 weights of `steps`: 1 where `valid` (0 elsewhere), times
+    `sample_weight` (`[batch]` or a leading part of `steps`, trailing axes of
+    size 1 dropped)."""
+    weight = ops.ones(steps, "float32")
+    if valid is not None:
+        weight = ops.cast(broadcast_to_steps(valid, steps), "float32")
+    if sample_weight is not None:
+        sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+        sample_weight = squeeze_trailing(sample_weight, len(steps))
+        weight = weight * broadcast_to_steps(sample_weight, steps)
+    return weight
+
+
 def weight_mask(sample_weight: Any, steps: tuple, **context: Any):
     """The steps a `sample_weight` keeps: `False` where the weight is 0;
     `context` names the shapes an error prints besides the weights'."""

@@ -459,16 +459,7 @@ def _head(
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
     if stats is not None:
-        steps = tuple(labels.shape)
-        weight = ops.ones(steps, "float32")
-        if valid is not None:
-            weight = ops.cast(_steps.broadcast_to_steps(valid, steps), "float32")
-        if sample_weight is not None:
-            sample_weight = ops.convert_to_tensor(sample_weight)
-            sample_weight = _steps.squeeze_trailing(sample_weight, len(steps))
-            weight = weight * _steps.broadcast_to_steps(
-                ops.cast(sample_weight, "float32"), steps
-            )
+        weight = _steps.step_weights(tuple(labels.shape), valid, sample_weight)
         stats = tuple(_labels.poison(stat, out_of_range) for stat in (*stats, weight))
     return _labels.poison(per_step, out_of_range), value, stats
 

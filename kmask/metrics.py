@@ -21,7 +21,7 @@ import keras
 from keras import ops
 
 from kmask import _moved, _pipeline, _resolve
-from kmask._steps import broadcast_to_steps, squeeze_trailing
+from kmask._steps import broadcast_to_steps, squeeze_trailing, step_weights
 from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import crossentropy
@@ -55,12 +55,12 @@ class _TokenMean(keras.metrics.Metric):
     def result(self) -> Tensor:
         return ops.cast(self._mean(), self.dtype)
 
-
-def _perplexity(metric: _TokenMean) -> Tensor:
-    """`exp` of a metric's token-mean negative log-likelihood; 0 before any
-    real step, as Keras's metrics and keras-hub's `Perplexity` give."""
-    seen = ops.greater(ops.convert_to_tensor(metric.count), 0)
-    return ops.cast(ops.where(seen, ops.exp(metric._mean()), 0.0), metric.dtype)
+    def _exp_mean(self) -> Tensor:
+        """`exp` of the token mean (a perplexity, when the mean is a negative
+        log-likelihood); 0 before any real step, as Keras's metrics and
+        keras-hub's `Perplexity` give."""
+        seen = ops.greater(ops.convert_to_tensor(self.count), 0)
+        return ops.cast(ops.where(seen, ops.exp(self._mean()), 0.0), self.dtype)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -373,15 +373,16 @@ class Perplexity(_NamedMaskedMetric):
         super().__init__(mask_value, name, dtype, from_logits=from_logits)
 
     def result(self) -> Tensor:
-        return _perplexity(self)
+        return self._exp_mean()
 
 
 class _HeadMetric(_TokenMean):
     """The token-weighted mean of one of the head's per-step statistics
-    (`HEAD_STATS`) over every batch since the last reset."""
+    (`HEAD_STATS`, the subclass's `_stat`) over every batch since the last
+    reset, named `_metric_name` unless told otherwise."""
 
-    _stat = "correct"
-    _metric_name = "accuracy"
+    _stat: str
+    _metric_name: str
 
     def __init__(self, name: str | None = None, dtype: Any = None) -> None:
         super().__init__(name=name or self._metric_name, dtype=dtype)
@@ -401,11 +402,8 @@ class _HeadMetric(_TokenMean):
             )
         stats = ops.cast(stats, "float32")
         weight = stats[..., HEAD_STATS.index("weight")]
-        steps = tuple(weight.shape)
         if sample_weight is not None:
-            sample_weight = ops.convert_to_tensor(sample_weight, "float32")
-            sample_weight = squeeze_trailing(sample_weight, len(steps))
-            weight = weight * broadcast_to_steps(sample_weight, steps)
+            weight = weight * step_weights(tuple(weight.shape), None, sample_weight)
         # A weight of 0 marks padding: such a step adds nothing, even NaN.
         values = stats[..., HEAD_STATS.index(self._stat)]
         self._add(*masked_sum_and_count(values, None, weight))
@@ -477,7 +475,7 @@ class HeadPerplexity(_HeadMetric):
     _metric_name = "perplexity"
 
     def result(self) -> Tensor:
-        return _perplexity(self)
+        return self._exp_mean()
 
 
 def _metric_by_name(name: str) -> Callable | None:
