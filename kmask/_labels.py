@@ -3,10 +3,10 @@
 A sparse label outside `[0, classes)` at a real step is an error. Where the
 labels have a value (eager execution), kmask raises a `ValueError` naming the
 label, its position and the number of classes. Inside a traced or compiled
-function (`jax.jit`, `tf.function`, XLA) nothing can be raised, so the label is
-replaced by 0 before any gather (no backend error, no read out of bounds) and
-the step's value becomes NaN: the loss or metric is NaN, never a finite wrong
-number. Labels at padded steps may hold anything.
+function (`jax.jit`, `tf.function`, XLA, `torch.compile`) nothing can be
+raised, so the label is replaced by 0 before any gather (no backend error, no
+read out of bounds) and the step's value becomes NaN: the loss or metric is
+NaN, never a finite wrong number. Labels at padded steps may hold anything.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ import keras
 import numpy as np
 from keras import ops
 
+from kmask.ops._dispatch import compiling
+
 
 def concrete(value: Any) -> np.ndarray | None:
     """`value` as a NumPy array when it is concrete, `None` when symbolic.
 
-    Inside a compiled function (tf.function, jax.jit) tensors have no value
-    yet; each backend refuses the conversion with its own exception type.
+    Inside a compiled function (tf.function, jax.jit, torch.compile) tensors
+    have no value yet; JAX and TensorFlow refuse the conversion, each with its
+    own exception type, and PyTorch's compiler is asked before trying.
     """
-    if isinstance(value, keras.KerasTensor):
+    if isinstance(value, keras.KerasTensor) or compiling():
         return None
     try:
         return np.asarray(ops.convert_to_numpy(value))
@@ -79,9 +82,14 @@ def _raise_out_of_range(bad, labels, classes, argument: str) -> None:
     first = tuple(int(i) for i in positions[0])
     value = labels[first].item()
     position = f"{argument}[{', '.join(str(i) for i in first)}]" if first else argument
+    hint = ""
+    if value < 0:
+        hint = (
+            f". If {value} marks padding, pass mask_value={value} to the loss or metric"
+        )
     raise ValueError(
         f"Invalid value for argument `{argument}`. Expected labels in "
         f"[0, {int(classes)}) ({int(classes)} classes) at every real step (a "
         f"padded step may hold any label). Received: {position}={value}, "
-        f"{len(positions)} label(s) out of range at real steps"
+        f"{len(positions)} label(s) out of range at real steps{hint}"
     )

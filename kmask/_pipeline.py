@@ -26,7 +26,12 @@ from typing import Any, NamedTuple
 from keras import ops
 
 from kmask import _labels
-from kmask._shapes import check_fits_steps, check_targets, step_shape
+from kmask._shapes import (
+    check_fits_steps,
+    check_target_kind,
+    check_targets,
+    step_shape,
+)
 from kmask._steps import (
     accumulation_dtype,
     fill_padding,
@@ -92,6 +97,8 @@ def prepare(
     mask: Any = None,
     sample_weight: Any = None,
     sparse_labels: bool = False,
+    target_kind: str | None = None,
+    family: str = "loss",
 ) -> Steps:
     """Step 1: tensors of the right dtype and shape, and the real steps.
 
@@ -111,6 +118,11 @@ def prepare(
         sparse_labels: Whether `y_true` holds integer labels when it has one
             axis less than `y_pred` (or a last axis of 1): they are checked
             against the number of classes.
+        target_kind: `"labels"` or `"one_hot"` where the caller takes only
+            that kind of targets (see `kmask._resolve.target_kind`): the
+            other kind is a `ValueError` about `y_true`, raised before the
+            padding is looked for (a vector `mask_value` cannot be blamed).
+        family: `"loss"` or `"metric"`: what the error suggests instead.
     """
     propagated = keras_mask(y_pred)
     y_pred = ops.cast(ops.convert_to_tensor(y_pred), accumulation_dtype(dtype))
@@ -119,6 +131,7 @@ def prepare(
     if sparse_labels:
         y_true = squeeze_trailing(y_true, len(y_pred.shape) - 1)
     check_targets(y_true, y_pred)
+    check_target_kind(y_true, y_pred, target_kind, family)
     sparse = sparse_labels and len(y_true.shape) == len(y_pred.shape) - 1
     masked = valid_steps(
         step_shape(y_pred),

@@ -120,6 +120,55 @@ def takes_sparse_labels(fn: Any) -> bool:
     return any(fn is function for function in sparse_functions)
 
 
+# Keras's functions and losses that take one-hot (or soft) targets only.
+ONE_HOT_NAMES = frozenset(
+    {
+        "categorical_crossentropy",
+        "categorical_focal_crossentropy",
+        "categorical_accuracy",
+        "top_k_categorical_accuracy",
+    }
+)
+
+
+def target_kind(fn: Any) -> str | None:
+    """`"labels"` when `fn` takes integer labels only, `"one_hot"` when it
+    takes targets of the predictions' shape only (one-hot or soft), `None`
+    when it takes either or dense targets. A kmask loss or metric says its
+    own."""
+    if isinstance(fn, str):
+        if fn in SPARSE_LABEL_NAMES:
+            return "labels"
+        return "one_hot" if fn in ONE_HOT_NAMES else None
+    kind = getattr(fn, "_target_kind", None)
+    if kind is not None:
+        return kind
+    if isinstance(fn, keras.losses.SparseCategoricalCrossentropy) or any(
+        fn is function
+        for function in (
+            keras.losses.sparse_categorical_crossentropy,
+            keras.metrics.sparse_categorical_accuracy,
+            keras.metrics.sparse_top_k_categorical_accuracy,
+        )
+    ):
+        return "labels"
+    one_hot_classes = (
+        keras.losses.CategoricalCrossentropy,
+        keras.losses.CategoricalFocalCrossentropy,
+    )
+    if isinstance(fn, one_hot_classes) or any(
+        fn is function
+        for function in (
+            keras.losses.categorical_crossentropy,
+            keras.losses.categorical_focal_crossentropy,
+            keras.metrics.categorical_accuracy,
+            keras.metrics.top_k_categorical_accuracy,
+        )
+    ):
+        return "one_hot"
+    return None
+
+
 def ignore_class(fn: Any, fn_kwargs: dict) -> int | None:
     """The `ignore_class` the wrapped function was given (as a keyword
     argument, or in a Keras loss's config), or `None`; a kmask loss finds

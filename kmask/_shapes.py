@@ -89,6 +89,36 @@ def check_targets(y_true: Any, y_pred: Any) -> None:
         )
 
 
+# What fits targets of the other kind, by the kind expected and who asks.
+_FITS_OTHER_KIND = {
+    ("labels", "loss"): "kmask.MaskedCategoricalCrossentropy",
+    ("labels", "metric"): "kmask.MaskedCategoricalAccuracy",
+    ("one_hot", "loss"): "kmask.MaskedSparseCategoricalCrossentropy",
+    ("one_hot", "metric"): "kmask.MaskedSparseCategoricalAccuracy",
+}
+
+
+def check_target_kind(y_true: Any, y_pred: Any, kind: str | None, family: str) -> None:
+    """Raises when `y_true` is of the other kind than a loss or metric
+    (`family`) takes: one-hot targets where integer labels are expected
+    (`kind="labels"`), or labels where one-hot targets are (`"one_hot"`).
+    The class axis of `y_pred` is last; sparse labels were squeezed."""
+    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    if kind == "labels" and len(true_shape) == len(pred_shape) and pred_shape:
+        expected = (
+            f"integer labels of shape {pred_shape[:-1]} (y_pred's shape without "
+            "its class axis), or with a last axis of 1"
+        )
+        other = "One-hot (or soft) targets of y_pred's shape take"
+    elif kind == "one_hot" and len(true_shape) == len(pred_shape) - 1:
+        expected = f"one-hot (or soft) targets of y_pred's shape {pred_shape}"
+        other = "Integer labels take"
+    else:
+        return
+    error = invalid_shape("y_true", expected, y_true=true_shape, y_pred=pred_shape)
+    raise ValueError(f"{error}. {other} {_FITS_OTHER_KIND[kind, family]}.")
+
+
 def check_same_shape(targets: Any, predictions: Any) -> None:
     """Raises unless `targets` has the same shape as `predictions`."""
     if not same_shape(tuple(targets.shape), tuple(predictions.shape)):

@@ -33,6 +33,7 @@ from keras import ops
 from kmask import _shapes
 from kmask._steps import accumulation_dtype
 from kmask.masks import combine_masks, keras_mask, post_padded_lengths
+from kmask.ops._dispatch import backend_kernel
 from kmask.reduce import masked_reduce, standardize_reduction
 from kmask.typing import Tensor
 
@@ -111,7 +112,7 @@ def masked_ctc(
     # The op only ever sees sequences it can align: padded frames zeroed, at
     # least one frame, and no labels where they cannot fit.
     logits = ops.where(real_frames[..., None], y_pred, ops.zeros_like(y_pred))
-    per_sequence = ops.ctc_loss(
+    per_sequence = (backend_kernel("ctc_loss") or ops.ctc_loss)(
         labels,
         logits,
         ops.where(computed, label_lengths, ops.zeros_like(label_lengths)),

@@ -90,7 +90,10 @@ def _tensorflow_replica_sum(local):
 def _torch_process_mean(local):
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    # Not `dist.is_available()`: `torch.compile` cannot trace a torch function
+    # that returns a bool; a build without distributed has no `is_initialized`.
+    is_initialized = getattr(dist, "is_initialized", None)
+    if is_initialized is None or not is_initialized():
         return local
     world_size = dist.get_world_size()
     if world_size == 1:

@@ -24,6 +24,7 @@ from keras import ops
 from kmask import _moved, _pipeline, _resolve, _shapes
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import (
+    binary_crossentropy,
     categorical_crossentropy_with_logits,
     mean_squared_error,
     sparse_crossentropy,
@@ -101,6 +102,7 @@ class MaskedLoss(keras.losses.Loss):
             _resolve.class_last(self.loss), _resolve.class_last_kwargs(self.loss_kwargs)
         )
         self._sparse_labels = _resolve.takes_sparse_labels(self.loss)
+        self._target_kind = _resolve.target_kind(self.loss)
 
     def __call__(
         self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
@@ -322,6 +324,7 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
             z_loss=z_loss,
         )
         self._sparse_labels = True
+        self._target_kind = "labels"
 
     def _fused_op(self, y_true, y_pred):
         """The per-step loss, `kmask.ops.sparse_crossentropy`: from logits it
@@ -363,7 +366,8 @@ class MaskedBinaryCrossentropy(_ProbabilityLoss):
     0.6931
     """
 
-    _wraps = "binary_crossentropy"
+    # kmask's own, in `keras.ops`: Keras's breaks `torch.compile`'s graph.
+    _wraps = staticmethod(binary_crossentropy)
     _loss_name = "masked_binary_crossentropy"
 
 
@@ -540,6 +544,7 @@ def masked_loss(
             mask=mask,
             sample_weight=sample_weight,
             sparse_labels=masked._sparse_labels,
+            target_kind=masked._target_kind,
         )
         per_step = _pipeline.per_step_values(
             steps, masked.call, -1, masked._masked_op(steps.y_true, steps.y_pred)

@@ -6,6 +6,7 @@ padding. Masks stay boolean until `kmask.reduce` casts them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -129,13 +130,13 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
            [ True, False]])
     """
     y = ops.convert_to_tensor(y)
-    pad = pad_array(mask_value)
-    has_feature_axis = pad.ndim == 1 or len(y.shape) >= 3
-    if pad.ndim == 1 and y.shape[-1] is not None and y.shape[-1] != pad.shape[0]:
+    pad = pad_values(mask_value)
+    has_feature_axis = isinstance(pad, tuple) or len(y.shape) >= 3
+    if isinstance(pad, tuple) and y.shape[-1] not in (None, len(pad)):
         raise ValueError(
             "Invalid value for argument `mask_value`. Expected a scalar or a "
             f"vector as long as the feature axis of the targets ({y.shape[-1]}). "
-            f"Received: mask_value={pad.tolist()} (length {pad.shape[0]}), "
+            f"Received: mask_value={list(pad)} (length {len(pad)}), "
             f"y.shape={tuple(y.shape)}"
         )
     is_pad = _equals_pad(y, pad)
@@ -153,24 +154,34 @@ def ignore_class_mask(y: Any, ignore_class: int | None) -> Tensor | None:
     return ops.not_equal(y, ops.cast(ignore_class, y.dtype))
 
 
-def pad_array(mask_value: Any) -> np.ndarray:
-    """`mask_value` as a float64 NumPy scalar or vector.
+def pad_values(mask_value: Any) -> float | tuple[float, ...]:
+    """`mask_value` as a Python float, or a tuple of floats for a vector.
+
+    Plain Python rather than NumPy: `torch.compile` traces NumPy calls as
+    tensor operations, and a branch on one would break its graph.
 
     Raises:
         ValueError: naming `mask_value`, for anything but a number or a
             vector of numbers (a string, a nested list, a dict...).
     """
+    values = mask_value.tolist() if hasattr(mask_value, "tolist") else mask_value
     try:
-        pad = np.asarray(mask_value, dtype="float64")
+        if isinstance(values, str):
+            raise TypeError(values)
+        if isinstance(values, (list, tuple)):
+            return tuple(float(value) for value in values)
+        return float(values)
     except (TypeError, ValueError):
-        pad = None
-    if pad is None or pad.ndim > 1:
         raise ValueError(
             "Invalid value for argument `mask_value`. Expected a number, "
             "float('nan') or a vector of numbers (a one-hot pad such as "
             f"[0, 0, 1]). Received: mask_value={mask_value!r}"
-        )
-    return pad
+        ) from None
+
+
+def pad_array(mask_value: Any) -> np.ndarray:
+    """`mask_value` as a float64 NumPy scalar or vector (see `pad_values`)."""
+    return np.asarray(pad_values(mask_value), dtype="float64")
 
 
 def combine_masks(*masks: Any) -> Tensor | None:
@@ -266,15 +277,17 @@ def _static_or_dynamic(tensor, axis: int):
     return ops.shape(tensor)[axis] if size is None else size
 
 
-def _equals_pad(y, pad: np.ndarray):
+def _equals_pad(y, pad: float | tuple[float, ...]):
     """Elementwise `y == pad`, with NaN equal to NaN."""
-    nan_positions = np.isnan(pad)
-    if not np.any(nan_positions):
+    if not isinstance(pad, tuple):
+        if math.isnan(pad):
+            return ops.isnan(y)
         return ops.equal(y, ops.convert_to_tensor(pad, dtype=y.dtype))
-    if pad.ndim == 0:
-        return ops.isnan(y)
-    finite_pad = np.where(nan_positions, 0.0, pad)
+    nan_positions = [math.isnan(value) for value in pad]
+    finite_pad = [0.0 if math.isnan(value) else value for value in pad]
     matches_value = ops.equal(y, ops.convert_to_tensor(finite_pad, dtype=y.dtype))
+    if not any(nan_positions):
+        return matches_value
     return ops.where(ops.convert_to_tensor(nan_positions), ops.isnan(y), matches_value)
 
 

@@ -123,6 +123,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
         )
         self._class_axis = _resolve.class_axis(self.fn, self.fn_kwargs)
         self._sparse_labels = _resolve.takes_sparse_labels(self.fn)
+        self._target_kind = _resolve.target_kind(self.fn)
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding found in `y_true` (`mask_value`, an `ignore_class`,
@@ -165,6 +166,8 @@ class MaskedMeanMetricWrapper(_TokenMean):
             class_axis=self._class_axis,
             sample_weight=sample_weight,
             sparse_labels=self._sparse_labels,
+            target_kind=self._target_kind,
+            family="metric",
         )
         return steps, _pipeline.per_step_values(steps, self._per_step)
 

@@ -574,3 +574,79 @@ def test_a_pad_value_marks_rows_of_rank_2_dense_targets(pad):
     padded = np.where(real[:, None], targets, pad).astype("float32")
     value = kmask.MaskedMeanAbsoluteError(mask_value=pad)(padded, predictions)
     _close(value, np.abs(targets - predictions).mean(-1)[real].mean())
+
+
+# ----------------------------------------------------------------------------
+# Targets of the wrong kind: one ValueError about `y_true`, on every backend.
+
+ONE_HOT = np.eye(C, dtype="float32")[_data()[0]]
+WRONG_KIND = {
+    "sparse_loss_one_hot": (
+        lambda: kmask.MaskedSparseCategoricalCrossentropy(from_logits=True),
+        ONE_HOT,
+        "kmask.MaskedCategoricalCrossentropy",
+    ),
+    "sparse_loss_by_name_one_hot": (
+        lambda: kmask.MaskedLoss("sparse_categorical_crossentropy", from_logits=True),
+        ONE_HOT,
+        "kmask.MaskedCategoricalCrossentropy",
+    ),
+    "categorical_loss_labels": (
+        lambda: kmask.MaskedCategoricalCrossentropy(from_logits=True),
+        _data()[0],
+        "kmask.MaskedSparseCategoricalCrossentropy",
+    ),
+    # A pad vector as long as the class axis: the error is about the
+    # targets, not about `mask_value`.
+    "categorical_loss_labels_pad_vector": (
+        lambda: kmask.MaskedCategoricalCrossentropy(
+            from_logits=True, mask_value=[0] * (C - 1) + [1]
+        ),
+        _data()[0],
+        "kmask.MaskedSparseCategoricalCrossentropy",
+    ),
+    "keras_categorical_instance_labels": (
+        lambda: kmask.MaskedLoss(keras.losses.CategoricalCrossentropy()),
+        _data()[0],
+        "kmask.MaskedSparseCategoricalCrossentropy",
+    ),
+    "sparse_accuracy_one_hot": (
+        kmask.MaskedSparseCategoricalAccuracy,
+        ONE_HOT,
+        "kmask.MaskedCategoricalAccuracy",
+    ),
+    "categorical_accuracy_labels": (
+        kmask.MaskedCategoricalAccuracy,
+        _data()[0],
+        "kmask.MaskedSparseCategoricalAccuracy",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_KIND))
+def test_targets_of_the_wrong_kind_name_y_true_both_shapes_and_what_fits(case):
+    make, y_true, fits = WRONG_KIND[case]
+    logits = _data()[1]
+    with pytest.raises(ValueError) as info:
+        _evaluate(make(), y_true, logits)
+    message = str(info.value)
+    assert message.startswith("Invalid shape for argument `y_true`"), message
+    assert f"y_true.shape={y_true.shape}" in message
+    assert f"y_pred.shape={logits.shape}" in message
+    assert message.endswith(f"take {fits}."), message
+    assert "mask_value" not in message
+
+
+@pytest.mark.parametrize("pad", [-100, -1])
+def test_a_negative_pad_label_without_mask_value_suggests_it(pad):
+    labels, logits = _data()
+    labels[1, 2:] = pad
+    loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)
+    with pytest.raises(ValueError, match=f"y_true\\[1, 2\\]={pad}") as info:
+        loss(labels, logits)
+    assert f"pass mask_value={pad}" in str(info.value)
+    # ... and with it, the loss is NumPy's token mean of the other steps.
+    valid = labels != pad
+    masked = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=pad)
+    expected = np_token_mean(np_sparse_ce(labels % C, logits), valid)
+    _close(masked(labels, logits), expected)

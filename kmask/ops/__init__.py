@@ -23,6 +23,7 @@ same op runs as a kernel of its own, chosen in one place
 """
 
 from kmask.ops.crossentropy import (
+    binary_crossentropy,
     categorical_crossentropy_with_logits,
     crossentropy,
     linear_crossentropy,
@@ -32,6 +33,7 @@ from kmask.ops.crossentropy import (
 from kmask.ops.squared_error import mean_squared_error
 
 __all__ = [
+    "binary_crossentropy",
     "categorical_crossentropy_with_logits",
     "crossentropy",
     "linear_crossentropy",

@@ -24,6 +24,22 @@ def backend_kernel(name: str) -> Callable | None:
     return getattr(_torch, name)
 
 
+def compiling() -> bool:
+    """Whether `torch.compile` is tracing the current call.
+
+    A traced tensor has no value, so nothing can be checked against it. JAX
+    and TensorFlow refuse to convert one to NumPy, which
+    `kmask._labels.concrete` catches; PyTorch's compiler instead breaks its
+    graph there (and on a GPU every such break is a host synchronisation), so
+    the kernels and the eager checks ask here first.
+    """
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def keeps_exponentials() -> bool:
     """Whether the portable one-hot cross-entropy keeps `exp(logits - top)`
     for its backward pass rather than recomputing it.

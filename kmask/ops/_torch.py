@@ -135,8 +135,7 @@ class _SparseCrossentropy(torch.autograd.Function):
         coefficient = upstream.reshape(-1).to(log_probs.dtype)
         if flat_valid is not None:
             coefficient = torch.where(flat_valid, coefficient, 0.0)
-        # In place unless a graph of the backward pass is being recorded.
-        probs = log_probs.exp() if torch.is_grad_enabled() else log_probs.exp_()
+        probs = log_probs.exp_() if _may_overwrite() else log_probs.exp()
         grad = _softmax_grad_(
             probs, None, flat_labels, coefficient, log_normalizer, flat_valid,
             label_smoothing, z_loss,
@@ -193,8 +192,7 @@ class _CategoricalCrossentropy(torch.autograd.Function):
             d_targets = _zero_padding(d_targets, flat_valid).reshape(shape)
         d_logits = None
         if ctx.needs_input_grad[0]:
-            # In place unless a graph of the backward pass is being recorded.
-            grad = log_probs.exp() if torch.is_grad_enabled() else log_probs.exp_()
+            grad = log_probs.exp_() if _may_overwrite() else log_probs.exp()
             grad.mul_(coefficient * target_sum[:, None])
             grad.addcmul_(flat_targets, coefficient, value=label_smoothing - 1.0)
             if label_smoothing:
@@ -223,17 +221,26 @@ class _SquaredError(torch.autograd.Function):
         coefficient = upstream.reshape(-1, 1).to(difference.dtype) * (2.0 / shape[-1])
         if flat_valid is not None:
             coefficient = torch.where(flat_valid[:, None], coefficient, 0.0)
-        # In place unless a graph of the backward pass is being recorded.
-        if torch.is_grad_enabled():
-            grad = difference * coefficient
-        else:
+        if _may_overwrite():
             grad = difference.mul_(coefficient)
+        else:
+            grad = difference * coefficient
         grad = _zero_padding(grad, flat_valid)
         d_targets = -grad if ctx.needs_input_grad[1] else None
         d_predictions = grad if ctx.needs_input_grad[0] else None
         d_targets = None if d_targets is None else d_targets.reshape(shape)
         d_predictions = None if d_predictions is None else d_predictions.reshape(shape)
         return d_predictions, d_targets, None
+
+
+def _may_overwrite() -> bool:
+    """Whether a backward pass may turn the tensor it saved into its
+    gradient in place. Not while a graph of the backward pass is being
+    recorded (double backward), and not under `torch.compile`: its traced
+    graphs may read a saved tensor after the backward pass wrote over it
+    (PyTorch's in-place modification error), and its compiler fuses the
+    pass anyway, so an in-place write saves nothing there."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _zero_padding(grad: torch.Tensor, flat_valid: torch.Tensor | None) -> torch.Tensor:
@@ -293,7 +300,11 @@ def linear_crossentropy(
     """
     params = (hidden, kernel, bias)
     coefficient = None
-    if getattr(sample_weight, "requires_grad", False):
+    compiling = torch.compiler.is_compiling()
+    # Under `torch.compile` the value's gradient is not computed in advance
+    # (`torch.autograd.grad` cannot be traced there): autograd differentiates
+    # `reduce(per_step)`, which recomputes the logits.
+    if compiling or getattr(sample_weight, "requires_grad", False):
         reduce = None
     if (
         reduce is not None
@@ -303,10 +314,13 @@ def linear_crossentropy(
         coefficient = _reduction_coefficients(reduce, steps_shape, hidden.device)
     # Only the real rows go through the chunks: padding costs no matmul. The
     # gathers and the scatter back are differentiable; a padded row's
-    # gradient is 0.
+    # gradient is 0. Not under `torch.compile`, where the number of real rows
+    # would be a shape that depends on the data: padded rows are computed
+    # there, and selected away like every padded step.
     tokens = labels.shape[0]
-    real = torch.nonzero(valid).squeeze(1)
-    if real.numel() < tokens:
+    real = None if compiling else torch.nonzero(valid).squeeze(1)
+    gathered = real is not None and real.numel() < tokens
+    if gathered:
         hidden, labels, valid = (
             x.index_select(0, real) for x in (hidden, labels, valid)
         )
@@ -316,7 +330,7 @@ def linear_crossentropy(
     per_step, value = _LinearCrossentropy.apply(
         hidden, kernel, bias, labels.long(), valid, coefficient, stats, *options
     )
-    if real.numel() < tokens:
+    if gathered:
         per_step = per_step.new_zeros(tokens).index_copy(0, real, per_step)
         if stats is not None:
             stats = stats.new_zeros((2, tokens)).index_copy(1, real, stats)
@@ -520,8 +534,107 @@ def _softmax_grad_(
     grad.scatter_add_(1, labels, coefficient[:, None] * (label_smoothing - 1.0))
     if label_smoothing:
         grad.sub_(coefficient[:, None] * (label_smoothing / grad.shape[1]))
-    if valid is not None:
-        padded = torch.nonzero(~valid).squeeze(1)
-        if padded.numel():
-            grad.index_fill_(0, padded, 0.0)
+    if valid is None:
+        return grad
+    if torch.compiler.is_compiling():
+        # No `nonzero`: its size depends on the data, which breaks the graph.
+        return grad.masked_fill_(~valid[:, None], 0.0)
+    padded = torch.nonzero(~valid).squeeze(1)
+    if padded.numel():
+        grad.index_fill_(0, padded, 0.0)
     return grad
+
+
+# ----------------------------------------------------------------------------
+# CTC: PyTorch's own, behind an op that `torch.compile` does not look into.
+
+
+def ctc_loss(
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    label_lengths: torch.Tensor,
+    frame_lengths: torch.Tensor,
+    mask_index: int = 0,
+) -> torch.Tensor:
+    """`keras.ops.ctc_loss` (the same call of `torch.nn.functional.ctc_loss`)
+    as an opaque op, so that `torch.compile(fullgraph=True)` traces it.
+
+    PyTorch's CTC allocates its `[batch, frames, 2 * labels + 1]` table from
+    the largest label length, a value of the data, which its compiler refuses
+    to trace. Behind `torch.library.custom_op` the compiler sees only the
+    output shapes. When a gradient is wanted, the op computes it with the
+    loss (the per-sequence losses are independent, so the gradient of their
+    sum holds each sequence's own), and the backward pass scales it.
+    """
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    lengths = (label_lengths.long(), frame_lengths.long())
+    args = (labels.long(), logits, *lengths, mask_index)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, _ = _ctc_with_grad(*args)
+        return loss
+    return _ctc(*args)
+
+
+def _ctc_forward(labels, logits, label_lengths, frame_lengths, blank):
+    log_probs = torch.log_softmax(logits.transpose(0, 1), dim=-1)
+    return torch.nn.functional.ctc_loss(
+        log_probs, labels, frame_lengths, label_lengths, blank=blank, reduction="none"
+    )
+
+
+@torch.library.custom_op("kmask::ctc", mutates_args=())
+def _ctc(
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    label_lengths: torch.Tensor,
+    frame_lengths: torch.Tensor,
+    blank: int,
+) -> torch.Tensor:
+    return _ctc_forward(labels, logits, label_lengths, frame_lengths, blank)
+
+
+@_ctc.register_fake
+def _(labels, logits, label_lengths, frame_lengths, blank):
+    return logits.new_empty(logits.shape[:1])
+
+
+@torch.library.custom_op("kmask::ctc_with_grad", mutates_args=())
+def _ctc_with_grad(
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    label_lengths: torch.Tensor,
+    frame_lengths: torch.Tensor,
+    blank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Autograd does not run inside a custom op: the gradient comes from
+    # PyTorch's own CTC backward kernel, then through the log-softmax.
+    log_probs = torch.log_softmax(logits.transpose(0, 1), dim=-1)
+    loss, log_alpha = torch.ops.aten._ctc_loss(
+        log_probs, labels, frame_lengths, label_lengths, blank, False
+    )
+    d_log_probs = torch.ops.aten._ctc_loss_backward(
+        torch.ones_like(loss), log_probs, labels, frame_lengths, label_lengths,
+        loss, log_alpha, blank, False,
+    )  # fmt: skip
+    d_log_probs = d_log_probs.transpose(0, 1)
+    softmax = log_probs.transpose(0, 1).exp()
+    grad = d_log_probs - softmax * d_log_probs.sum(dim=-1, keepdim=True)
+    return loss, grad.contiguous()
+
+
+@_ctc_with_grad.register_fake
+def _(labels, logits, label_lengths, frame_lengths, blank):
+    return logits.new_empty(logits.shape[:1]), torch.empty_like(logits)
+
+
+def _ctc_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _ctc_backward(ctx, d_loss, d_grad):
+    (grad,) = ctx.saved_tensors
+    return None, grad * d_loss[:, None, None], None, None, None
+
+
+_ctc_with_grad.register_autograd(_ctc_backward, setup_context=_ctc_setup)

@@ -342,6 +342,51 @@ def crossentropy(y_true: Any, y_pred: Any, from_logits: bool = False) -> Tensor:
     return keras.losses.categorical_crossentropy(y_true, y_pred)
 
 
+def binary_crossentropy(
+    targets: Any,
+    predictions: Any,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+) -> Tensor:
+    """The binary cross-entropy averaged over the last axis, as
+    `keras.losses.binary_crossentropy` computes it, in `keras.ops` alone.
+
+    Keras's own asks `torch.backends.mps.is_available()` on every call, which
+    `torch.compile(fullgraph=True)` cannot trace. From logits it is
+    `max(x, 0) - t * x + log1p(exp(-|x|))`; from probabilities, clipped to
+    `[epsilon, 1 - epsilon]`, `-(t log p + (1 - t) log(1 - p))`; the targets
+    are smoothed towards 0.5 first.
+
+    Args:
+        targets: `predictions`' shape.
+        predictions: Probabilities, or logits with `from_logits`.
+        from_logits: Whether `predictions` holds logits.
+        label_smoothing: Smoothing of the targets towards 0.5.
+        axis: The axis the mean is taken over.
+
+    Returns:
+        `predictions`' shape without `axis`.
+    """
+    predictions = ops.convert_to_tensor(predictions)
+    targets = ops.cast(ops.convert_to_tensor(targets), predictions.dtype)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if from_logits:
+        per_feature = (
+            ops.relu(predictions)
+            - targets * predictions
+            + ops.log1p(ops.exp(-ops.abs(predictions)))
+        )
+    else:
+        epsilon = keras.config.epsilon()
+        clipped = ops.clip(predictions, epsilon, 1.0 - epsilon)
+        per_feature = -(
+            targets * ops.log(clipped) + (1.0 - targets) * ops.log(1.0 - clipped)
+        )
+    return ops.mean(per_feature, axis=axis)
+
+
 class LinearOptions(NamedTuple):
     """How `linear_crossentropy` computes: every argument after the arrays.
 
