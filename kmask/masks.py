@@ -195,7 +195,7 @@ def keras_mask(y_pred: Any) -> Tensor | None:
     """Returns the mask Keras propagated onto `y_pred`, or `None`.
 
     On JAX the mask is not an attribute of the array, so only Keras's own
-    (internal) accessor finds it; `kmask._keras_compat` looks it up.
+    (internal) accessor finds it, and this function uses it there.
     """
     return get_keras_mask(y_pred)
 

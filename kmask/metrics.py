@@ -5,7 +5,7 @@ the real steps and the number of real steps (weighted by `sample_weight`),
 both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
 so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
 mean of two batch means. The steps come from the pipeline every kmask loss
-runs (`kmask._pipeline`): the mask Keras propagated onto `y_pred`, AND the
+runs: the mask Keras propagated onto `y_pred`, AND the
 padding `mask_value` marks in `y_true` (AND the padding a wrapped kmask loss
 finds), AND the steps whose `sample_weight` is 0; the shapes are checked as a
 loss checks them, and padded steps are replaced before the per-step function
