@@ -24,8 +24,9 @@ targets itself, and the verdict says so.
 
 Without a batch, the report runs the model on a synthetic one built from the
 input specs (two sequences of 1s, the second padded with 0s over its last
-half; a rank-1 integer input is read as lengths). When that batch cannot be run, or declares no padding the model
-understands, the verdict is `None` and the text asks for a batch.
+half; a rank-1 integer input is read as lengths). When that batch cannot be
+run, or declares no padding the model understands, the verdict is `None` and
+the text asks for a batch.
 
 README's "Does the loss see the mask?" section has the table of what Keras's
 own loss does on each model shape of the zoo (`tests/test_report_zoo.py`),
