@@ -12,6 +12,7 @@
     python -m nox -s bench -- --quick   # the same on small shapes, a smoke test
     python -m nox -s package      # build, twine check, the suite on the installed wheel
     python -m nox -s docs         # the site, `mkdocs build --strict` into site/
+    python -m nox -s docs-browser # the site built, then every page in Chromium
     python -m nox -s figures      # the PNGs under docs/figures (not run by default)
 
 Every install goes through constraints.txt, which pins the versions we test
@@ -54,7 +55,14 @@ TEST_SESSIONS = [
     ),
 ]
 
-nox.options.sessions = [*TEST_SESSIONS, "lint", "parity", "package", "docs"]
+nox.options.sessions = [
+    *TEST_SESSIONS,
+    "lint",
+    "parity",
+    "package",
+    "docs",
+    "docs-browser",
+]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -241,14 +249,17 @@ def package(session: nox.Session) -> None:
         session.run("pytest", "--pyargs", "kmask", env=env)
 
 
-@nox.session
-def docs(session: nox.Session) -> None:
-    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
-    API pages are read from the source by mkdocstrings (griffe), so neither
-    Keras nor a backend is installed."""
-    session.install(
-        *CONSTRAINTS, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"
-    )
+DOCS_TOOLS = ("mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff")
+# Debian's browser and its driver, for `docs-browser` (CI's machine is fresh).
+BROWSER_PACKAGES = {
+    "chromium": "/usr/bin/chromium",
+    "chromedriver": "/usr/bin/chromedriver",
+}
+BROWSER_DEBIAN_PACKAGES = ("chromium", "chromium-driver")
+
+
+def _build_site(session: nox.Session) -> None:
+    session.install(*CONSTRAINTS, *DOCS_TOOLS)
     session.run(
         "mkdocs",
         "build",
@@ -257,6 +268,35 @@ def docs(session: nox.Session) -> None:
         "site",
         env={"NO_MKDOCS_2_WARNING": "1"},
     )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
+    API pages are read from the source by mkdocstrings (griffe), so neither
+    Keras nor a backend is installed."""
+    _build_site(session)
+
+
+@nox.session(name="docs-browser")
+def docs_browser(session: nox.Session) -> None:
+    """The built site opened page by page in headless Chromium
+    (`tools/browse_site.py`): links, images, examples as code, no private
+    module, no console error, nothing wider than its column. Installs Debian's
+    `chromium` and `chromium-driver` when they are missing (as root, as CI
+    runs); screenshots of three pages go to this session's tmp folder."""
+    if not all(Path(path).is_file() for path in BROWSER_PACKAGES.values()):
+        session.run("apt-get", "update", "-q", external=True)
+        session.run(
+            "apt-get", "install", "-y", "-q", *BROWSER_DEBIAN_PACKAGES, external=True
+        )
+    _build_site(session)
+    session.install(*CONSTRAINTS, "selenium")
+    screenshots = Path(session.create_tmp()).resolve() / "screenshots"
+    session.run(
+        "python", "-m", "tools.browse_site", "site", "--screenshots", str(screenshots)
+    )
+    session.log(f"screenshots: {screenshots}")
 
 
 @nox.session
