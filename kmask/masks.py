@@ -116,8 +116,8 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
             such as the one-hot pad `[0, 0, 1]`, or `float("nan")`.
 
     Returns:
-        A boolean tensor, `True` on real steps: `y`'s shape without the
-        feature axis when one is compared, else `y`'s shape.
+        A boolean tensor, `True` on real steps, of `y`'s shape without the
+        feature axis when one is compared, else of `y`'s shape.
 
     Example:
 

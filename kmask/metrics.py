@@ -87,7 +87,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
         **fn_kwargs: Passed to `fn` (e.g. `from_logits=True`).
 
     Returns:
-        `result()`: the mean of `fn` over the real steps seen since the last
+        `result()` is the mean of `fn` over the real steps seen since the last
         `reset_state()`, 0 when there were none.
 
     Example:
@@ -216,7 +216,7 @@ class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the fraction of real steps whose label is the arg max of
+        `result()` is the fraction of real steps whose label is the arg max of
         `y_pred`, over all batches since the last reset. `y_true` is
         `[batch, time]`, `y_pred` `[batch, time, classes]`.
 
@@ -244,7 +244,7 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the fraction of real steps where the arg max of `y_true`
+        `result()` is the fraction of real steps where the arg max of `y_true`
         and `y_pred` agree, over all batches since the last reset. Both are
         `[batch, time, classes]`.
 
@@ -280,7 +280,7 @@ class MaskedSequenceAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: right rows / counted rows since the last reset, 0 before
+        `result()` is right rows / counted rows since the last reset, 0 before
         any counted row. `y_true` is `[batch, time]` labels, `y_pred`
         `[batch, time, classes]`.
 
@@ -347,7 +347,7 @@ class Perplexity(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the perplexity over the real tokens since the last reset;
+        `result()` is the perplexity over the real tokens since the last reset;
         0 when there were none, as Keras's metrics and keras-hub's
         `Perplexity` give.
 
@@ -427,7 +427,7 @@ class HeadAccuracy(_HeadMetric):
         dtype: Dtype of the result. The state is float32 whatever it is.
 
     Returns:
-        `result()`: the share of real tokens whose argmax (of the capped
+        `result()` is the share of real tokens whose argmax (of the capped
         logits, with a soft cap) is the label since the last reset, weighted
         by `sample_weight`; 0 when there were none.
 
@@ -459,7 +459,7 @@ class HeadPerplexity(_HeadMetric):
         dtype: Dtype of the result. The state is float32 whatever it is.
 
     Returns:
-        `result()`: the perplexity over the real tokens since the last
+        `result()` is the perplexity over the real tokens since the last
         reset; 0 when there were none, as `kmask.metrics.Perplexity` gives.
 
     Example:

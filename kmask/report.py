@@ -188,7 +188,7 @@ def mask_report(model: keras.Model, inputs: Any = None) -> MaskReport:
             there is none, the verdicts are `None`.
 
     Returns:
-        A `MaskReport`: `outputs` (one verdict per output), `loss_sees_mask`
+        A `MaskReport`, with `outputs` (one verdict per output), `loss_sees_mask`
         (`True` when every output sees a mask, `None` when unknown),
         `dropped_by`, and a `str()` with the verdicts and one line per layer.
 
