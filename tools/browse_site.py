@@ -15,7 +15,9 @@ downloads nothing). A page fails on:
 - a private module (`kmask._name`) in the text;
 - an error on the browser's console;
 - text wider than its column at a 1280-pixel window (a code block or table
-  whose lines are cut off or need a scroll bar).
+  whose lines are cut off or need a scroll bar);
+- and, opened from the file system as README says: a quickstart link that
+  shows no page, or a search that finds nothing.
 
 Prints the counts checked and every failure; exits 1 when there is one.
 """
@@ -29,6 +31,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urlparse
 
@@ -48,6 +51,9 @@ WINDOW = (1280, 1000)
 PRIVATE_MODULE = re.compile(r"\bkmask\._[a-z]\w*")
 # Three pages kept as pictures: an API page, a quickstart, the Measured page.
 SCREENSHOTS = ("api/losses.html", "quickstart/pad-value.html", "measured.html")
+# Searched for from file://, where search needs the offline plugin's index.
+SEARCH_TERM = "sequence_mask"
+SEARCH_WAIT_S = 15
 
 # What the page shows, read in the browser after layout.
 PAGE_SCRIPT = """
@@ -127,6 +133,34 @@ def pages(site: Path) -> list[str]:
     )
 
 
+def search_from_file(driver, site: Path) -> tuple[int, list[str]]:
+    """Opens the home page from the file system (as README says to), follows
+    its first quickstart link and searches there for `SEARCH_TERM`: the number
+    of results, and what failed."""
+    from selenium.webdriver.common.by import By
+
+    driver.get((site / "index.html").as_uri())
+    links = driver.find_elements(By.CSS_SELECTOR, "article a[href*='quickstart/']")
+    if not links:
+        return 0, ["file://: the home page links to no quickstart"]
+    address = links[0].get_attribute("href")
+    driver.get(address)
+    failures = []
+    if not driver.find_elements(By.CSS_SELECTOR, "article h1"):
+        failures.append(f"file://: {address} shows no page")
+    box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.click()
+    box.send_keys(SEARCH_TERM)
+    deadline = time.monotonic() + SEARCH_WAIT_S
+    results = []
+    while not results and time.monotonic() < deadline:
+        time.sleep(0.25)
+        results = driver.find_elements(By.CSS_SELECTOR, ".md-search-result__item")
+    if not results:
+        failures.append(f"file://: searching {SEARCH_TERM!r} finds nothing")
+    return len(results), failures
+
+
 def target_file(site: Path, root: str, url: str) -> tuple[Path | None, str]:
     """The file an internal link opens (None when outside the site), and its
     anchor."""
@@ -189,6 +223,8 @@ def check(site: Path, screenshots: Path | None) -> int:
                         ".html", ".png"
                     )
                     driver.save_screenshot(str(picture))
+            found, file_failures = search_from_file(driver, site)
+            failures += file_failures
         finally:
             driver.quit()
             server.shutdown()
@@ -200,7 +236,8 @@ def check(site: Path, screenshots: Path | None) -> int:
     print(
         f"site check: {counts['pages']} pages, {counts['links']} internal links, "
         f"{len(anchors_wanted)} anchors, {counts['images']} images, "
-        f"{counts['examples']} examples checked; {len(failures)} failures"
+        f"{counts['examples']} examples checked; from file://, {found} search "
+        f"results for {SEARCH_TERM!r}; {len(failures)} failures"
     )
     for failure in failures:
         print("  " + failure)
