@@ -10,8 +10,9 @@ downloads nothing). A page fails on:
 - an internal link to a file that is not in the site (or to a folder, which
   `file://` shows as a directory listing), or to an anchor the page lacks;
 - an image that does not load;
-- an `Examples:` section of the API reference that is not a code block, or a
-  doctest (`>>>`) outside a code block;
+- an `Examples:` section of the API reference that is not a highlighted
+  Python session (a code block with `>>>` prompts), or a doctest outside a
+  code block;
 - a private module (`kmask._name`) in the text;
 - an error on the browser's console;
 - text wider than its column at a 1280-pixel window (a code block or table
@@ -67,8 +68,11 @@ const ids = [...document.querySelectorAll('[id]')].map(e => e.id);
 const examples = [...content.querySelectorAll('p')]
   .filter(p => /^Examples?:$/.test(p.textContent.trim()))
   .map(p => {
+    // Highlighted as a Python console session: a `>>>` prompt token.
     const next = p.nextElementSibling;
-    const code = next && next.matches('div.highlight') ? next.innerText : null;
+    const highlighted =
+      next && next.matches('div.highlight') && next.querySelector('.gp');
+    const code = highlighted ? next.innerText : null;
     return [p.closest('.doc-object')?.querySelector('.doc-heading')?.id || '?', code];
   });
 // Doctest prompts that are not in a code block (Markdown turns `>>>` into
@@ -201,7 +205,9 @@ def check(site: Path, screenshots: Path | None) -> int:
                 for heading, code in seen["examples"]:
                     counts["examples"] += 1
                     if code is None or ">>>" not in code:
-                        failures.append(f"{name}: example of {heading} is not code")
+                        failures.append(
+                            f"{name}: example of {heading} is not highlighted code"
+                        )
                 failures += [
                     f"{name}: doctest outside code: {t}" for t in seen["loose"]
                 ]

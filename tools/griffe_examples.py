@@ -32,6 +32,9 @@ def examples_section(docstring: str) -> str:
             continue
         if in_example and SECTION_TITLE.match(line):
             in_example = False
+        # Google's section body starts on the line after its title.
+        if in_example and not line.strip() and rewritten[-1] == "Examples:":
+            continue
         # Doctest output may itself start with spaces (a NumPy array's
         # second row): every line of the block moves by the same indent.
         rewritten.append(INDENT + line if in_example and line.strip() else line)
