@@ -311,10 +311,7 @@ def package(session: nox.Session) -> None:
 
 DOCS_TOOLS = ("mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff")
 # Debian's browser and its driver, for `docs-browser` (CI's machine is fresh).
-BROWSER_PACKAGES = {
-    "chromium": "/usr/bin/chromium",
-    "chromedriver": "/usr/bin/chromedriver",
-}
+BROWSER_BINARIES = ("/usr/bin/chromium", "/usr/bin/chromedriver")
 BROWSER_DEBIAN_PACKAGES = ("chromium", "chromium-driver")
 
 
@@ -345,10 +342,16 @@ def docs_browser(session: nox.Session) -> None:
     module, no console error, nothing wider than its column. Installs Debian's
     `chromium` and `chromium-driver` when they are missing (as root, as CI
     runs); screenshots of three pages go to this session's tmp folder."""
-    if not all(Path(path).is_file() for path in BROWSER_PACKAGES.values()):
+    if not all(Path(path).is_file() for path in BROWSER_BINARIES):
         session.run("apt-get", "update", "-q", external=True)
         session.run(
-            "apt-get", "install", "-y", "-q", *BROWSER_DEBIAN_PACKAGES, external=True
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            *BROWSER_DEBIAN_PACKAGES,
+            env={"DEBIAN_FRONTEND": "noninteractive"},
+            external=True,
         )
     _build_site(session)
     session.install(*CONSTRAINTS, "selenium")
