@@ -62,6 +62,7 @@ def test_mode(entry, mode, tmp_path, request):
         return
     cell = request.getfixturevalue("sharded_cells")[f"{entry.name}-model_parallel"]
     assert cell["error"] is None, cell["traceback"]
+    assert not cell["warnings"]  # as pytest's filterwarnings = ["error"]
     # A scope that sharded nothing would pass the comparisons above.
     specs = cell["sharding"].values()
     assert any("'model'" in spec for spec in specs), cell["sharding"]

@@ -1,12 +1,14 @@
 """The training-mode matrix of one backend as a Markdown table.
 
-    python -m tools.modes_table --backend jax
-    python -m tools.modes_table --backend torch --objects Perplexity --modes eager
+    KERAS_BACKEND=jax python -m tools.modes_table           # runs the tests
+    python -m tools.modes_table --junitxml modes.xml        # reads a run's
 
-Each backend runs in a child process of its own (JAX with 8 CPU devices, for
-`model_parallel`); a cell reads `pass`, `FAIL: <error>`, or `not supported
-by Keras: <reason>`. tests/test_modes.py runs the `model_parallel` cells
-through `--worker` once per session.
+The table is what tests/test_modes.py found (run here with pytest's
+`--junitxml` unless a file is given), so its warnings-are-errors settings
+and its NumPy checks are the table's: a cell reads `pass`, `FAIL: <error>`
+or `not supported by Keras: <reason>`. `--worker` runs cells in this
+process and writes JSON: tests/test_modes.py runs every `model_parallel` cell
+that way, in one child with 8 JAX CPU devices.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
+import warnings
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 
-from tools.backends import BACKENDS, backend_environment, run_in_own_session
+from tools.backends import REPOSITORY, backend_environment, run_in_own_session
 from tools.modes import MESH, MODES, REGISTRY, unsupported
 
-WORKER_TIMEOUT = 1800  # seconds, for every cell of one backend
+TESTS_TIMEOUT = 3600  # seconds, for tests/test_modes.py on one backend
 
 
 def environment(backend: str) -> dict[str, str]:
@@ -38,8 +43,8 @@ def environment(backend: str) -> dict[str, str]:
 
 def run_cells(objects: Sequence[str], modes: Sequence[str]) -> dict[str, dict]:
     """Runs the cells in this process: `{"Object-mode": {"error": None or
-    the error's last line, "traceback": ..., **measured}}`, unsupported
-    cells with their reason and no error."""
+    the error's first line, "traceback": ..., "warnings": [...],
+    **measured}}`, unsupported cells with their reason and no error."""
     import keras
 
     from tools.modes import run_cell
@@ -56,67 +61,86 @@ def run_cells(objects: Sequence[str], modes: Sequence[str]) -> dict[str, dict]:
                 if reason:
                     found[cell] = {"error": None, "unsupported": reason}
                     continue
-                try:
-                    found[cell] = {"error": None, **run_cell(entry, mode, folder)}
-                except Exception as error:  # reported, one cell at a time
-                    last = f"{type(error).__name__}: {error}".strip().splitlines()
-                    found[cell] = {
-                        "error": last[0][:300] if last else type(error).__name__,
-                        "traceback": traceback.format_exc()[-4000:],
-                    }
+                # Recorded, for the test to judge as pytest would an error.
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        found[cell] = {"error": None, **run_cell(entry, mode, folder)}
+                    except Exception as error:  # reported, one cell at a time
+                        last = f"{type(error).__name__}: {error}".strip()
+                        found[cell] = {
+                            "error": last.splitlines()[0][:300],
+                            "traceback": traceback.format_exc()[-4000:],
+                        }
+                found[cell]["warnings"] = [
+                    f"{item.category.__name__}: {item.message} ({item.filename})"
+                    for item in caught
+                ]
     return found
 
 
-def run_backend(
-    backend: str, objects: Sequence[str], modes: Sequence[str], timeout: float
-) -> dict[str, dict]:
-    """`run_cells` in a child process for `backend`."""
-    with tempfile.TemporaryDirectory(prefix="kmask-modes-") as folder:
-        path = os.path.join(folder, "cells.json")
-        command = [sys.executable, "-m", "tools.modes_table", "--worker"]
-        command += ["--json", path, "--objects", *objects, "--modes", *modes]
-        child = run_in_own_session(command, environment(backend), timeout)
-        if child.returncode != 0:
-            raise RuntimeError(
-                f"python -m tools.modes_table --worker failed on {backend}:\n"
-                + child.stdout[-2000:]
-                + child.stderr[-4000:]
-            )
-        with open(path) as handle:
-            return json.load(handle)
+def run_tests(backend: str, junitxml: str, timeout: float) -> None:
+    """tests/test_modes.py for `backend` in a child process, into `junitxml`."""
+    command = [sys.executable, "-m", "pytest", "tests/test_modes.py", "-q"]
+    command += ["-k", "test_mode", f"--junitxml={junitxml}"]
+    env = backend_environment(backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+    child = run_in_own_session(command, env, timeout, cwd=str(REPOSITORY))
+    if not os.path.exists(junitxml):
+        raise RuntimeError(
+            f"pytest wrote no {junitxml} on {backend}:\n"
+            + child.stdout[-2000:]
+            + child.stderr[-4000:]
+        )
 
 
-def markdown(backend: str, cells: dict[str, dict], modes: Sequence[str]) -> str:
+def read_junitxml(path: str) -> dict[str, str]:
+    """`{"Object-mode": "pass" | "FAIL: ..." | "not supported by Keras: ..."}`
+    from pytest's JUnit XML."""
+    cells = {}
+    for case in ElementTree.parse(path).iter("testcase"):
+        match = re.fullmatch(r"test_mode\[(.+)\]", case.get("name", ""))
+        if not match:
+            continue
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        skipped = case.find("skipped")
+        if failure is not None:
+            cells[match.group(1)] = "FAIL: " + _first_line(failure.get("message", ""))
+        elif skipped is not None:
+            reason = skipped.get("message", "").removeprefix("Skipped: ")
+            cells[match.group(1)] = reason
+        else:
+            cells[match.group(1)] = "pass"
+    return cells
+
+
+def _first_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return (lines[0] if lines else "?")[:160]
+
+
+def markdown(backend: str, cells: dict[str, str], modes: Sequence[str]) -> str:
     lines = [
         f"| {backend} | " + " | ".join(modes) + " |",
         "|---|" + "---|" * len(modes),
     ]
     for entry in REGISTRY:
-        row = []
-        for mode in modes:
-            cell = cells.get(f"{entry.name}-{mode}")
-            if cell is None:
-                row.append("")
-            elif cell.get("unsupported"):
-                row.append(f"not supported by Keras: {cell['unsupported']}")
-            elif cell["error"]:
-                row.append("FAIL: " + cell["error"].replace("|", "\\|")[:120])
-            else:
-                row.append("pass")
-        if any(row):
-            lines.append(f"| {entry.name} | " + " | ".join(row) + " |")
+        row = [cells.get(f"{entry.name}-{mode}", "") for mode in modes]
+        row = [cell.replace("|", "\\|") for cell in row]
+        lines.append(f"| {entry.name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Prints each backend's table; 1 if any cell failed."""
+    """Prints the table; 1 if any cell failed."""
     parser = argparse.ArgumentParser(
         prog="python -m tools.modes_table", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=BACKENDS)
+    parser.add_argument("--junitxml", help="read this pytest result, run nothing")
     parser.add_argument("--objects", nargs="+", default=[e.name for e in REGISTRY])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
-    parser.add_argument("--json", help="write the cells to this file")
+    parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # the caller judges the cells
@@ -124,17 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump(found, handle)
         return 0
-    failed = False
-    everything = {}
-    for backend in args.backend:
-        cells = run_backend(backend, args.objects, args.modes, WORKER_TIMEOUT)
-        everything[backend] = cells
-        print(markdown(backend, cells, args.modes) + "\n")
-        failed |= any(cell["error"] for cell in cells.values())
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(everything, handle, indent=1)
-    return 1 if failed else 0
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if args.junitxml:
+        cells = read_junitxml(args.junitxml)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kmask-modes-") as folder:
+            path = os.path.join(folder, "modes.xml")
+            run_tests(backend, path, TESTS_TIMEOUT)
+            cells = read_junitxml(path)
+    print(markdown(backend, cells, args.modes))
+    return 1 if any(cell.startswith("FAIL") for cell in cells.values()) else 0
 
 
 if __name__ == "__main__":
