@@ -39,12 +39,15 @@ def test_every_public_loss_metric_and_layer_is_in_the_matrix():
 
 
 @pytest.fixture(scope="module")
-def sharded_cells(tmp_path_factory):
+def sharded_cells(tmp_path_factory, pytestconfig):
     """Every `model_parallel` cell, in one child process with 8 JAX CPU
-    devices (the device count is fixed when JAX is imported)."""
+    devices (the device count is fixed when JAX is imported), warnings
+    filtered as here."""
     out = tmp_path_factory.mktemp("modes") / "cells.json"
+    filters = json.dumps(pytestconfig.getini("filterwarnings"))
     command = [sys.executable, "-m", "tools.modes_table", "--worker"]
     command += ["--json", str(out), "--modes", "model_parallel"]
+    command += ["--warning-filters", filters]
     child = run_in_own_session(
         command, environment(BACKEND), SHARDED_TIMEOUT, cwd=REPOSITORY
     )
@@ -62,7 +65,6 @@ def test_mode(entry, mode, tmp_path, request):
         return
     cell = request.getfixturevalue("sharded_cells")[f"{entry.name}-model_parallel"]
     assert cell["error"] is None, cell["traceback"]
-    assert not cell["warnings"]  # as pytest's filterwarnings = ["error"]
     # A scope that sharded nothing would pass the comparisons above.
     specs = cell["sharding"].values()
     assert any("'model'" in spec for spec in specs), cell["sharding"]

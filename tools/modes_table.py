@@ -14,6 +14,7 @@ that way, in one child with 8 JAX CPU devices.
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import re
@@ -41,10 +42,13 @@ def environment(backend: str) -> dict[str, str]:
     return env
 
 
-def run_cells(objects: Sequence[str], modes: Sequence[str]) -> dict[str, dict]:
-    """Runs the cells in this process: `{"Object-mode": {"error": None or
-    the error's first line, "traceback": ..., "warnings": [...],
-    **measured}}`, unsupported cells with their reason and no error."""
+def run_cells(
+    objects: Sequence[str], modes: Sequence[str], filters: Sequence[str] = ()
+) -> dict[str, dict]:
+    """Runs the cells in this process, warnings filtered by `filters` (the
+    test passes pytest's, so a cell fails here where it would there):
+    `{"Object-mode": {"error": None or the error's first line, "traceback":
+    ..., **measured}}`, unsupported cells with their reason and no error."""
     import keras
 
     from tools.modes import run_cell
@@ -61,9 +65,8 @@ def run_cells(objects: Sequence[str], modes: Sequence[str]) -> dict[str, dict]:
                 if reason:
                     found[cell] = {"error": None, "unsupported": reason}
                     continue
-                # Recorded, for the test to judge as pytest would an error.
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                with warnings.catch_warnings():
+                    apply_warning_filters(filters)
                     try:
                         found[cell] = {"error": None, **run_cell(entry, mode, folder)}
                     except Exception as error:  # reported, one cell at a time
@@ -72,11 +75,20 @@ def run_cells(objects: Sequence[str], modes: Sequence[str]) -> dict[str, dict]:
                             "error": last.splitlines()[0][:300],
                             "traceback": traceback.format_exc()[-4000:],
                         }
-                found[cell]["warnings"] = [
-                    f"{item.category.__name__}: {item.message} ({item.filename})"
-                    for item in caught
-                ]
     return found
+
+
+def apply_warning_filters(filters: Sequence[str]) -> None:
+    """pytest's `filterwarnings` lines (`action:message:category:module`),
+    applied as pytest applies them, the last one first."""
+    for line in filters:
+        action, message, category, module = (line.split(":", 3) + [""] * 3)[:4]
+        warnings.filterwarnings(
+            action,
+            message,
+            getattr(builtins, category) if category else Warning,
+            module,
+        )
 
 
 def run_tests(backend: str, junitxml: str, timeout: float) -> None:
@@ -137,20 +149,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.modes_table", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--junitxml", help="read this pytest result, run nothing")
+    parser.add_argument(
+        "--junitxml", nargs="+", help="read these pytest results (a later one wins)"
+    )
     parser.add_argument("--objects", nargs="+", default=[e.name for e in REGISTRY])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warning-filters", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # the caller judges the cells
-        found = run_cells(args.objects, args.modes)
+        filters = json.loads(args.warning_filters)
+        found = run_cells(args.objects, args.modes, filters)
         with open(args.json, "w") as handle:
             json.dump(found, handle)
         return 0
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     if args.junitxml:
-        cells = read_junitxml(args.junitxml)
+        cells = {}
+        for path in args.junitxml:
+            cells.update(read_junitxml(path))
     else:
         with tempfile.TemporaryDirectory(prefix="kmask-modes-") as folder:
             path = os.path.join(folder, "modes.xml")
