@@ -13,7 +13,7 @@ import pytest
 import kmask
 from tools.backends import REPOSITORY, run_in_own_session
 from tools.modes import EXCLUDED, MODES, REGISTRY, run_cell, unsupported
-from tools.modes_table import environment
+from tools.modes_table import NOT_SUPPORTED, environment
 
 BACKEND = keras.backend.backend()
 CELLS = [
@@ -59,7 +59,7 @@ def sharded_cells(tmp_path_factory, pytestconfig):
 def test_mode(entry, mode, tmp_path, request):
     reason = unsupported(BACKEND, mode)
     if reason:
-        pytest.skip(f"not supported by Keras: {reason}")
+        pytest.skip(NOT_SUPPORTED + reason)
     if mode != "model_parallel":
         run_cell(entry, mode, str(tmp_path))
         return

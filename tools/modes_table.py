@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from tools.backends import REPOSITORY, backend_environment, run_in_own_session
 from tools.modes import MESH, MODES, REGISTRY, unsupported
 
+NOT_SUPPORTED = "not supported by Keras: "  # tests/test_modes.py's skip reason
 TESTS_TIMEOUT = 3600  # seconds, for tests/test_modes.py on one backend
 
 
@@ -133,14 +134,25 @@ def _first_line(message: str) -> str:
 
 
 def markdown(backend: str, cells: dict[str, str], modes: Sequence[str]) -> str:
+    """One row per object, one column per mode; Keras's reasons, numbered,
+    under the table."""
     lines = [
         f"| {backend} | " + " | ".join(modes) + " |",
         "|---|" + "---|" * len(modes),
     ]
+    reasons: list[str] = []
     for entry in REGISTRY:
-        row = [cells.get(f"{entry.name}-{mode}", "") for mode in modes]
-        row = [cell.replace("|", "\\|") for cell in row]
+        row = []
+        for mode in modes:
+            cell = cells.get(f"{entry.name}-{mode}", "")
+            if cell.startswith(NOT_SUPPORTED):
+                reason = cell.removeprefix(NOT_SUPPORTED)
+                if reason not in reasons:
+                    reasons.append(reason)
+                cell = f"not supported by Keras ({reasons.index(reason) + 1})"
+            row.append(cell.replace("|", "\\|"))
         lines.append(f"| {entry.name} | " + " | ".join(row) + " |")
+    lines += [""] + [f"({n}) {reason}" for n, reason in enumerate(reasons, 1)]
     return "\n".join(lines)
 
 
