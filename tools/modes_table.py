@@ -130,7 +130,7 @@ def read_junitxml(path: str) -> dict[str, str]:
 
 def _first_line(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return (lines[0] if lines else "?")[:160]
+    return (lines[0] if lines else "?")[:110]
 
 
 def markdown(backend: str, cells: dict[str, str], modes: Sequence[str]) -> str:
