@@ -1,9 +1,26 @@
 """Collection settings shared by the test sessions.
 
 Each tests session installs one backend; the PyTorch kernel module imports
-torch at the top, so its doctests are collected only where torch is installed.
+torch at the top, so its doctests are collected only where torch is installed; `kmask.keras_hub`
+only where keras-hub imports.
 """
 
 import importlib.util
 
 collect_ignore = [] if importlib.util.find_spec("torch") else ["kmask/ops/_torch.py"]
+
+
+def _imports(name: str) -> bool:
+    """Whether `name` is installed and imports: keras-hub 0.32 is installed
+    on keras-nightly too, where it does not import."""
+    if importlib.util.find_spec(name) is None:
+        return False
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+if not _imports("keras_hub"):
+    collect_ignore.append("kmask/keras_hub.py")
