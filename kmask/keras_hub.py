@@ -209,6 +209,9 @@ class FusedCausalLM(keras_hub.models.CausalLM):
         # nothing), they see the head's statistics from the start.
         no_steps = ops.zeros((1, 1, len(HEAD_STATS)))
         self.compute_metrics(None, None, no_steps, None)
+        # Built now, so that a `.keras` file saved before any training step
+        # holds the same optimizer variables as one saved after.
+        self.optimizer.build(self.trainable_variables)
         # `generate()` is the task's own: it samples with this sampler.
         self.causal_lm.sampler = self.sampler
         self.causal_lm.generate_function = None
@@ -220,8 +223,6 @@ class FusedCausalLM(keras_hub.models.CausalLM):
         for fixed in ("loss", "weighted_metrics"):
             config.pop(fixed, None)
         self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         # Without labels (`predict()`, `model(x)`) the model is the task.
