@@ -104,9 +104,16 @@ def logits_of(causal_lm, x) -> np.ndarray:
     return ops.convert_to_numpy(causal_lm(x, training=False))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize(
+    ("task", "jit_compile"),
+    [("gemma", False), ("gemma", True), ("gpt2", True), ("llama", True)],
+    ids=["gemma-eager", "gemma-compiled", "gpt2-compiled", "llama-compiled"],
+)
 def test_training_loss_is_the_numpy_token_mean(task, jit_compile):
+    if jit_compile and keras.backend.backend() == "torch":
+        # As in test_losses: torch.compile warns from inside Keras's dtype
+        # code (a `functools.lru_cache` it traces through), an error here.
+        pytest.skip("Keras's torch backend compiles with torch.compile, not used here")
     keras.utils.set_random_seed(0)
     causal_lm = TASKS[task]()
     x, labels, weights = batch()
