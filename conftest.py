@@ -1,8 +1,8 @@
 """Collection settings shared by the test sessions.
 
 Each tests session installs one backend; the PyTorch kernel module imports
-torch at the top, so its doctests are collected only where torch is installed; `kmask.keras_hub`
-only where keras-hub imports.
+torch at the top, so its doctests are collected only where torch is installed,
+and `kmask.keras_hub` only where keras-hub imports.
 """
 
 import importlib.util

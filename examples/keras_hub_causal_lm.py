@@ -65,7 +65,10 @@ def numpy_losses(logits, labels, weights) -> dict[str, float]:
     log_sum = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
     per_step = log_sum - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
     total = float((per_step * weights).sum())
-    return {"token_mean": total / float(weights.sum()), "batch_x_time": total / weights.size}
+    return {
+        "token_mean": total / float(weights.sum()),
+        "batch_x_time": total / weights.size,
+    }
 
 
 def task(weights) -> keras.Model:

@@ -257,9 +257,7 @@ class FusedCausalLM(keras_hub.models.CausalLM):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FusedCausalLM:
         config = dict(config)
-        config["causal_lm"] = keras.saving.deserialize_keras_object(
-            config["causal_lm"]
-        )
+        config["causal_lm"] = keras.saving.deserialize_keras_object(config["causal_lm"])
         return cls(**config)
 
 
