@@ -47,7 +47,9 @@ def fused_causal_lm(causal_lm: Any, chunk_size: int = 256) -> FusedCausalLM:
     Args:
         causal_lm: A `keras_hub.models.CausalLM` (e.g. `GemmaCausalLM`,
             `GPT2CausalLM`, `LlamaCausalLM`) whose logits are
-            `backbone.token_embedding(hidden, reverse=True)`.
+            `backbone.token_embedding(hidden, reverse=True)`; or a
+            `Seq2SeqLM` (a `CausalLM` in keras-hub, e.g. `BartSeq2SeqLM`),
+            whose loss is the decoder's, of the same shape.
         chunk_size: Tokens per chunk of the head; see
             `kmask.fused_linear_crossentropy`.
 
@@ -126,10 +128,14 @@ class FusedCausalLM(keras_hub.models.CausalLM):
         # `PipelineModel` resets its base class to `keras.Model` whenever a
         # subclassed task is built, which would break every functional one).
         features = dict(causal_lm.backbone.input)
-        steps = features["token_ids"].shape[1:]
+        # A `Seq2SeqLM` (a `CausalLM` in keras-hub) predicts the decoder's.
+        tokens = "decoder_token_ids" if "decoder_token_ids" in features else "token_ids"
+        steps = features[tokens].shape[1:]
         labels = keras.Input(steps, dtype="int32", name=LABELS, optional=True)
         weights = keras.Input(steps, name=SAMPLE_WEIGHT, optional=True)
         hidden = causal_lm.backbone(features)
+        if isinstance(hidden, dict):
+            hidden = hidden["decoder_sequence_output"]
         # keras-hub's preprocessors give the padding as a 0/1 weight; the
         # head's layer takes padding as a mask (it has no `sample_weight`).
         stats = head([hidden, labels], mask=[ops.not_equal(weights, 0), None])

@@ -1,5 +1,5 @@
-"""`kmask.keras_hub.fused_causal_lm` on keras-hub's Gemma, GPT-2 and Llama
-tasks, built from tiny configs (random weights, no download).
+"""`kmask.keras_hub.fused_causal_lm` on keras-hub's Gemma, GPT-2, Llama and
+BART tasks, built from tiny configs (random weights, no download).
 
 Ground truth is float64 NumPy from each task's own logits: the token mean of
 the cross-entropy over the steps whose `sample_weight` is 1. keras-hub's own
@@ -159,6 +159,49 @@ def test_an_eager_step():
     model.compile(jit_compile=False)
 
     assert_the_numpy_token_mean(one_step(model, x, labels, weights), expected)
+
+
+def test_a_seq2seq_task_trains_its_decoder_s_token_mean():
+    """BART: the loss is over the decoder's steps, as the task's is."""
+    keras.utils.set_random_seed(5)
+    backbone = keras_hub.models.BartBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=STEPS + 2,
+        dropout=0.0,
+    )
+    seq2seq_lm = keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None)
+    decoder, labels, weights = batch()
+    x = {
+        "encoder_token_ids": decoder["token_ids"][::-1].copy(),
+        "encoder_padding_mask": decoder["padding_mask"][::-1].copy(),
+        "decoder_token_ids": decoder["token_ids"],
+        "decoder_padding_mask": decoder["padding_mask"],
+    }
+    expected = numpy_reference(logits_of(seq2seq_lm, x), labels, weights)
+    model = kmask_hub.fused_causal_lm(seq2seq_lm, chunk_size=4)
+    model.compile(sampler="greedy")
+
+    assert_the_numpy_token_mean(one_step(model, x, labels, weights), expected)
+
+    unwrapped = keras_hub.models.BartSeq2SeqLM(
+        backbone=keras_hub.models.BartBackbone.from_config(backbone.get_config()),
+        preprocessor=None,
+    )
+    unwrapped.backbone.set_weights(backbone.get_weights())
+    unwrapped.compile(sampler="greedy")
+    prompt = {
+        **x,
+        "decoder_padding_mask": x["decoder_padding_mask"] & (np.arange(STEPS) < 2),
+    }
+    ours = model.generate(dict(prompt), max_length=STEPS, stop_token_ids=None)
+    theirs = unwrapped.generate(dict(prompt), max_length=STEPS, stop_token_ids=None)
+    np.testing.assert_array_equal(
+        ours["decoder_token_ids"], theirs["decoder_token_ids"]
+    )
 
 
 def test_a_keras_file_keeps_the_task_the_tie_and_the_loss(tmp_path):
