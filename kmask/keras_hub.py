@@ -36,7 +36,8 @@ def fused_causal_lm(causal_lm: Any, chunk_size: int = 256) -> FusedCausalLM:
     The returned model trains with the task's own `fit(strings)` or
     `fit(preprocessed)` calls and preprocessor; its loss is the token mean of
     the cross-entropy over the real tokens (a step whose `sample_weight` is 0
-    is padding, as keras-hub's preprocessors mark it), computed by
+    is padding, as keras-hub's preprocessors mark it; any other weight counts
+    as 1, since the head's layer takes padding as a mask), computed by
     `kmask.FusedLinearCrossentropy` on the task's own output matrix and soft
     cap, a `chunk_size` block of logits at a time. It logs `accuracy` and
     `perplexity` (`kmask.HeadAccuracy`, `kmask.HeadPerplexity`) from the

@@ -236,6 +236,21 @@ def test_a_keras_file_keeps_the_task_the_tie_and_the_loss(tmp_path):
     )
 
 
+def test_without_sample_weight_every_step_is_a_token():
+    keras.utils.set_random_seed(6)
+    model = kmask_hub.fused_causal_lm(gpt2(), chunk_size=4)
+    x, labels, weights = batch()
+    every = np.ones_like(weights)
+    expected = numpy_reference(logits_of(model, x), labels, every)
+
+    logs = keras.Model.evaluate(
+        model, x, labels, batch_size=BATCH, verbose=0, return_dict=True
+    )
+
+    np.testing.assert_allclose(logs["loss"], expected["loss"], rtol=TOLERANCE)
+    np.testing.assert_allclose(logs["accuracy"], expected["accuracy"], rtol=TOLERANCE)
+
+
 def test_the_non_fused_one_liner_is_the_numpy_token_mean():
     keras.utils.set_random_seed(3)
     causal_lm = gemma()
