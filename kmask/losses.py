@@ -6,11 +6,12 @@ real steps only. The mask it uses is the AND of the mask Keras propagated onto
 `masked_loss()`) an explicit `mask`; `sample_weight` multiplies it. See
 `kmask.reduce` for what each reduction computes.
 
-`masked_loss()` is the primitive: calling any kmask loss calls it, and it
-runs the pipeline of `kmask._pipeline`. `call()` is the per-step extension
-point, as in Keras: a subclass that overrides it is honoured on every path,
-because the fused ops of `kmask.ops` are used only while `call()` is kmask's
-own (and `call()` itself runs the same op).
+Calling a kmask loss runs the masking pipeline every loss and metric share,
+then `call()`, then the reduction; `masked_loss()` builds a loss and calls
+it. `call()` is the per-step extension point, as in Keras: a subclass that
+overrides it is honoured on every path, because the fused ops of `kmask.ops`
+are used only while `call()` is kmask's own (and `call()` itself runs the
+same op).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class MaskedLoss(keras.losses.Loss):
             `label_smoothing=0.1`, ...).
 
     Returns:
-        Called as `loss(y_true, y_pred, sample_weight=None)`: a scalar, or the
+        Called as `loss(y_true, y_pred, sample_weight=None)`, a scalar, or the
         per-step losses with `reduction="none"`.
 
     Example:
