@@ -102,18 +102,20 @@ def prepare(
         family: `"loss"` or `"metric"`: what that error suggests instead.
     """
     propagated = get_keras_mask(y_pred)
-    y_pred = ops.cast(ops.convert_to_tensor(y_pred), accumulation_dtype(dtype))
-    y_true = ops.convert_to_tensor(y_true)
+    y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
     y_true, y_pred = _class_axis_last(y_true, y_pred, class_axis)
+    y_pred = ops.cast(y_pred, accumulation_dtype(dtype))
     steps = tuple(y_pred.shape[:-1] if len(y_pred.shape) > 1 else y_pred.shape)
     if sparse_labels:
         y_true = squeeze_trailing(y_true, len(steps))
-    mask, sample_weight, segment_ids = (
-        None if tensor is None else ops.convert_to_tensor(tensor)
-        for tensor in (mask, sample_weight, segment_ids)
-    )
     if sample_weight is not None:
-        sample_weight = squeeze_trailing(sample_weight, len(steps))
+        sample_weight = squeeze_trailing(
+            ops.convert_to_tensor(sample_weight), len(steps)
+        )
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    if segment_ids is not None:
+        segment_ids = ops.convert_to_tensor(segment_ids)
     check_steps(
         y_true,
         y_pred,
@@ -139,7 +141,10 @@ def prepare(
     out_of_range = None
     if sparse:
         labels = ops.cast(y_true, "int32")
-        out_of_range = _labels.out_of_range_steps(labels, _classes(y_pred), valid)
+        classes = y_pred.shape[-1]
+        if classes is None:
+            classes = ops.shape(y_pred)[-1]
+        out_of_range = _labels.out_of_range_steps(labels, classes, valid)
         y_true = ops.cast(_labels.safe_labels(labels, out_of_range), y_true.dtype)
     return Steps(y_true, y_pred, valid, sample_weight, masked, out_of_range)
 
@@ -305,7 +310,9 @@ def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
     features. The mask loses the added axes again."""
     if sparse:
         padding = target_mask(ops.expand_dims(y_true, -1))
-        return None if padding is None else squeeze_trailing(padding, len(y_true.shape))
+        while padding is not None and len(padding.shape) > len(y_true.shape):
+            padding = ops.squeeze(padding, axis=-1)
+        return padding
     if not dense:
         return target_mask(y_true)
     # Dense targets of rank 1 or 2 have a feature axis too: leading unit
@@ -317,9 +324,3 @@ def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
     for _ in range(added if padding is not None else 0):
         padding = ops.squeeze(padding, axis=0)
     return padding
-
-
-def _classes(y_pred):
-    """The number of classes: static where known, else a tensor."""
-    classes = y_pred.shape[-1]
-    return ops.shape(y_pred)[-1] if classes is None else classes

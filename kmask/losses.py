@@ -87,14 +87,14 @@ class MaskedLoss(keras.losses.Loss):
         **loss_kwargs: Any,
     ) -> None:
         reduction = standardize_reduction(reduction)
+        if mask_value is not None:
+            pad_array(mask_value)
         loss, loss_kwargs = _resolve.instantiate_class(loss, loss_kwargs)
         super().__init__(
             name=name or _resolve.default_name(loss), reduction=None, dtype=dtype
         )
         self.reduction = reduction
         self.loss, self.loss_kwargs = loss, loss_kwargs
-        if mask_value is not None:
-            pad_array(mask_value)
         self.mask_value = mask_value
         self.dtype_arg = dtype
         self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)

@@ -208,10 +208,13 @@ def reduce_steps(
     `axis` keeps the other axes (TF Addons' per-axis means)."""
     result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
     rank = len(values.shape)
-    mask, sample_weight, token_counts = (
-        None if tensor is None else _steps.align_rank(tensor, rank)
-        for tensor in (mask, sample_weight, token_counts)
-    )
+    if mask is not None:
+        mask = _steps.align_rank(mask, rank)
+    if sample_weight is not None:
+        sample_weight = _steps.align_rank(sample_weight, rank)
+    if token_counts is not None:
+        token_counts = _steps.align_rank(token_counts, rank)
+    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
     if segment_ids is not None:
         in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
         in_segment = _steps.align_rank(in_segment, rank)
@@ -257,6 +260,7 @@ def masked_sum_and_count(
         mask = _fit_to_values(mask, values, "mask")
     if sample_weight is not None:
         sample_weight = _fit_to_values(sample_weight, values, "sample_weight")
+    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
     return ops.sum(weighted), ops.sum(step_weight)
 
@@ -354,9 +358,8 @@ def _normalize(window: list[np.ndarray], steps: int) -> list[np.ndarray]:
 
 def _weighted_steps(values, mask, sample_weight):
     """Per-step `l*w*m` (padding selected away) and the per-step weight `w*m`,
-    both in the accumulation dtype and `values`' shape; `mask` and
+    both in `values`' dtype (float32 or wider) and shape; `mask` and
     `sample_weight` have `values`' rank."""
-    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
     valid = None if mask is None else ops.cast(mask, "bool")
     weight = None
     if sample_weight is not None:
