@@ -12,6 +12,7 @@
     python -m nox -s bench -- --quick   # the same on small shapes, a smoke test
     python -m nox -s package      # build, twine check, the suite on the installed wheel
     python -m nox -s docs         # the site, `mkdocs build --strict` into site/
+    python -m nox -s docs-browser # the site built, then every page in Chromium
     python -m nox -s figures      # the PNGs under docs/figures (not run by default)
 
 Every install goes through constraints.txt, which pins the versions we test
@@ -21,6 +22,7 @@ Every install goes through constraints.txt, which pins the versions we test
 from __future__ import annotations
 
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -54,7 +56,14 @@ TEST_SESSIONS = [
     ),
 ]
 
-nox.options.sessions = [*TEST_SESSIONS, "lint", "parity", "package", "docs"]
+nox.options.sessions = [
+    *TEST_SESSIONS,
+    "lint",
+    "parity",
+    "package",
+    "docs",
+    "docs-browser",
+]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -67,6 +76,18 @@ def _use_keras_line(session: nox.Session, line: str) -> None:
         "python", "-m", "pip", "uninstall", "-q", "-y", "keras", "keras-nightly"
     )
     session.install("--no-deps", "-c", constraints, distribution)
+
+
+# The slowest files run on the pinned Keras only (tests-{backend}): the
+# training-mode matrix, a model per public object and mode, and the
+# quickstart programs, a process each. The other Keras lines and the
+# installed wheel run everything else; the whole command stays within an
+# hour on two cores.
+PINNED_ONLY = ("tests/test_modes.py", "tests/test_quickstarts.py")
+
+
+def _pinned_only_ignored() -> list[str]:
+    return [f"--ignore={path}" for path in PINNED_ONLY]
 
 
 def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
@@ -82,7 +103,8 @@ def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
     session.run(
         "python", "-c", "import keras; print('Keras', keras.__version__)", env=env
     )
-    session.run("pytest", *session.posargs, env=env)
+    ignored = [] if line is None else _pinned_only_ignored()
+    session.run("pytest", *ignored, *session.posargs, env=env)
 
 
 for _backend in BACKENDS:
@@ -196,12 +218,70 @@ def _check_wheel(session: nox.Session, wheel: Path) -> None:
     session.log(f"{wheel.name}: {len(modules)} files, " + ", ".join(modules))
 
 
+# A pip user's install, as README gives it: the wheel with one extra, in a
+# fresh virtualenv, without our constraints file; only torch is pinned, to
+# the CPU build constraints.txt names (unpinned, pip takes the CUDA build).
+USER_EXTRAS = ("jax", "tensorflow", "torch")
+# The quickstart each user install runs (docs/quickstart/pad-value.md).
+USER_QUICKSTART = "pad_value.py"
+
+
+def _torch_pin() -> str:
+    (pin,) = (
+        line.strip()
+        for line in Path("constraints.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    )
+    return pin
+
+
+def _user_installs(session: nox.Session, wheel: Path, tmp: Path) -> None:
+    """For each extra: a fresh virtualenv, `pip install "<wheel>[extra]"` with
+    no constraints file (pip's cache reused), then a quickstart program run
+    under that backend from a folder outside the source tree."""
+    programs = tmp / "quickstarts"
+    session.run("python", "-m", "tools.quickstarts", str(programs))
+    for extra in USER_EXTRAS:
+        started = time.monotonic()
+        venv = tmp / f"user-{extra}"
+        shutil.rmtree(venv, ignore_errors=True)
+        session.run("python", "-m", "venv", str(venv))
+        python = str(venv / "bin" / "python")
+        pins = [_torch_pin()] if extra == "torch" else []
+        session.run(
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            f"{wheel}[{extra}]",
+            *pins,
+            external=True,
+        )
+        env = {**QUIET_ENV, "KERAS_BACKEND": extra}
+        with session.chdir(programs):
+            session.run(
+                python,
+                "-c",
+                "import kmask, keras; print('kmask', kmask.__version__, "
+                "'from', kmask.__file__, 'Keras', keras.__version__)",
+                env=env,
+                external=True,
+            )
+            session.run(python, USER_QUICKSTART, env=env, external=True)
+        session.log(
+            f"pip user, [{extra}]: installed and ran {USER_QUICKSTART} in "
+            f"{time.monotonic() - started:.0f} s"
+        )
+
+
 @nox.session(reuse_venv=False)
 def package(session: nox.Session) -> None:
     """Builds the sdist and the wheel, checks them, installs the wheel into
     this fresh virtualenv and runs the test suite (and the doctests) against
     the installed package, from a folder where the source tree is not
-    importable."""
+    importable. Then installs the wheel as a pip user would, once per extra,
+    and runs a quickstart with each (`_user_installs`)."""
     session.install(*CONSTRAINTS, "build", "twine")
     tmp = Path(session.create_tmp()).resolve()
     dist = tmp / "dist"
@@ -237,18 +317,19 @@ def package(session: nox.Session) -> None:
             "assert where.is_relative_to(site), (where, site)",
             env=env,
         )
-        session.run("pytest", *session.posargs, env=env)
+        session.run("pytest", *_pinned_only_ignored(), *session.posargs, env=env)
         session.run("pytest", "--pyargs", "kmask", env=env)
+    _user_installs(session, wheel, tmp)
 
 
-@nox.session
-def docs(session: nox.Session) -> None:
-    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
-    API pages are read from the source by mkdocstrings (griffe), so neither
-    Keras nor a backend is installed."""
-    session.install(
-        *CONSTRAINTS, "mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff"
-    )
+DOCS_TOOLS = ("mkdocs", "mkdocs-material", "mkdocstrings[python]", "ruff")
+# Debian's browser and its driver, for `docs-browser` (CI's machine is fresh).
+BROWSER_BINARIES = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+BROWSER_DEBIAN_PACKAGES = ("chromium", "chromium-driver")
+
+
+def _build_site(session: nox.Session) -> None:
+    session.install(*CONSTRAINTS, *DOCS_TOOLS)
     session.run(
         "mkdocs",
         "build",
@@ -257,6 +338,41 @@ def docs(session: nox.Session) -> None:
         "site",
         env={"NO_MKDOCS_2_WARNING": "1"},
     )
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site (`mkdocs.yml`, `docs/`) built with `--strict` into `site/`. The
+    API pages are read from the source by mkdocstrings (griffe), so neither
+    Keras nor a backend is installed."""
+    _build_site(session)
+
+
+@nox.session(name="docs-browser")
+def docs_browser(session: nox.Session) -> None:
+    """The built site opened page by page in headless Chromium
+    (`tools/browse_site.py`): links, images, examples as code, no private
+    module, no console error, nothing wider than its column. Installs Debian's
+    `chromium` and `chromium-driver` when they are missing (as root, as CI
+    runs); screenshots of three pages go to this session's tmp folder."""
+    if not all(Path(path).is_file() for path in BROWSER_BINARIES):
+        session.run("apt-get", "update", "-q", external=True)
+        session.run(
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            *BROWSER_DEBIAN_PACKAGES,
+            env={"DEBIAN_FRONTEND": "noninteractive"},
+            external=True,
+        )
+    _build_site(session)
+    session.install(*CONSTRAINTS, "selenium")
+    screenshots = Path(session.create_tmp()).resolve() / "screenshots"
+    session.run(
+        "python", "-m", "tools.browse_site", "site", "--screenshots", str(screenshots)
+    )
+    session.log(f"screenshots: {screenshots}")
 
 
 @nox.session

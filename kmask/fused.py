@@ -192,9 +192,9 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         **kwargs: Passed to `keras.layers.Layer` (`name`, `dtype`, ...).
 
     Returns:
-        Called on `[hidden, labels]`: the float32 per-step losses, `labels`'
-        shape (with `return_stats`, `labels`' shape plus 4); called on
-        `hidden`: the logits.
+        Called on `[hidden, labels]`, the float32 per-step losses, of
+        `labels`' shape (with `return_stats`, `labels`' shape plus 4); called
+        on `hidden`, the logits.
 
     Example:
 

@@ -33,7 +33,7 @@ class AttachMask(keras.layers.Layer):
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Returns:
-        Called on `[tensor, masked_tensor]`: `tensor` unchanged, carrying
+        Called on `[tensor, masked_tensor]`, `tensor` unchanged, carrying
         the mask of `masked_tensor`. Both share the batch and time axes:
         `tensor` is `[batch, time, ...]`, the mask `[batch, time]`.
 

@@ -117,8 +117,8 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
             such as the one-hot pad `[0, 0, 1]`, or `float("nan")`.
 
     Returns:
-        A boolean tensor, `True` on real steps: `y`'s shape without the
-        feature axis when one is compared, else `y`'s shape.
+        A boolean tensor, `True` on real steps, of `y`'s shape without the
+        feature axis when one is compared, else of `y`'s shape.
 
     Example:
 
@@ -216,7 +216,7 @@ def keras_mask(y_pred: Any) -> Tensor | None:
     """Returns the mask Keras propagated onto `y_pred`, or `None`.
 
     On JAX the mask is not an attribute of the array, so only Keras's own
-    (internal) accessor finds it; `kmask._keras_compat` looks it up.
+    (internal) accessor finds it, and this function uses it there.
     """
     return get_keras_mask(y_pred)
 

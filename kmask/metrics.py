@@ -5,7 +5,7 @@ the real steps and the number of real steps (weighted by `sample_weight`),
 both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
 so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
 mean of two batch means. The steps come from the pipeline every kmask loss
-runs (`kmask._pipeline`): the mask Keras propagated onto `y_pred`, AND the
+runs: the mask Keras propagated onto `y_pred`, AND the
 padding `mask_value` marks in `y_true` (AND the padding a wrapped kmask loss
 finds), AND the steps whose `sample_weight` is 0; the shapes are checked as a
 loss checks them, and padded steps are replaced before the per-step function
@@ -87,7 +87,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
         **fn_kwargs: Passed to `fn` (e.g. `from_logits=True`).
 
     Returns:
-        `result()`: the mean of `fn` over the real steps seen since the last
+        `result()` is the mean of `fn` over the real steps seen since the last
         `reset_state()`, 0 when there were none.
 
     Example:
@@ -219,7 +219,7 @@ class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the fraction of real steps whose label is the arg max of
+        `result()` is the fraction of real steps whose label is the arg max of
         `y_pred`, over all batches since the last reset. `y_true` is
         `[batch, time]`, `y_pred` `[batch, time, classes]`.
 
@@ -247,7 +247,7 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the fraction of real steps where the arg max of `y_true`
+        `result()` is the fraction of real steps where the arg max of `y_true`
         and `y_pred` agree, over all batches since the last reset. Both are
         `[batch, time, classes]`.
 
@@ -283,7 +283,7 @@ class MaskedSequenceAccuracy(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: right rows / counted rows since the last reset, 0 before
+        `result()` is right rows / counted rows since the last reset, 0 before
         any counted row. `y_true` is `[batch, time]` labels, `y_pred`
         `[batch, time, classes]`.
 
@@ -350,7 +350,7 @@ class Perplexity(_NamedMaskedMetric):
         dtype: Dtype of the result.
 
     Returns:
-        `result()`: the perplexity over the real tokens since the last reset;
+        `result()` is the perplexity over the real tokens since the last reset;
         0 when there were none, as Keras's metrics and keras-hub's
         `Perplexity` give.
 
@@ -430,7 +430,7 @@ class HeadAccuracy(_HeadMetric):
         dtype: Dtype of the result. The state is float32 whatever it is.
 
     Returns:
-        `result()`: the share of real tokens whose argmax (of the capped
+        `result()` is the share of real tokens whose argmax (of the capped
         logits, with a soft cap) is the label since the last reset, weighted
         by `sample_weight`; 0 when there were none.
 
@@ -462,7 +462,7 @@ class HeadPerplexity(_HeadMetric):
         dtype: Dtype of the result. The state is float32 whatever it is.
 
     Returns:
-        `result()`: the perplexity over the real tokens since the last
+        `result()` is the perplexity over the real tokens since the last
         reset; 0 when there were none, as `kmask.metrics.Perplexity` gives.
 
     Example:

@@ -288,7 +288,7 @@ def accumulation_weights(sample_weight: Any, batch_size: int, steps: int) -> np.
         steps: The optimizer's `gradient_accumulation_steps`.
 
     Returns:
-        float32 weights of the same shape: `steps * w / sum(w)` with the sum
+        Float32 weights of the same shape, `steps * w / sum(w)` with the sum
         over each window of `steps` consecutive micro-batches.
 
     Example:

@@ -23,10 +23,10 @@ a `mask_value` or an `ignore_class`), that loss finds the padding in the
 targets itself, and the verdict says so.
 
 Without a batch, the report runs the model on a synthetic one built from the
-input specs (see `kmask._report_run.synthetic_batch`: two sequences of 1s,
-the second padded with 0s over its last half; a rank-1 integer input is read
-as lengths). When that batch cannot be run, or declares no padding the model
-understands, the verdict is `None` and the text asks for a batch.
+input specs (two sequences of 1s, the second padded with 0s over its last
+half; a rank-1 integer input is read as lengths). When that batch cannot be
+run, or declares no padding the model understands, the verdict is `None` and
+the text asks for a batch.
 
 README's "Does the loss see the mask?" section has the table of what Keras's
 own loss does on each model shape of the zoo (`tests/test_report_zoo.py`),
@@ -188,7 +188,7 @@ def mask_report(model: keras.Model, inputs: Any = None) -> MaskReport:
             there is none, the verdicts are `None`.
 
     Returns:
-        A `MaskReport`: `outputs` (one verdict per output), `loss_sees_mask`
+        A `MaskReport`, with `outputs` (one verdict per output), `loss_sees_mask`
         (`True` when every output sees a mask, `None` when unknown),
         `dropped_by`, and a `str()` with the verdicts and one line per layer.
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -26,21 +27,10 @@ PAIR_TIMEOUT = 180  # seconds, for a pair of processes
 def run_processes(setup: str, source: str, which: str):
     """Runs 2 processes of `python -m tools.parity.devices --process`; returns
     the weights (checked equal on both ranks), the mean of the ranks' first
-    losses and the number of replicas they trained on. A TensorFlow
-    worker that finds its port taken (picked free, then grabbed by someone
-    else before the worker bound it) is run again, once."""
-    try:
-        return _two_processes(setup, source, which)
-    except RuntimeError as error:
-        if "already in use" not in str(error):
-            raise
-    return _two_processes(setup, source, which)
-
-
-def _two_processes(setup: str, source: str, which: str):
+    losses and the number of replicas they trained on."""
     with tempfile.TemporaryDirectory(prefix="kmask-devices-") as folder:
         logs = [open(os.path.join(folder, f"rank{rank}.log"), "w") for rank in (0, 1)]  # noqa: SIM115
-        case = json.dumps([setup, source, which, folder, _free_ports(2)])
+        case = json.dumps([setup, source, which, folder, reserve_ports(2)])
         processes = [
             launch(
                 [*MODULE, "--process", case, "--rank", str(rank)],
@@ -66,13 +56,26 @@ def _two_processes(setup: str, source: str, which: str):
         return weights[0], first_loss, int(results[0]["replicas"])
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports that are free now (all held until all are found)."""
+def reserve_ports(count: int) -> list[int]:
+    """`count` distinct ports for the TensorFlow workers' gRPC servers, each
+    left in TIME_WAIT by a connection closed from its own side. A port merely
+    found free (bound to port 0, then closed) is free for anyone until a worker
+    binds it: another bind to port 0 on this machine (gloo, a gRPC server, a
+    second test run) could take it first. The kernel hands out no port in
+    TIME_WAIT to a bind to port 0 or to an outgoing connection for about 60 s,
+    while the gRPC server, which binds with SO_REUSEADDR, may take it."""
     with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("localhost", 0))
-        return [probe.getsockname()[1] for probe in probes]
+        listeners = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for listener in listeners:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            with socket.create_connection(listener.getsockname()):
+                accepted, _ = listener.accept()
+                # The side that closes first is left in TIME_WAIT: the
+                # accepted socket, on the listener's port.
+                accepted.close()
+        return [listener.getsockname()[1] for listener in listeners]
 
 
 def _tail(path: str) -> str:
@@ -97,6 +100,20 @@ def run_rank(case: list, rank: int) -> None:
         first_loss=first_loss,
         replicas=replicas,
     )
+    wait_for_each_other(folder, rank)
+
+
+def wait_for_each_other(folder: str, rank: int) -> None:
+    """Returns once both ranks have got here (the parent's `PAIR_TIMEOUT`
+    bounds the wait). A rank must not exit as soon as its own last collective
+    is done: a TensorFlow worker's all-reduce can complete while its peer is
+    still fetching the last buffer from it (`RecvBuf`), and a worker that
+    exits then fails its peer ("Collective ops is aborted by: Socket closed",
+    or "... recvmsg:Connection reset by peer")."""
+    open(os.path.join(folder, f"rank{rank}.done"), "w").close()
+    other = os.path.join(folder, f"rank{1 - rank}.done")
+    while not os.path.exists(other):
+        time.sleep(0.01)
 
 
 def _torch_ddp(rank, folder, ports, loss, masking, x, y):
