@@ -32,6 +32,7 @@ from kmask._keras_compat import get_keras_mask
 from kmask._shapes import check_frames, check_steps
 from kmask._steps import accumulation_dtype, broadcast_to_steps, squeeze_trailing
 from kmask.masks import combine_masks, post_padded_lengths
+from kmask.typing import Tensor
 
 # `(y_true, y_pred, valid) -> per-step values` where `valid` is a boolean
 # mask of the per-step shape, or `None`.
@@ -239,7 +240,7 @@ def per_step_values(
     steps: Steps,
     call: Callable[[Any, Any], Any],
     masked_call: MaskedCall | None = None,
-):
+) -> Tensor:
     """Step 2: the per-step values, padding neutralised.
 
     Args:
@@ -268,7 +269,7 @@ def per_step_values(
     return _labels.poison(per_step, steps.out_of_range)
 
 
-def fill_padding(y_true: Any, y_pred: Any, valid: Any):
+def fill_padding(y_true: Any, y_pred: Any, valid: Any) -> tuple[Tensor, Tensor]:
     """`(y_true, y_pred)` (class axis last) with their padded steps replaced
     by harmless values (`valid` has the per-step shape).
 
