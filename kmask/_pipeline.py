@@ -6,16 +6,18 @@ Every kmask loss, metric and the fused head run it:
    last (so everything downstream reduces the last axis), sparse labels of
    shape `[..., 1]` squeezed, the shapes checked, and the real steps found:
    the AND of the mask Keras propagated onto `y_pred`, the padding found in
-   `y_true` (a pad value, `ignore_class`), an explicit mask and the steps
-   whose `sample_weight` is 0 (`valid_steps`). Sparse labels out of range at
-   a real step raise in eager execution and make the step NaN when traced
-   (`kmask._labels`).
+   `y_true` (a pad value, `ignore_class`), an explicit mask, packed
+   sequences' padding (`segment_ids` 0) and the steps whose `sample_weight`
+   is 0. Sparse labels out of range at a real step raise in eager execution
+   and make the step NaN when traced (`kmask._labels`). `prepare_labels` is
+   the same step for the chunked head, which has labels and no predictions.
 2. `per_step_values`: padded steps neutralised with `where` before the
    per-step function sees them (never multiplied by 0 after: `0 * NaN` is
    NaN, and so is its gradient), or the mask handed to a fused op that
    selects them away inside its own gradient.
-3. The caller reduces: a loss with `kmask.masked_reduce`, a metric with
-   `masked_sum_and_count`, the fused head chunk by chunk.
+3. The caller reduces with `kmask.reduce`: a loss with `masked_reduce`, a
+   metric with `masked_sum_and_count`, the fused head with `masked_reduce`
+   (whose registry says whether it is linear in the per-step losses).
 """
 
 from __future__ import annotations
@@ -26,24 +28,21 @@ from typing import Any, NamedTuple
 from keras import ops
 
 from kmask import _labels
-from kmask._shapes import (
-    check_fits_steps,
-    check_target_kind,
-    check_targets,
-    step_shape,
-)
-from kmask._steps import (
-    accumulation_dtype,
-    fill_padding,
-    per_step_mask,
-    squeeze_trailing,
-    weight_mask,
-)
-from kmask.masks import combine_masks, keras_mask
+from kmask._keras_compat import get_keras_mask
+from kmask._shapes import check_frames, check_steps
+from kmask._steps import accumulation_dtype, broadcast_to_steps, squeeze_trailing
+from kmask.masks import combine_masks, post_padded_lengths
+from kmask.typing import Tensor
 
 # `(y_true, y_pred, valid) -> per-step values` where `valid` is a boolean
 # mask of the per-step shape, or `None`.
 MaskedCall = Callable[[Any, Any, Any], Any]
+
+# Padded steps are replaced by these before a loss sees them, so the loss is
+# finite there whatever the padding held: 0.5 is a valid probability, logit
+# and regression value, 0 a valid label.
+PAD_PREDICTION = 0.5
+PAD_TARGET = 0
 
 
 class Steps(NamedTuple):
@@ -60,32 +59,6 @@ class Steps(NamedTuple):
     out_of_range: Any = None
 
 
-def valid_steps(
-    steps: tuple,
-    *masks: Any,
-    mask: Any = None,
-    sample_weight: Any = None,
-    **context: Any,
-):
-    """The AND of `masks`, the explicit `mask` and the steps whose
-    `sample_weight` is not 0; `None` when there is none of them.
-
-    Args:
-        steps: The per-step shape.
-        *masks: Masks found by kmask (propagated, pad value), or `None`.
-        mask: An explicit mask, checked against `steps`.
-        sample_weight: Weights, `[batch]` or the per-step shape, checked.
-        **context: The shapes an error names besides the argument's own.
-    """
-    if mask is not None:
-        mask = ops.convert_to_tensor(mask)
-        check_fits_steps("mask", tuple(mask.shape), steps, **context)
-    weighted = None
-    if sample_weight is not None:
-        weighted = weight_mask(sample_weight, steps, **context)
-    return combine_masks(*masks, mask, weighted)
-
-
 def prepare(
     y_true: Any,
     y_pred: Any,
@@ -96,11 +69,14 @@ def prepare(
     class_axis: int = -1,
     mask: Any = None,
     sample_weight: Any = None,
+    segment_ids: Any = None,
     sparse_labels: bool = False,
     target_kind: str | None = None,
     family: str = "loss",
 ) -> Steps:
     """Step 1: tensors of the right dtype and shape, and the real steps.
+
+    Every shape is checked here, once (`kmask._shapes.check_steps`).
 
     Args:
         y_true: Targets.
@@ -115,6 +91,8 @@ def prepare(
             the per-step function sees it last.
         mask: Optional explicit mask.
         sample_weight: Optional weights; a weight of 0 marks padding.
+        segment_ids: Optional `[batch, time]` ids of packed sequences; id 0
+            is padding.
         sparse_labels: Whether `y_true` holds integer labels when it has one
             axis less than `y_pred` (or a last axis of 1): they are checked
             against the number of classes.
@@ -122,56 +100,153 @@ def prepare(
             that kind of targets (see `kmask._resolve.target_kind`): the
             other kind is a `ValueError` about `y_true`, raised before the
             padding is looked for (a vector `mask_value` cannot be blamed).
-        family: `"loss"` or `"metric"`: what the error suggests instead.
+        family: `"loss"` or `"metric"`: what that error suggests instead.
     """
-    propagated = keras_mask(y_pred)
-    y_pred = ops.cast(ops.convert_to_tensor(y_pred), accumulation_dtype(dtype))
-    y_true = ops.convert_to_tensor(y_true)
+    propagated = get_keras_mask(y_pred)
+    y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
     y_true, y_pred = _class_axis_last(y_true, y_pred, class_axis)
+    y_pred = ops.cast(y_pred, accumulation_dtype(dtype))
+    steps = tuple(y_pred.shape[:-1] if len(y_pred.shape) > 1 else y_pred.shape)
     if sparse_labels:
-        y_true = squeeze_trailing(y_true, len(y_pred.shape) - 1)
-    check_targets(y_true, y_pred)
-    check_target_kind(y_true, y_pred, target_kind, family)
-    sparse = sparse_labels and len(y_true.shape) == len(y_pred.shape) - 1
-    masked = valid_steps(
-        step_shape(y_pred),
-        propagated,
-        _target_padding(
-            target_mask, y_true, sparse, len(y_true.shape) == len(y_pred.shape)
-        ),
+        y_true = squeeze_trailing(y_true, len(steps))
+    if sample_weight is not None:
+        sample_weight = squeeze_trailing(
+            ops.convert_to_tensor(sample_weight), len(steps)
+        )
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    if segment_ids is not None:
+        segment_ids = ops.convert_to_tensor(segment_ids)
+    check_steps(
+        y_true,
+        y_pred,
+        target_kind,
+        family,
         mask=mask,
-        y_pred=y_pred.shape,
+        sample_weight=sample_weight,
+        segment_ids=segment_ids,
     )
+    sparse = sparse_labels and len(y_true.shape) == len(steps)
+    in_segment = None
+    if segment_ids is not None:
+        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
+    padding = _target_padding(
+        target_mask, y_true, sparse, len(y_true.shape) == len(y_pred.shape)
+    )
+    masked = combine_masks(propagated, padding, mask, in_segment)
     valid = masked
     if sample_weight is not None:
-        valid = valid_steps(
-            step_shape(y_pred),
-            masked,
-            sample_weight=sample_weight,
-            y_pred=y_pred.shape,
-        )
+        weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
+        valid = combine_masks(masked, weighted)
     y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
     out_of_range = None
     if sparse:
         labels = ops.cast(y_true, "int32")
-        out_of_range = _labels.out_of_range_steps(labels, _classes(y_pred), valid)
+        classes = y_pred.shape[-1]
+        if classes is None:
+            classes = ops.shape(y_pred)[-1]
+        out_of_range = _labels.out_of_range_steps(labels, classes, valid)
         y_true = ops.cast(_labels.safe_labels(labels, out_of_range), y_true.dtype)
     return Steps(y_true, y_pred, valid, sample_weight, masked, out_of_range)
+
+
+def prepare_labels(
+    labels: Any,
+    *,
+    classes: Any,
+    target_mask: Callable[[Any], Any] | None = None,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Step 1 for a head that sees labels and no predictions (the chunked
+    linear cross-entropy): the real steps of `labels`, their label range
+    checked against `classes`. The caller checked the shapes
+    (`kmask._shapes.check_linear`).
+
+    Returns:
+        `Steps` with int32 `y_true` (0 where out of range), no `y_pred`.
+    """
+    labels = ops.cast(ops.convert_to_tensor(labels), "int32")
+    if sample_weight is not None:
+        sample_weight = squeeze_trailing(
+            ops.convert_to_tensor(sample_weight), len(labels.shape)
+        )
+    padding = None if target_mask is None else target_mask(labels)
+    masked = combine_masks(padding, mask)
+    valid = masked
+    if sample_weight is not None:
+        weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
+        valid = combine_masks(masked, weighted)
+    out_of_range = _labels.out_of_range_steps(labels, classes, valid, "labels")
+    labels = _labels.safe_labels(labels, out_of_range)
+    return Steps(labels, None, valid, sample_weight, masked, out_of_range)
+
+
+class Frames(NamedTuple):
+    """A CTC batch through the pipeline: int32 labels (the blank at padded
+    labels), float32 logits, and per sequence its real frames and labels."""
+
+    labels: Any
+    logits: Any
+    real_frames: Any  # boolean [batch, frames]
+    frame_lengths: Any  # int32 [batch]
+    real_labels: Any  # boolean [batch, max_label_length]
+    label_lengths: Any  # int32 [batch]
+    has_frames: Any  # boolean [batch]
+
+
+def prepare_frames(
+    y_true: Any,
+    y_pred: Any,
+    *,
+    mask: Any = None,
+    mask_value: int = -1,
+    blank_index: int = 0,
+) -> Frames:
+    """Step 1 for CTC, whose steps are frames and whose labels are shorter:
+    the real frames (the mask Keras propagated onto `y_pred` AND `mask`) and
+    the real labels (not `mask_value`), both padded `'post'`; the shapes
+    checked once (`kmask._shapes.check_frames`)."""
+    propagated = get_keras_mask(y_pred)
+    y_pred = ops.convert_to_tensor(y_pred)
+    y_pred = ops.cast(y_pred, accumulation_dtype(y_pred.dtype))
+    y_true = ops.convert_to_tensor(y_true)
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    check_frames(y_true, y_pred, mask)
+    real_frames = combine_masks(propagated, mask)
+    if real_frames is None:
+        real_frames = ops.ones_like(y_pred[..., 0], dtype="bool")
+    real_frames = ops.broadcast_to(
+        real_frames if len(real_frames.shape) == 2 else real_frames[:, None],
+        ops.shape(y_pred)[:2],
+    )
+    frame_lengths = post_padded_lengths(real_frames, "mask")
+    real_labels = ops.not_equal(y_true, ops.cast(mask_value, y_true.dtype))
+    label_lengths = post_padded_lengths(real_labels, "y_true")
+    labels = ops.where(real_labels, y_true, ops.cast(blank_index, y_true.dtype))
+    return Frames(
+        ops.cast(labels, "int32"),
+        y_pred,
+        real_frames,
+        frame_lengths,
+        real_labels,
+        label_lengths,
+        ops.greater(frame_lengths, 0),
+    )
 
 
 def per_step_values(
     steps: Steps,
     call: Callable[[Any, Any], Any],
-    class_axis: int = -1,
     masked_call: MaskedCall | None = None,
-):
+) -> Tensor:
     """Step 2: the per-step values, padding neutralised.
 
     Args:
-        steps: What `prepare` returned.
+        steps: What `prepare` returned (the class axis last).
         call: `(y_true, y_pred) -> per-step values`, run on inputs whose
             padded steps were replaced by harmless values.
-        class_axis: The axis of `y_pred` that `call` reduces.
         masked_call: A fused op that takes the mask itself (its gradient is 0
             at padded steps whatever they hold), used instead of `call`.
     """
@@ -180,18 +255,34 @@ def per_step_values(
         # An empty batch: Keras's `max` refuses empty tensors on TensorFlow
         # and PyTorch. The values (there are none) stay connected to
         # `y_pred`, so its gradient is an empty zero, not missing.
-        return ops.sum(y_pred, axis=class_axis) * 0.0
+        return ops.sum(y_pred, axis=-1) * 0.0
+    if valid is not None:
+        valid = broadcast_to_steps(valid, tuple(ops.shape(y_pred))[:-1])
     if masked_call is not None:
-        if valid is not None:
-            valid = per_step_mask(valid, y_pred, class_axis)
         per_step = masked_call(y_true, y_pred, valid)
     else:
         if valid is not None:
-            y_true, y_pred = fill_padding(y_true, y_pred, valid, class_axis)
+            y_true, y_pred = fill_padding(y_true, y_pred, valid)
         per_step = call(y_true, y_pred)
     if steps.out_of_range is None:
         return per_step
     return _labels.poison(per_step, steps.out_of_range)
+
+
+def fill_padding(y_true: Any, y_pred: Any, valid: Any) -> tuple[Tensor, Tensor]:
+    """`(y_true, y_pred)` (class axis last) with their padded steps replaced
+    by harmless values (`valid` has the per-step shape).
+
+    `where` selects them away, so whatever the padding held (NaN, inf, a label
+    of -100) reaches neither a loss nor its gradient: the gradient at a padded
+    step is exactly 0.
+    """
+    valid_pred = ops.expand_dims(valid, -1)
+    valid_true = valid_pred if len(y_true.shape) == len(y_pred.shape) else valid
+    return (
+        ops.where(valid_true, y_true, ops.cast(PAD_TARGET, y_true.dtype)),
+        ops.where(valid_pred, y_pred, ops.cast(PAD_PREDICTION, y_pred.dtype)),
+    )
 
 
 def _class_axis_last(y_true, y_pred, class_axis: int):
@@ -220,7 +311,9 @@ def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
     features. The mask loses the added axes again."""
     if sparse:
         padding = target_mask(ops.expand_dims(y_true, -1))
-        return None if padding is None else squeeze_trailing(padding, len(y_true.shape))
+        while padding is not None and len(padding.shape) > len(y_true.shape):
+            padding = ops.squeeze(padding, axis=-1)
+        return padding
     if not dense:
         return target_mask(y_true)
     # Dense targets of rank 1 or 2 have a feature axis too: leading unit
@@ -232,9 +325,3 @@ def _target_padding(target_mask, y_true, sparse: bool, dense: bool):
     for _ in range(added if padding is not None else 0):
         padding = ops.squeeze(padding, axis=0)
     return padding
-
-
-def _classes(y_pred):
-    """The number of classes: static where known, else a tensor."""
-    classes = y_pred.shape[-1]
-    return ops.shape(y_pred)[-1] if classes is None else classes

@@ -66,11 +66,31 @@ def check_fits_steps(argument: str, shape: tuple, steps: tuple, **context: Any) 
         )
 
 
+def fits_steps_error(
+    argument: str, shape: tuple, steps: tuple, pred_shape: tuple
+) -> ValueError | None:
+    """The error of `check_fits_steps` against `y_pred`'s steps, or `None`."""
+    if fits_steps(shape, steps):
+        return None
+    return invalid_shape(
+        argument,
+        f"[batch] or the per-step shape {steps}",
+        **{argument: shape},
+        y_pred=pred_shape,
+    )
+
+
 def check_targets(y_true: Any, y_pred: Any) -> None:
     """Raises unless `y_true` and `y_pred` describe the same steps: equal
     shapes (a last axis of 1 broadcasts), or `y_true` without `y_pred`'s last
     (class) axis (sparse labels)."""
-    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    error = targets_error(tuple(y_true.shape), tuple(y_pred.shape))
+    if error is not None:
+        raise error
+
+
+def targets_error(true_shape: tuple, pred_shape: tuple) -> ValueError | None:
+    """The error of `check_targets`, or `None`."""
     lower, higher = sorted((true_shape, pred_shape), key=len)
     if len(higher) - len(lower) == 1:
         pairs = list(zip(lower, higher[:-1], strict=True))
@@ -80,13 +100,14 @@ def check_targets(y_true: Any, y_pred: Any) -> None:
             pairs.append((lower[-1], higher[-1]))
     else:
         pairs = [(len(true_shape), len(pred_shape))] if lower != higher else []
-    if not all(same_dim(a, b) for a, b in pairs):
-        raise invalid_shape(
-            "y_true",
-            "y_pred's shape, or y_pred's shape without its last (class) axis",
-            y_true=true_shape,
-            y_pred=pred_shape,
-        )
+    if all(same_dim(a, b) for a, b in pairs):
+        return None
+    return invalid_shape(
+        "y_true",
+        "y_pred's shape, or y_pred's shape without its last (class) axis",
+        y_true=true_shape,
+        y_pred=pred_shape,
+    )
 
 
 # What fits targets of the other kind, by the kind expected and who asks.
@@ -103,7 +124,15 @@ def check_target_kind(y_true: Any, y_pred: Any, kind: str | None, family: str) -
     (`family`) takes: one-hot targets where integer labels are expected
     (`kind="labels"`), or labels where one-hot targets are (`"one_hot"`).
     The class axis of `y_pred` is last; sparse labels were squeezed."""
-    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    error = target_kind_error(tuple(y_true.shape), tuple(y_pred.shape), kind, family)
+    if error is not None:
+        raise error
+
+
+def target_kind_error(
+    true_shape: tuple, pred_shape: tuple, kind: str | None, family: str
+) -> ValueError | None:
+    """The error of `check_target_kind`, or `None`."""
     if kind == "labels" and len(true_shape) == len(pred_shape) and pred_shape:
         expected = (
             f"integer labels of shape {pred_shape[:-1]} (y_pred's shape without "
@@ -114,9 +143,62 @@ def check_target_kind(y_true: Any, y_pred: Any, kind: str | None, family: str) -
         expected = f"one-hot (or soft) targets of y_pred's shape {pred_shape}"
         other = "Integer labels take"
     else:
-        return
+        return None
     error = invalid_shape("y_true", expected, y_true=true_shape, y_pred=pred_shape)
-    raise ValueError(f"{error}. {other} {_FITS_OTHER_KIND[kind, family]}.")
+    return ValueError(f"{error}. {other} {_FITS_OTHER_KIND[kind, family]}.")
+
+
+def check_steps(
+    y_true: Any,
+    y_pred: Any,
+    target_kind: str | None = None,
+    family: str = "loss",
+    **per_step: Any,
+) -> None:
+    """Every shape of one call of the pipeline, checked at once: `y_true`
+    against `y_pred` (as `check_targets` and `check_target_kind`), then each
+    of `per_step` (`mask`, `sample_weight`, `segment_ids`: a tensor or
+    `None`) against the per-step shape. `y_pred`'s class axis is last."""
+    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    error = targets_error(true_shape, pred_shape) or target_kind_error(
+        true_shape, pred_shape, target_kind, family
+    )
+    steps = step_shape(y_pred)
+    for argument, tensor in per_step.items():
+        if error is None and tensor is not None:
+            shape = tuple(tensor.shape)
+            error = fits_steps_error(argument, shape, steps, pred_shape)
+            if argument == "segment_ids" and len(shape) != 2:
+                error = invalid_shape(
+                    argument,
+                    f"[batch, time] = {steps[:2]}",
+                    segment_ids=shape,
+                    y_pred=pred_shape,
+                )
+    if error is not None:
+        raise error
+
+
+def check_frames(y_true: Any, y_pred: Any, mask: Any = None) -> None:
+    """A CTC call's shapes: labels `[batch, max_label_length]`, logits
+    `[batch, frames, classes]`, and the frame `mask` `[batch]` or `[batch,
+    frames]`."""
+    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
+    if len(pred_shape) != 3:
+        raise invalid_shape(
+            "y_pred", "[batch, frames, classes]", y_pred=pred_shape, y_true=true_shape
+        )
+    if len(true_shape) != 2 or not same_dim(true_shape[0], pred_shape[0]):
+        raise invalid_shape(
+            "y_true",
+            "[batch, max_label_length] with y_pred's batch",
+            y_true=true_shape,
+            y_pred=pred_shape,
+        )
+    if mask is not None:
+        error = fits_steps_error("mask", tuple(mask.shape), pred_shape[:2], pred_shape)
+        if error is not None:
+            raise error
 
 
 def check_same_shape(targets: Any, predictions: Any) -> None:
@@ -131,9 +213,16 @@ def check_same_shape(targets: Any, predictions: Any) -> None:
 
 
 def check_linear(
-    hidden: Any, kernel: Any, labels: Any, bias: Any, transpose_kernel: bool = False
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    bias: Any,
+    transpose_kernel: bool = False,
+    mask: Any = None,
+    sample_weight: Any = None,
 ) -> None:
-    """The shapes of `fused_linear_crossentropy`'s arguments."""
+    """The shapes of `fused_linear_crossentropy`'s arguments: the linear
+    head's, then `mask` and `sample_weight` against the labels' steps."""
     hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
     labels_shape = tuple(labels.shape)
     width_axis = 1 if transpose_kernel else 0
@@ -164,3 +253,16 @@ def check_linear(
             bias=bias.shape,
             kernel=kernel_shape,
         )
+    for argument, tensor in (("mask", mask), ("sample_weight", sample_weight)):
+        if tensor is None:
+            continue
+        shape = tuple(tensor.shape)
+        while len(shape) > len(labels_shape) and shape[-1] == 1:
+            shape = shape[:-1]
+        if not fits_steps(shape, labels_shape):
+            raise invalid_shape(
+                argument,
+                f"[batch] or the per-step shape {labels_shape}",
+                **{argument: shape},
+                labels=labels_shape,
+            )

@@ -12,14 +12,8 @@ from typing import Any
 
 from keras import ops
 
-from kmask._shapes import check_fits_steps, check_same_shape, step_shape
+from kmask._shapes import check_same_shape
 from kmask.typing import Tensor
-
-# Padded steps are replaced by these before a loss sees them, so the loss is
-# finite there whatever the padding held: 0.5 is a valid probability, logit
-# and regression value, 0 a valid label.
-PAD_PREDICTION = 0.5
-PAD_TARGET = 0
 
 
 def accumulation_dtype(dtype: Any) -> str:
@@ -63,39 +57,6 @@ def step_weights(steps: tuple, valid: Any = None, sample_weight: Any = None) -> 
     return weight
 
 
-def weight_mask(sample_weight: Any, steps: tuple, **context: Any):
-    """The steps a `sample_weight` keeps: `False` where the weight is 0;
-    `context` names the shapes an error prints besides the weights'."""
-    sample_weight = squeeze_trailing(ops.convert_to_tensor(sample_weight), len(steps))
-    check_fits_steps("sample_weight", tuple(sample_weight.shape), steps, **context)
-    return ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
-
-
-def per_step_mask(valid: Any, y_pred: Any, class_axis: int = -1):
-    """`valid` broadcast to the per-step shape of `y_pred`."""
-    steps = step_shape(y_pred, class_axis)
-    check_fits_steps("mask", tuple(valid.shape), steps, y_pred=y_pred.shape)
-    dims = list(ops.shape(y_pred))
-    del dims[class_axis]
-    return broadcast_to_steps(valid, tuple(dims))
-
-
-def fill_padding(y_true: Any, y_pred: Any, valid: Any, class_axis: int = -1):
-    """`(y_true, y_pred)` with their padded steps replaced by harmless values.
-
-    `where` selects them away, so whatever the padding held (NaN, inf, a label
-    of -100) reaches neither a loss nor its gradient: the gradient at a padded
-    step is exactly 0.
-    """
-    check_fits_steps(
-        "mask", tuple(valid.shape), step_shape(y_pred, class_axis), y_pred=y_pred.shape
-    )
-    return (
-        _fill(y_true, valid, PAD_TARGET, class_axis),
-        _fill(y_pred, valid, PAD_PREDICTION, class_axis),
-    )
-
-
 def where_valid(valid: Any, values: Any):
     """`values` (per-step, or with a trailing class axis) with the steps that
     are not `valid` selected to 0; `values` itself when `valid` is `None`."""
@@ -104,15 +65,6 @@ def where_valid(valid: Any, values: Any):
     if len(values.shape) > len(valid.shape):
         valid = ops.expand_dims(valid, -1)
     return ops.where(valid, values, ops.zeros_like(values))
-
-
-def _fill(tensor, valid, fill_value, class_axis: int):
-    extra_axes = len(tensor.shape) - len(valid.shape)
-    if extra_axes == 1 and len(valid.shape) > 1:
-        valid = ops.expand_dims(valid, class_axis)
-    else:
-        valid = align_rank(valid, len(tensor.shape))
-    return ops.where(valid, tensor, ops.cast(fill_value, tensor.dtype))
 
 
 def last_size(tensor: Any):

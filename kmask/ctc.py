@@ -30,9 +30,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _shapes
-from kmask._steps import accumulation_dtype
-from kmask.masks import combine_masks, keras_mask, post_padded_lengths
+from kmask import _pipeline
 from kmask.ops._dispatch import backend_kernel
 from kmask.reduce import masked_reduce, standardize_reduction
 from kmask.typing import Tensor
@@ -81,30 +79,12 @@ def masked_ctc(
     1.6864
     """
     reduction = standardize_reduction(reduction)
-    propagated = keras_mask(y_pred)
-    y_pred = ops.convert_to_tensor(y_pred)
-    y_pred = ops.cast(y_pred, accumulation_dtype(y_pred.dtype))
-    y_true = ops.convert_to_tensor(y_true)
-    _check_shapes(y_true, y_pred)
-    if mask is not None:
-        mask = ops.convert_to_tensor(mask)
-        _shapes.check_fits_steps(
-            "mask", tuple(mask.shape), tuple(y_pred.shape[:2]), y_pred=y_pred.shape
-        )
-    real_frames = combine_masks(propagated, mask)
-    if real_frames is None:
-        real_frames = ops.ones_like(y_pred[..., 0], dtype="bool")
-    real_frames = ops.broadcast_to(
-        real_frames if len(real_frames.shape) == 2 else real_frames[:, None],
-        ops.shape(y_pred)[:2],
+    frames = _pipeline.prepare_frames(
+        y_true, y_pred, mask=mask, mask_value=mask_value, blank_index=blank_index
     )
-    frame_lengths = post_padded_lengths(real_frames, "mask")
-    real_labels = ops.not_equal(y_true, ops.cast(mask_value, y_true.dtype))
-    label_lengths = post_padded_lengths(real_labels, "y_true")
-    labels = ops.where(real_labels, y_true, ops.cast(blank_index, y_true.dtype))
-    labels = ops.cast(labels, "int32")
-
-    has_frames = ops.greater(frame_lengths, 0)
+    labels, y_pred, real_frames = frames.labels, frames.logits, frames.real_frames
+    frame_lengths, label_lengths = frames.frame_lengths, frames.label_lengths
+    has_frames, real_labels = frames.has_frames, frames.real_labels
     feasible = ops.less_equal(
         label_lengths + _repeats(labels, real_labels), frame_lengths
     )
@@ -187,13 +167,33 @@ class MaskedCTC(keras.losses.Loss):
         self.dtype_arg = dtype
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Tensor:
+        """`masked_ctc` with this loss's options; a subclass's own `call()`
+        gives the per-sequence losses instead, reduced the same way."""
         with keras.name_scope(self.name):
-            loss = self._ctc(y_true, y_pred, self.reduction, sample_weight)
+            if type(self).call is MaskedCTC.call:
+                loss = self._ctc(y_true, y_pred, self.reduction, sample_weight)
+            else:
+                loss = self._reduce_call(y_true, y_pred, sample_weight)
             return ops.cast(loss, self.dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Tensor:
         """The loss of each sequence, `[batch]` (0 where it has no real frame)."""
         return self._ctc(y_true, y_pred, "none", None)
+
+    def _reduce_call(self, y_true, y_pred, sample_weight):
+        """An overridden `call()`'s `[batch]` losses, reduced over the
+        sequences with real frames, a sequence's tokens its real labels."""
+        frames = _pipeline.prepare_frames(
+            y_true, y_pred, mask_value=self.mask_value, blank_index=self.blank_index
+        )
+        per_sequence = ops.where(frames.has_frames, self.call(y_true, y_pred), 0.0)
+        return masked_reduce(
+            per_sequence,
+            frames.has_frames,
+            self.reduction,
+            sample_weight,
+            token_counts=frames.label_lengths,
+        )
 
     def _ctc(self, y_true, y_pred, reduction, sample_weight):
         return masked_ctc(
@@ -228,19 +228,3 @@ def _repeats(labels, real_labels):
         ops.equal(labels[:, 1:], labels[:, :-1]), real_labels[:, 1:]
     )
     return ops.sum(ops.cast(equal, "int32"), axis=-1)
-
-
-def _check_shapes(y_true, y_pred) -> None:
-    """Labels `[batch, max_label_length]`, logits `[batch, frames, classes]`."""
-    true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
-    if len(pred_shape) != 3:
-        raise _shapes.invalid_shape(
-            "y_pred", "[batch, frames, classes]", y_pred=pred_shape, y_true=true_shape
-        )
-    if len(true_shape) != 2 or not _shapes.same_dim(true_shape[0], pred_shape[0]):
-        raise _shapes.invalid_shape(
-            "y_true",
-            "[batch, max_label_length] with y_pred's batch",
-            y_true=true_shape,
-            y_pred=pred_shape,
-        )

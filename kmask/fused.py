@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _moved, _pipeline, _shapes, _steps
+from kmask import _labels, _pipeline, _shapes, _steps
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -34,7 +34,7 @@ from kmask.ops import (
     sparse_crossentropy_with_logits,
 )
 from kmask.ops.crossentropy import LinearOptions
-from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.reduce import is_linear, masked_reduce, standardize_reduction
 from kmask.typing import Tensor
 
 __all__ = [
@@ -422,20 +422,22 @@ def _head(
     at a real step whose label is out of range."""
     mask_value, reduction, linear_options = options
     labels = ops.convert_to_tensor(labels)
-    _shapes.check_linear(hidden, kernel, labels, bias, linear_options.transpose_kernel)
-    target = None if mask_value is None else value_mask(labels, mask_value)
-    masked = _pipeline.valid_steps(
-        tuple(labels.shape), target, mask=mask, labels=labels.shape
-    )
-    valid = _pipeline.valid_steps(
-        tuple(labels.shape), masked, sample_weight=sample_weight, labels=labels.shape
-    )
-    # Out of range at a real step: a ValueError eagerly, NaN when traced.
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    _shapes.check_linear(
+        hidden, kernel, labels, bias, linear_options.transpose_kernel,
+        mask=mask, sample_weight=sample_weight,
+    )  # fmt: skip
     vocabulary = kernel.shape[0 if linear_options.transpose_kernel else 1]
-    out_of_range = _labels.out_of_range_steps(
-        ops.cast(labels, "int32"), vocabulary, valid, "labels"
+    steps = _pipeline.prepare_labels(
+        labels,
+        classes=vocabulary,
+        target_mask=None if mask_value is None else _pad_mask(mask_value),
+        mask=mask,
+        sample_weight=sample_weight,
     )
-    labels = _labels.safe_labels(ops.cast(labels, "int32"), out_of_range)
+    labels, valid, masked = steps.y_true, steps.valid, steps.masked
+    sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
 
     def reduce(per_step):
         # The masks without the zero weights: `sum_over_batch_size` counts
@@ -448,7 +450,7 @@ def _head(
         labels,
         bias,
         valid,
-        None if reduction == "none" else reduce,
+        reduce if is_linear(reduction) else None,
         linear_options,
         sample_weight,
         return_stats=return_stats,
@@ -462,6 +464,11 @@ def _head(
         weight = _steps.step_weights(tuple(labels.shape), valid, sample_weight)
         stats = tuple(_labels.poison(stat, out_of_range) for stat in (*stats, weight))
     return _labels.poison(per_step, out_of_range), value, stats
+
+
+def _pad_mask(mask_value):
+    """`labels -> value_mask(labels, mask_value)`."""
+    return lambda labels: value_mask(labels, mask_value)
 
 
 def _linear_options(
@@ -511,14 +518,3 @@ def _is_pair(value) -> bool:
         and len(value) == 2
         and not all(isinstance(item, int) or item is None for item in value)
     )
-
-
-# Imported here once; importable from here still.
-__getattr__ = _moved.moved(
-    __name__,
-    {
-        "broadcast_to_steps": "kmask._steps",
-        "weight_mask": "kmask._steps",
-        "combine_masks": "kmask.masks",
-    },
-)

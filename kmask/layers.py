@@ -13,7 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _shapes
+from kmask import _shapes
 from kmask._resolve import plain
 from kmask.masks import PADDINGS, keras_mask, pad_array, sequence_mask, value_mask
 from kmask.typing import Tensor
@@ -247,7 +247,3 @@ def _new_tensor(x):
     """
     reshaped = ops.reshape(x, ops.shape(x))
     return ops.copy(x) if reshaped is x else reshaped
-
-
-# Imported here once; importable from here still.
-__getattr__ = _moved.moved(__name__, {"fits_steps": "kmask._shapes"})

@@ -6,11 +6,12 @@ real steps only. The mask it uses is the AND of the mask Keras propagated onto
 `masked_loss()`) an explicit `mask`; `sample_weight` multiplies it. See
 `kmask.reduce` for what each reduction computes.
 
-`masked_loss()` is the primitive: calling any kmask loss calls it, and it
-runs the pipeline of `kmask._pipeline`. `call()` is the per-step extension
-point, as in Keras: a subclass that overrides it is honoured on every path,
-because the fused ops of `kmask.ops` are used only while `call()` is kmask's
-own (and `call()` itself runs the same op).
+Calling a kmask loss runs the masking pipeline every loss and metric share,
+then `call()`, then the reduction; `masked_loss()` builds a loss and calls
+it. `call()` is the per-step extension point, as in Keras: a subclass that
+overrides it is honoured on every path, because the fused ops of `kmask.ops`
+are used only while `call()` is kmask's own (and `call()` itself runs the
+same op).
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _pipeline, _resolve, _shapes
-from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
+from kmask import _pipeline, _resolve
+from kmask.masks import pad_array, target_padding
 from kmask.ops import (
     binary_crossentropy,
     categorical_crossentropy_with_logits,
     mean_squared_error,
     sparse_crossentropy,
 )
-from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.reduce import reduce_steps, standardize_reduction
 from kmask.typing import Tensor
 
 
@@ -60,7 +61,7 @@ class MaskedLoss(keras.losses.Loss):
             `label_smoothing=0.1`, ...).
 
     Returns:
-        Called as `loss(y_true, y_pred, sample_weight=None)`: a scalar, or the
+        Called as `loss(y_true, y_pred, sample_weight=None)`, a scalar, or the
         per-step losses with `reduction="none"`.
 
     Example:
@@ -86,14 +87,14 @@ class MaskedLoss(keras.losses.Loss):
         **loss_kwargs: Any,
     ) -> None:
         reduction = standardize_reduction(reduction)
+        if mask_value is not None:
+            pad_array(mask_value)
         loss, loss_kwargs = _resolve.instantiate_class(loss, loss_kwargs)
         super().__init__(
             name=name or _resolve.default_name(loss), reduction=None, dtype=dtype
         )
         self.reduction = reduction
         self.loss, self.loss_kwargs = loss, loss_kwargs
-        if mask_value is not None:
-            pad_array(mask_value)
         self.mask_value = mask_value
         self.dtype_arg = dtype
         self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)
@@ -103,13 +104,57 @@ class MaskedLoss(keras.losses.Loss):
         )
         self._sparse_labels = _resolve.takes_sparse_labels(self.loss)
         self._target_kind = _resolve.target_kind(self.loss)
+        self._ignore_class = _resolve.ignore_class(self.loss, self.loss_kwargs)
 
     def __call__(
-        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+        self,
+        y_true: Tensor,
+        y_pred: Tensor,
+        sample_weight: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        mask_value: Any = None,
+        segment_ids: Tensor | None = None,
+        reduction: str | None = None,
     ) -> Tensor:
-        return masked_loss(
-            y_true, y_pred, self, sample_weight=sample_weight, reduction=self.reduction
-        )
+        """The pipeline, then `call()`, then the reduction: `prepare` finds
+        the real steps and checks every shape once, `call()` (or the fused
+        op it stands for) gives the per-step losses of the neutralised
+        steps, and `kmask.masked_reduce` reduces them.
+
+        The keyword-only arguments are `kmask.masked_loss`'s: an explicit
+        `mask`, a further pad value, packed `segment_ids`, and a reduction
+        for this call instead of the loss's own.
+        """
+        if reduction is None:
+            reduction = self.reduction
+        else:
+            reduction = standardize_reduction(reduction)
+        with keras.name_scope(self.name):
+            steps = _pipeline.prepare(
+                y_true,
+                y_pred,
+                dtype=self.dtype,
+                target_mask=self._padding_with(mask_value),
+                target_dtype=self._target_dtype,
+                class_axis=self._class_axis,
+                mask=mask,
+                sample_weight=sample_weight,
+                segment_ids=segment_ids,
+                sparse_labels=self._sparse_labels,
+                target_kind=self._target_kind,
+            )
+            per_step = _pipeline.per_step_values(
+                steps, self.call, self._masked_op(steps.y_true, steps.y_pred)
+            )
+            result = reduce_steps(
+                per_step,
+                steps.masked,
+                reduction,
+                steps.sample_weight,
+                None if segment_ids is None else ops.convert_to_tensor(segment_ids),
+            )
+            return ops.cast(result, self.dtype)
 
     def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         """The per-step loss: the wrapped loss with its class axis reduced.
@@ -130,10 +175,21 @@ class MaskedLoss(keras.losses.Loss):
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding this loss finds in `y_true` (`mask_value`, and the
-        wrapped loss's `ignore_class`), or `None`."""
-        pad = None if self.mask_value is None else value_mask(y_true, self.mask_value)
-        ignored = _resolve.ignore_class(self.loss, self.loss_kwargs)
-        return combine_masks(pad, ignore_class_mask(y_true, ignored))
+        wrapped loss's `ignore_class`), or `None`: `True` on real steps.
+
+        The pipeline calls it with the targets, sparse labels with a trailing
+        axis of 1 (so that a pad value is compared label by label); it
+        returns a mask of the per-step shape. Override it to add a source of
+        padding (docs/development.md).
+        """
+        return target_padding(y_true, (self.mask_value,), self._ignore_class)
+
+    def _padding_with(self, mask_value: Any) -> Callable[[Tensor], Tensor | None]:
+        """`target_mask`, and the padding a further `mask_value` marks."""
+        if mask_value is None:
+            return self.target_mask
+        pads = (self.mask_value, mask_value)
+        return lambda y_true: target_padding(y_true, pads, self._ignore_class)
 
     def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
         """The op computing `call()` that takes the mask itself, or `None`."""
@@ -506,53 +562,23 @@ def masked_loss(
     >>> float(kmask.masked_loss(y_true, y_pred, "mae", mask=mask))  # (1 + 3*2) / 4
     1.75
     """
-    reduction = standardize_reduction(reduction)
     if isinstance(loss, MaskedLoss):
         if loss_kwargs:
             raise ValueError(
                 "Keyword arguments configure a loss given by name or class, not "
                 f"a kmask loss. Received: loss={loss!r}, loss_kwargs={loss_kwargs}"
             )
-        masked = loss
     else:
-        masked = MaskedLoss(loss, **loss_kwargs)
-
-    def target_mask(y_true):
-        pad = None if mask_value is None else value_mask(y_true, mask_value)
-        return combine_masks(masked.target_mask(y_true), pad)
-
-    if segment_ids is not None:
-        segment_ids = ops.convert_to_tensor(segment_ids)
-        predictions = ops.convert_to_tensor(y_pred)
-        _shapes.check_fits_steps(
-            "segment_ids",
-            tuple(segment_ids.shape),
-            _shapes.step_shape(predictions, masked._class_axis),
-            y_pred=predictions.shape,
-        )
-        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
-        mask = in_segment if mask is None else combine_masks(mask, in_segment)
-
-    with keras.name_scope(masked.name):
-        steps = _pipeline.prepare(
-            y_true,
-            y_pred,
-            dtype=masked.dtype,
-            target_mask=target_mask,
-            target_dtype=masked._target_dtype,
-            class_axis=masked._class_axis,
-            mask=mask,
-            sample_weight=sample_weight,
-            sparse_labels=masked._sparse_labels,
-            target_kind=masked._target_kind,
-        )
-        per_step = _pipeline.per_step_values(
-            steps, masked.call, -1, masked._masked_op(steps.y_true, steps.y_pred)
-        )
-        result = masked_reduce(
-            per_step, steps.masked, reduction, steps.sample_weight, segment_ids
-        )
-        return ops.cast(result, masked.dtype)
+        loss = MaskedLoss(loss, **loss_kwargs)
+    return loss(
+        y_true,
+        y_pred,
+        sample_weight,
+        mask=mask,
+        mask_value=mask_value,
+        segment_ids=segment_ids,
+        reduction=standardize_reduction(reduction),
+    )
 
 
 def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
@@ -564,17 +590,3 @@ def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
         and axis in (-1, rank - 1)
         and tuple(y_true.shape) == tuple(y_pred.shape)
     )
-
-
-# Imported here once; importable from here still.
-__getattr__ = _moved.moved(
-    __name__,
-    {
-        "fill_padding": "kmask._steps",
-        "per_step_mask": "kmask._steps",
-        "weight_mask": "kmask._steps",
-        "step_shape": "kmask._shapes",
-        "keras_mask": "kmask.masks",
-        "sparse_crossentropy_with_logits": "kmask.ops",
-    },
-)

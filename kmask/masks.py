@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from kmask import _labels, _moved, _shapes, _steps
+from kmask import _labels, _shapes, _steps
 from kmask._keras_compat import get_keras_mask
 from kmask.typing import Tensor
 
@@ -143,6 +143,16 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
     if has_feature_axis:
         is_pad = ops.all(is_pad, axis=-1)
     return ops.logical_not(is_pad)
+
+
+def target_padding(
+    y: Any, mask_values: tuple = (), ignore_class: int | None = None
+) -> Tensor | None:
+    """The real steps the targets `y` mark: not any of `mask_values` (see
+    `value_mask`; `None`s are skipped) and not `ignore_class`; `None` when
+    there is neither."""
+    masks = [value_mask(y, pad) for pad in mask_values if pad is not None]
+    return combine_masks(*masks, ignore_class_mask(y, ignore_class))
 
 
 def ignore_class_mask(y: Any, ignore_class: int | None) -> Tensor | None:
@@ -289,18 +299,3 @@ def _equals_pad(y, pad: float | tuple[float, ...]):
     if not any(nan_positions):
         return matches_value
     return ops.where(ops.convert_to_tensor(nan_positions), ops.isnan(y), matches_value)
-
-
-# The per-step helpers this module once held, now in the private modules of
-# the pipeline; importable from here still.
-__getattr__ = _moved.moved(
-    __name__,
-    {
-        "broadcast_to_steps": "kmask._steps",
-        "fill_padding": "kmask._steps",
-        "per_step_mask": "kmask._steps",
-        "weight_mask": "kmask._steps",
-        "fits_steps": "kmask._shapes",
-        "step_shape": "kmask._shapes",
-    },
-)

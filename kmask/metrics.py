@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _moved, _pipeline, _resolve
+from kmask import _pipeline, _resolve
 from kmask._steps import broadcast_to_steps, squeeze_trailing, step_weights
 from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
@@ -487,15 +487,3 @@ def _metric_by_name(name: str) -> Callable | None:
     if function is None or isinstance(function, type) or not callable(function):
         return None
     return function
-
-
-# Imported here once; importable from here still.
-__getattr__ = _moved.moved(
-    __name__,
-    {
-        "fill_padding": "kmask._steps",
-        "weight_mask": "kmask._steps",
-        "step_shape": "kmask._shapes",
-        "keras_mask": "kmask.masks",
-    },
-)

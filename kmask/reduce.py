@@ -42,18 +42,81 @@ is then the gradient of the window's token mean.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 from keras import ops
 
-from kmask import _moved, _shapes, _steps
+from kmask import _shapes, _steps
 from kmask.distribute import global_denominator
 from kmask.masks import segment_step_counts
 from kmask.typing import Tensor
 
-REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size", "none")
+
+class _Sums(NamedTuple):
+    """What a reduction is made of, per value: `l*w*m` (`weighted`), `w*m`
+    (`step_weight`), the mask alone (`real`: 1 on real steps, `None` without
+    a mask), and the `axis` to sum over (`None`: every axis)."""
+
+    weighted: Any
+    step_weight: Any
+    real: Any
+    axis: Any
+    segment_ids: Any
+    token_counts: Any
+
+
+class Reduction(NamedTuple):
+    """A reduction of the registry: its `numerator` and `denominator` (each
+    `_Sums -> tensor`; `denominator` `None` when it does not divide) and
+    whether it is `linear` in the per-step values (the torch head computes
+    the value's gradient before the per-step losses when it is)."""
+
+    numerator: Callable[[_Sums], Any]
+    denominator: Callable[[_Sums], Any] | None
+    linear: bool
+
+
+def _weighted_sum(sums: _Sums):
+    return ops.sum(sums.weighted, axis=sums.axis)
+
+
+def _token_weight(sums: _Sums):
+    weight = sums.step_weight
+    if sums.token_counts is not None:
+        weight = weight * sums.token_counts
+    return ops.sum(weight, axis=sums.axis)
+
+
+def _real_steps(sums: _Sums):
+    if sums.real is None:
+        return ops.sum(ops.ones_like(sums.weighted), axis=sums.axis)
+    return ops.sum(sums.real, axis=sums.axis)
+
+
+def _per_sequence(sums: _Sums, values):
+    real_steps = _sequence_steps(sums.step_weight, sums.segment_ids)
+    return ops.sum(values * divide_or_zero(ops.ones_like(real_steps), real_steps))
+
+
+REGISTRY: dict[str, Reduction] = {
+    "token_mean": Reduction(_weighted_sum, _token_weight, linear=True),
+    "sequence_mean": Reduction(
+        lambda sums: _per_sequence(sums, sums.weighted),
+        lambda sums: _per_sequence(sums, sums.step_weight),
+        linear=True,
+    ),
+    "sum": Reduction(_weighted_sum, None, linear=True),
+    "sum_over_batch_size": Reduction(_weighted_sum, _real_steps, linear=True),
+    # One value per step: nothing is summed, so nothing is computed ahead.
+    "none": Reduction(lambda sums: sums.weighted, None, linear=False),
+}
+"""Every reduction kmask knows, by name: `masked_reduce` computes
+`numerator / global_denominator(denominator)` (see the table above). A new
+reduction is one entry here, and its row in the table."""
+
+REDUCTIONS = tuple(REGISTRY)
 KERAS_REDUCTION_ALIASES = {
     None: "none",
     "mean": "sum_over_batch_size",
@@ -63,12 +126,12 @@ KERAS_REDUCTION_ALIASES = {
 
 def standardize_reduction(reduction: str | None) -> str:
     """Returns the kmask name of `reduction`, accepting Keras's names too."""
-    if reduction in REDUCTIONS:
+    if reduction in REGISTRY:
         return reduction
     if reduction in KERAS_REDUCTION_ALIASES:
         return KERAS_REDUCTION_ALIASES[reduction]
     raise ValueError(
-        f"Invalid value for argument `reduction`. Expected one of {REDUCTIONS} "
+        f"Invalid value for argument `reduction`. Expected one of {tuple(REGISTRY)} "
         f"(or Keras's {tuple(KERAS_REDUCTION_ALIASES)}). "
         f"Received: reduction={reduction!r}"
     )
@@ -119,42 +182,68 @@ def masked_reduce(
     """
     reduction = standardize_reduction(reduction)
     values = ops.convert_to_tensor(values)
-    result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
     if segment_ids is not None:
         segment_ids = _segment_ids(segment_ids, values)
+    fit = {"mask": mask, "sample_weight": sample_weight, "token_counts": token_counts}
+    fit = {
+        name: None if tensor is None else _fit_to_values(tensor, values, name)
+        for name, tensor in fit.items()
+    }
+    return reduce_steps(values, reduction=reduction, segment_ids=segment_ids, **fit)
+
+
+def reduce_steps(
+    values: Any,
+    mask: Any = None,
+    reduction: str = "token_mean",
+    sample_weight: Any = None,
+    segment_ids: Any = None,
+    token_counts: Any = None,
+    axis: int | None = None,
+) -> Tensor:
+    """`masked_reduce` for the pipeline, which checked every shape already:
+    `reduction` is a kmask name; `mask`, `sample_weight` and `token_counts`
+    are `[batch]` or a leading part of `values`' shape, and `segment_ids`
+    `[batch, time]`.
+    `axis` keeps the other axes (TF Addons' per-axis means)."""
+    result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
+    rank = len(values.shape)
+    if mask is not None:
+        mask = _steps.align_rank(mask, rank)
+    if sample_weight is not None:
+        sample_weight = _steps.align_rank(sample_weight, rank)
+    if token_counts is not None:
+        token_counts = _steps.align_rank(token_counts, rank)
+    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
+    if segment_ids is not None:
         in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
-        mask = in_segment if mask is None else _and_mask(mask, in_segment, values)
+        in_segment = _steps.align_rank(in_segment, rank)
+        mask = in_segment if mask is None else ops.logical_and(mask, in_segment)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
-    if reduction == "none":
-        return ops.cast(weighted, result_dtype)
-    if reduction == "sum":
-        result = ops.sum(weighted)
-    elif reduction == "sum_over_batch_size":
-        # As Keras: the real steps of the mask, zero weights included; an
-        # empty batch gives 0, as Keras's `divide_no_nan` does.
-        if mask is None:
-            size = ops.cast(ops.size(weighted), weighted.dtype)
-        else:
-            real = _fit_to_values(ops.cast(mask, "bool"), weighted, "mask")
-            real = ops.broadcast_to(ops.cast(real, weighted.dtype), ops.shape(weighted))
-            size = ops.sum(real)
-        result = divide_or_zero(ops.sum(weighted), global_denominator(size))
-    elif reduction == "token_mean":
-        token_weight = step_weight
-        if token_counts is not None:
-            counts = _fit_to_values(token_counts, weighted, "token_counts")
-            token_weight = step_weight * ops.cast(counts, step_weight.dtype)
-        result = divide_or_zero(
-            ops.sum(weighted), global_denominator(ops.sum(token_weight))
-        )
-    else:
-        real_steps = _sequence_steps(step_weight, segment_ids)
-        per_sequence = divide_or_zero(ops.ones_like(real_steps), real_steps)
-        result = divide_or_zero(
-            ops.sum(weighted * per_sequence),
-            global_denominator(ops.sum(step_weight * per_sequence)),
-        )
+    real = None
+    if mask is not None:
+        real = ops.broadcast_to(ops.cast(mask, weighted.dtype), ops.shape(weighted))
+    counts = None
+    if token_counts is not None:
+        counts = ops.cast(token_counts, step_weight.dtype)
+    sums = _Sums(weighted, step_weight, real, axis, segment_ids, counts)
+    entry = REGISTRY[reduction]
+    result = entry.numerator(sums)
+    if entry.denominator is not None:
+        denominator = entry.denominator(sums)
+        if axis is None:
+            # Along an axis each value is one replica's own (its sequences or
+            # steps): only a whole-batch denominator is summed across them.
+            denominator = global_denominator(denominator)
+        result = divide_or_zero(result, denominator)
     return ops.cast(result, result_dtype)
+
+
+def is_linear(reduction: str) -> bool:
+    """Whether the registry's `reduction` is a linear function of the
+    per-step values (its gradient with respect to them is known before
+    they are)."""
+    return REGISTRY[standardize_reduction(reduction)].linear
 
 
 def masked_sum_and_count(
@@ -166,9 +255,13 @@ def masked_sum_and_count(
     the arguments are those of `masked_reduce`. Both sums are float32 (or
     wider).
     """
-    weighted, step_weight = _weighted_steps(
-        ops.convert_to_tensor(values), mask, sample_weight
-    )
+    values = ops.convert_to_tensor(values)
+    if mask is not None:
+        mask = _fit_to_values(mask, values, "mask")
+    if sample_weight is not None:
+        sample_weight = _fit_to_values(sample_weight, values, "sample_weight")
+    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
+    weighted, step_weight = _weighted_steps(values, mask, sample_weight)
     return ops.sum(weighted), ops.sum(step_weight)
 
 
@@ -265,16 +358,12 @@ def _normalize(window: list[np.ndarray], steps: int) -> list[np.ndarray]:
 
 def _weighted_steps(values, mask, sample_weight):
     """Per-step `l*w*m` (padding selected away) and the per-step weight `w*m`,
-    both in the accumulation dtype and `values`' shape."""
-    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
-    valid = None
-    if mask is not None:
-        valid = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
+    both in `values`' dtype (float32 or wider) and shape; `mask` and
+    `sample_weight` have `values`' rank."""
+    valid = None if mask is None else ops.cast(mask, "bool")
     weight = None
     if sample_weight is not None:
-        weight = ops.cast(
-            _fit_to_values(sample_weight, values, "sample_weight"), values.dtype
-        )
+        weight = ops.cast(sample_weight, values.dtype)
         has_weight = ops.not_equal(weight, 0)
         valid = has_weight if valid is None else ops.logical_and(valid, has_weight)
     if valid is None:
@@ -316,12 +405,6 @@ def _segment_ids(segment_ids: Any, values):
     return segment_ids
 
 
-def _and_mask(mask: Any, other, values):
-    """`mask` (checked against `values`) AND `other`, at `values`' rank."""
-    mask = ops.cast(_fit_to_values(mask, values, "mask"), "bool")
-    return ops.logical_and(mask, _steps.align_rank(other, len(values.shape)))
-
-
 def _fit_to_values(tensor: Any, values, name: str):
     """Checks that `tensor` is `[batch]` or a leading part of `values.shape`
     (trailing axes of size 1 allowed) and appends axes to match its rank."""
@@ -329,12 +412,3 @@ def _fit_to_values(tensor: Any, values, name: str):
     tensor = _steps.squeeze_trailing(ops.convert_to_tensor(tensor), len(target))
     _shapes.check_fits_steps(name, tuple(tensor.shape), target, values=target)
     return _steps.align_rank(tensor, len(target))
-
-
-# Imported here once; importable from here still.
-__getattr__ = _moved.moved(
-    __name__,
-    {
-        "fits_steps": "kmask._shapes",
-    },
-)

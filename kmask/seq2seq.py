@@ -20,8 +20,9 @@ cross-entropies `l` and weights `w`, both `[batch, time]`:
 in TFA. Unlike TFA, a step whose weight is 0 is padding before the loss is
 computed (kmask's pipeline), so NaN or inf there reaches neither the loss nor
 its gradient, and `weights=None` means all ones. Denominators are those of
-the batch at hand, as in TFA; for a token mean that is exact across replicas
-use `kmask.MaskedSparseCategoricalCrossentropy`.
+the batch at hand along an axis (a per-sequence or per-step result); a scalar
+result divides by the global count, exact across replicas, as every kmask
+reduction does.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ from typing import Any
 import keras
 from keras import ops
 
+from kmask._pipeline import fill_padding
 from kmask._shapes import invalid_shape
 from kmask.losses import (
     MaskedCategoricalCrossentropy,
     MaskedLoss,
     MaskedSparseCategoricalCrossentropy,
-    masked_loss,
 )
 from kmask.masks import keras_mask
-from kmask.reduce import divide_or_zero
+from kmask.reduce import reduce_steps
 from kmask.typing import Tensor
 
 # The flag pairs TFA rejects, in TFA's order, with why.
@@ -132,22 +133,19 @@ def sequence_loss(
     weights = ops.cast(weights, "float32")
     if propagated is not None:
         weights = ops.where(propagated, weights, ops.zeros_like(weights))
+    flags = (
+        average_across_timesteps,
+        average_across_batch,
+        sum_over_timesteps,
+        sum_over_batch,
+    )
     with keras.name_scope(name or "sequence_loss"):
-        per_step = masked_loss(
-            targets,
-            logits,
-            _per_step_loss(targets, softmax_loss_function),
-            sample_weight=weights,
-            reduction="none",
+        # Unweighted, padding (a zero weight) neutralised: the weights are
+        # the reduction's.
+        per_step = _per_step_loss(targets, softmax_loss_function)(
+            targets, logits, mask=ops.not_equal(weights, 0), reduction="none"
         )
-        result = _reduce(
-            per_step,
-            weights,
-            average_across_timesteps,
-            average_across_batch,
-            sum_over_timesteps,
-            sum_over_batch,
-        )
+        result = reduce_flags(per_step, weights, *flags)
     dtype = logits.dtype if "float" in str(logits.dtype) else "float32"
     return ops.cast(result, dtype)
 
@@ -210,6 +208,11 @@ class SequenceLoss(keras.losses.Loss):
     def __call__(
         self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
     ) -> Tensor:
+        """`sequence_loss` with this loss's flags; a subclass's own `call()`
+        gives the per-step losses instead (their weights and padding applied
+        by the same reductions)."""
+        if type(self).call is not SequenceLoss.call:
+            return self._reduce_call(y_true, y_pred, sample_weight)
         return sequence_loss(
             y_pred,
             y_true,
@@ -232,6 +235,32 @@ class SequenceLoss(keras.losses.Loss):
             average_across_batch=False,
             softmax_loss_function=self.softmax_loss_function,
         )
+
+    def _reduce_call(self, y_true, y_pred, sample_weight):
+        """The flags' reduction of an overridden `call()`'s `[batch, time]`
+        losses: padding (a zero weight, the mask Keras propagated onto
+        `y_pred`) is selected away before the weights apply."""
+        propagated = keras_mask(y_pred)
+        y_pred = ops.convert_to_tensor(y_pred)
+        if sample_weight is None:
+            weights = ops.ones(ops.shape(y_pred)[:2], "float32")
+        else:
+            weights = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+        if propagated is not None:
+            weights = ops.where(propagated, weights, ops.zeros_like(weights))
+        real = ops.not_equal(weights, 0)
+        # The pipeline's fill: whatever a padded step holds reaches neither
+        # the loss nor its gradient.
+        y_true, y_pred = fill_padding(ops.convert_to_tensor(y_true), y_pred, real)
+        per_step = ops.cast(self.call(y_true, y_pred), "float32")
+        per_step = ops.where(real, per_step, 0.0)
+        flags = (
+            self.average_across_timesteps,
+            self.average_across_batch,
+            self.sum_over_timesteps,
+            self.sum_over_batch,
+        )
+        return reduce_flags(per_step, weights, *flags)
 
     def get_config(self) -> dict[str, Any]:
         function = self.softmax_loss_function
@@ -303,23 +332,27 @@ def _per_step_loss(targets, softmax_loss_function) -> MaskedLoss:
     return MaskedLoss(flattened, name="sequence_loss")
 
 
-def _reduce(per_step, weights, across_time, across_batch, over_time, over_batch):
-    """TFA's reductions of the weighted per-step losses `per_step` (`l*w`,
-    0 at padding)."""
-    if across_time and across_batch:
-        return divide_or_zero(ops.sum(per_step), ops.sum(weights))
-    if over_time and over_batch:
-        return divide_or_zero(ops.sum(per_step), _nonzero(weights))
-    if across_time or across_batch:
-        axis = 0 if across_batch else 1
-        return divide_or_zero(ops.sum(per_step, axis=axis), ops.sum(weights, axis=axis))
-    if over_time or over_batch:
-        axis = 0 if over_batch else 1
-        return divide_or_zero(ops.sum(per_step, axis=axis), _nonzero(weights, axis))
-    return per_step
-
-
-def _nonzero(weights, axis: int | None = None):
-    """The number of non-zero weights, as a float (`ops.count_nonzero` warns
-    on PyTorch)."""
-    return ops.sum(ops.cast(ops.not_equal(weights, 0), weights.dtype), axis=axis)
+def reduce_flags(
+    per_step: Tensor,
+    weights: Tensor,
+    across_time: bool,
+    across_batch: bool,
+    over_time: bool,
+    over_batch: bool,
+) -> Tensor:
+    """TFA's flags as reductions of the registry (`kmask.reduce`), applied to
+    the unweighted per-step losses `per_step` (0 at padding) and the weights:
+    `average_across_*` is `token_mean`, `sum_over_*` is
+    `sum_over_batch_size` with the non-zero weights as the mask, over both
+    axes or over the one named (`axis` 1 for time, 0 for batch)."""
+    average, summed = across_time or across_batch, over_time or over_batch
+    if not (average or summed):
+        return reduce_steps(per_step, None, "none", weights)
+    if (across_time and across_batch) or (over_time and over_batch):
+        axis = None
+    else:
+        axis = 0 if across_batch or over_batch else 1
+    if average:
+        return reduce_steps(per_step, None, "token_mean", weights, axis=axis)
+    real = ops.not_equal(weights, 0)
+    return reduce_steps(per_step, real, "sum_over_batch_size", weights, axis=axis)

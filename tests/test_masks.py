@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import keras
 import numpy as np
 import pytest
@@ -330,24 +328,3 @@ def test_keras_mask_inside_a_compiled_model():
 
 def test_keras_mask_is_none_without_masking():
     assert kmask.keras_mask(ops.ones((2, 3))) is None
-
-
-@pytest.mark.parametrize(
-    ("module", "name"),
-    [
-        ("kmask.masks", "fill_padding"),
-        ("kmask.masks", "per_step_mask"),
-        ("kmask.masks", "step_shape"),
-        ("kmask.masks", "fits_steps"),
-        ("kmask.masks", "broadcast_to_steps"),
-        ("kmask.masks", "weight_mask"),
-        ("kmask.losses", "sparse_crossentropy_with_logits"),
-        ("kmask.reduce", "fits_steps"),
-        ("kmask.layers", "fits_steps"),
-        ("kmask.fused", "combine_masks"),
-    ],
-)
-def test_helpers_that_moved_stay_importable_from_where_they_were(module, name):
-    found = getattr(importlib.import_module(module), name)
-    assert callable(found)
-    assert name not in vars(importlib.import_module(module))
