@@ -461,7 +461,7 @@ def _head(
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
     if stats is not None:
-        weight = _steps.step_weights(tuple(labels.shape), valid, sample_weight)
+        weight = _steps.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
         stats = tuple(_labels.poison(stat, out_of_range) for stat in (*stats, weight))
     return _labels.poison(per_step, out_of_range), value, stats
 

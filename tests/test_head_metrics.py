@@ -187,3 +187,26 @@ def test_head_metrics_in_fit_and_evaluate_are_exact_over_uneven_batches(tmp_path
     )
     for name in ("accuracy", "perplexity"):
         _close(again[name], logs[name], rtol=1e-6)
+
+
+def test_a_partial_last_batch_of_unknown_size():
+    """`evaluate` with a batch size that does not divide the data: the
+    batch axis is unknown when the model is traced (TensorFlow), and the
+    head's step weights take their shape from the labels' dynamic shape."""
+    rng = np.random.default_rng(7)
+    tokens = keras.Input((T,), dtype="int32")
+    labels = keras.Input((T,), dtype="int32")
+    embedding = keras.layers.Embedding(V, H)
+    embedding.build((None,))
+    head = kmask.FusedLinearCrossentropy(
+        V, embedding=embedding, mask_value=PAD, return_stats=True
+    )
+    model = keras.Model([tokens, labels], head([embedding(tokens), labels]))
+    model.compile(loss=None, metrics=[kmask.HeadAccuracy()])
+    x = rng.integers(0, V, size=(B, T)).astype("int32")
+    y = np.where(_valid(), rng.integers(0, V, size=(B, T)), PAD).astype("int32")
+    _, accuracy = model.evaluate([x, y], batch_size=2, verbose=0)
+    matrix = np.asarray(ops.convert_to_numpy(embedding.embeddings), "float64")
+    logits = matrix[x] @ matrix.T
+    right = (logits.argmax(-1) == y)[_valid()]
+    np.testing.assert_allclose(accuracy, right.mean(), rtol=1e-6)
