@@ -78,11 +78,7 @@ def sparse_crossentropy_with_logits(
 
 
 def sparse_crossentropy_portable(
-    labels: Any,
-    logits: Any,
-    valid: Any = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    labels: Any, logits: Any, valid: Any, label_smoothing: float, z_loss: float
 ) -> Tensor:
     """`sparse_crossentropy_with_logits` in `keras.ops`, whatever the backend:
     int32 `labels` (0 where not `valid`), float32 `logits`, boolean `valid`
@@ -151,10 +147,7 @@ def categorical_crossentropy_with_logits(
 
 
 def categorical_crossentropy_portable(
-    targets: Any,
-    logits: Any,
-    valid: Any = None,
-    label_smoothing: float = 0.0,
+    targets: Any, logits: Any, valid: Any, label_smoothing: float
 ) -> Tensor:
     """`categorical_crossentropy_with_logits` in `keras.ops`, whatever the
     backend, on the outputs of `kmask._steps.dense_inputs`."""
