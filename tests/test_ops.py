@@ -1,7 +1,9 @@
 """The two implementations of the cross-entropy agree: the portable
 `keras.ops` form (`kmask.ops._rows`, called here directly rather than through
 the dispatch) and the PyTorch kernel (`kmask.ops._torch`), on the same inputs,
-forward and gradient, with label smoothing, z-loss and the soft cap; both
+forward and gradient (and the chunked form's statistics, whether the argmax
+is the label and the negative log-likelihood), with label smoothing, z-loss
+and the soft cap; both
 against the float64 NumPy references of `tools.parity.references`.
 
 The inputs hold NaN at padded steps (the labels 0 there, as the ops pass
@@ -15,6 +17,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from tests._numeric import close
 from tools.parity.references import np_categorical, np_linear, np_sparse_categorical
@@ -143,18 +146,19 @@ def test_chunked_linear_kernel_and_portable_form_agree(
     options = LinearOptions(3, label_smoothing, z_loss, softcap, False)
     flat_valid = torch.from_numpy(VALID.reshape(-1))
     flat_labels = torch.from_numpy(LABELS.reshape(-1))
+    stats = {}
 
     def kernel(hidden, weights, bias):
-        per_step, _, _ = _torch.linear_crossentropy(
+        per_step, _, stats["kernel"] = _torch.linear_crossentropy(
             hidden.reshape(-1, width), weights, bias, flat_labels, flat_valid,
-            None, (B, T), options,
+            None, (B, T), options, None, True,
         )  # fmt: skip
         return per_step.reshape(B, T)
 
     def portable(hidden, weights, bias):
-        per_step, _, _ = linear_crossentropy_portable(
+        per_step, _, stats["portable"] = linear_crossentropy_portable(
             hidden.reshape(-1, width), weights, bias, flat_labels, flat_valid,
-            None, (B, T), options,
+            None, (B, T), options, True,
         )  # fmt: skip
         return per_step
 
@@ -169,3 +173,6 @@ def test_chunked_linear_kernel_and_portable_form_agree(
         _both(portable, hidden, weights, bias),
         expected,
     )
+    for correct, nll in stats.values():
+        close(ops.reshape(correct, (B, T)), found["correct"])
+        close(ops.reshape(nll, (B, T)), found["nll"])
