@@ -4,10 +4,11 @@ the chunked form over `hidden @ kernel + bias`.
 `sparse_crossentropy_with_logits`, `categorical_crossentropy_with_logits` and
 the chunk loop of `linear_crossentropy` share the cross-entropy of a row of
 logits and its gradient (`kmask.ops._rows`). On PyTorch each op runs as its
-kernel in `kmask.ops._torch`, picked by `kmask.ops._dispatch`. `sparse_crossentropy` and
-`crossentropy` are the per-step functions of the losses and of `Perplexity`:
-they route logits to these ops and handle probabilities and a class axis
-other than the last.
+kernel in `kmask.ops._torch`, picked by `kmask.ops._dispatch`; the
+`*_portable` functions are the `keras.ops` forms whatever the backend.
+`sparse_crossentropy` and `crossentropy` are the per-step functions of the
+losses and of `Perplexity`: they route logits to these ops and handle
+probabilities and a class axis other than the last.
 """
 
 from __future__ import annotations
