@@ -33,6 +33,7 @@ from kmask.ops import (
     mean_squared_error,
     sparse_crossentropy_with_logits,
 )
+from kmask.ops._rows import softcap
 from kmask.ops.crossentropy import LinearOptions
 from kmask.reduce import is_linear, masked_reduce, standardize_reduction
 from kmask.typing import Tensor
@@ -298,9 +299,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 logits = ops.matmul(inputs, kernel)
             if self.bias is not None:
                 logits = logits + self.bias
-            if options.softcap is None:
-                return logits
-            return options.softcap * ops.tanh(logits / options.softcap)
+            return softcap(logits, options.softcap)
         hidden, labels = inputs
         hidden_mask = mask[0] if mask is not None else None
         per_step, value, stats = _head(

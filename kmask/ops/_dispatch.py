@@ -13,15 +13,33 @@ from collections.abc import Callable
 import keras
 
 
+class _Kernels(dict):
+    """`{(backend, op name): kernel or None}`, filled on first use: an op
+    looks its kernel up with one `dict` access per call, the backend read
+    each time (`keras.config.set_backend` can change it)."""
+
+    def __missing__(self, key: tuple[str, str]) -> Callable | None:
+        backend, name = key
+        kernel = None
+        if backend == "torch":
+            # Imported here: the module imports torch.
+            from kmask.ops import _torch
+
+            kernel = getattr(_torch, name)
+        self[key] = kernel
+        return kernel
+
+
+KERNELS: dict[tuple[str, str], Callable | None] = _Kernels()
+"""The backends' own kernels: `KERNELS[keras.backend.backend(), name]` is
+the kernel of the op `name`, or `None` where the portable `keras.ops` form
+runs."""
+
+
 def backend_kernel(name: str) -> Callable | None:
     """The current backend's own kernel of the op `name`, or `None` where
     the portable `keras.ops` form runs."""
-    if keras.backend.backend() != "torch":
-        return None
-    # Imported here: the module imports torch.
-    from kmask.ops import _torch
-
-    return getattr(_torch, name)
+    return KERNELS[keras.backend.backend(), name]
 
 
 def compiling() -> bool:

@@ -38,11 +38,11 @@ reason (same machine, ms; portable: `kmask.ops`'s `custom_gradient`):
 `mul` (5, 76 ms), `where` (2, 43 ms), `exp` (2, 42 ms); on the squared
 error: `sub`, `where`, `mul`, `pow` and `neg` (Keras's torch
 `custom_gradient` computes the targets' gradient even when nobody asked for
-it). The one-hot kernel holds `log_softmax(logits)` and turns it into the
-gradient in place, like the sparse one; the squared-error kernel holds the
-difference and scales it in place. Both take `sum(a * b)` over the last
-axis as a batched matrix product (`_row_dot`), which allocates no
-`[tokens, classes]` product, and compute the targets' gradient only when
+it). The one-hot cross-entropy is the sparse kernel with dense targets
+(`_block_crossentropy` and `_softmax_grad_` take either); the squared-error
+kernel holds the difference and scales it in place. Both take `sum(a * b)`
+over the last axis as a batched matrix product (`_row_dot`), which allocates
+no `[tokens, classes]` product, and compute the targets' gradient only when
 autograd asks for it.
 
 `linear_crossentropy` is the chunk loop of `kmask.fused_linear_crossentropy`.
@@ -81,6 +81,7 @@ backends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -104,43 +105,62 @@ def sparse_crossentropy_with_logits(
     Returns:
         float32 per-step losses, 0 where not `valid`.
     """
-    return _SparseCrossentropy.apply(
-        logits, labels.long(), valid, label_smoothing, z_loss
+    return _Crossentropy.apply(
+        logits, labels.long()[..., None], valid, label_smoothing, z_loss
     )
 
 
-class _SparseCrossentropy(torch.autograd.Function):
+class _Crossentropy(torch.autograd.Function):
+    """The sparse and the dense cross-entropy: the targets are int64 labels
+    `[..., 1]` or float targets of the logits' shape."""
+
     @staticmethod
-    def forward(ctx, logits, labels, valid, label_smoothing, z_loss):
+    def forward(ctx, logits, targets, valid, label_smoothing, z_loss):
         classes = logits.shape[-1]
         flat_logits = logits.reshape(-1, classes)
-        flat_labels = labels.reshape(-1, 1)
-        log_probs = torch.log_softmax(flat_logits, dim=-1)
-        per_step = _label_loss(log_probs, flat_labels, label_smoothing)
-        log_normalizer = None
-        if z_loss:
-            log_normalizer = torch.logsumexp(flat_logits, dim=-1)
-            per_step.add_(z_loss * log_normalizer.square())
+        flat_targets = targets.reshape(flat_logits.shape[0], -1)
+        per_step, block, _ = _block_crossentropy(
+            flat_logits, flat_targets, label_smoothing, z_loss, in_place=False
+        )
         flat_valid = None if valid is None else valid.reshape(-1)
         if flat_valid is not None:
             per_step = torch.where(flat_valid, per_step, 0.0)
-        ctx.save_for_backward(log_probs, flat_labels, flat_valid, log_normalizer)
-        ctx.options = (logits.shape, label_smoothing, z_loss)
-        return per_step.reshape(labels.shape)
+        target_sum, dense = block.target_sum, isinstance(block.target_sum, torch.Tensor)
+        ctx.save_for_backward(
+            block.log_probs,
+            flat_targets,
+            flat_valid,
+            target_sum if dense else None,
+            block.log_normalizer,
+        )
+        label_sum = None if dense else target_sum
+        ctx.options = (logits.shape, label_smoothing, z_loss, label_sum)
+        return per_step.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, upstream):
-        log_probs, flat_labels, flat_valid, log_normalizer = ctx.saved_tensors
-        shape, label_smoothing, z_loss = ctx.options
+        log_probs, flat_targets, flat_valid, target_sum, log_normalizer = (
+            ctx.saved_tensors
+        )
+        shape, label_smoothing, z_loss, label_sum = ctx.options
+        target_sum = label_sum if target_sum is None else target_sum
         coefficient = upstream.reshape(-1).to(log_probs.dtype)
         if flat_valid is not None:
             coefficient = torch.where(flat_valid, coefficient, 0.0)
-        probs = log_probs.exp_() if _may_overwrite() else log_probs.exp()
-        grad = _softmax_grad_(
-            probs, None, flat_labels, coefficient, log_normalizer, flat_valid,
-            label_smoothing, z_loss,
-        )  # fmt: skip
-        return grad.reshape(shape), None, None, None, None
+        d_targets = None
+        if ctx.needs_input_grad[1]:
+            # d per_step / d targets = -(1 - ls) * log_softmax(logits), taken
+            # before the logits' gradient is written over `log_probs`.
+            d_targets = log_probs * (coefficient[:, None] * (label_smoothing - 1.0))
+            d_targets = _zero_padding(d_targets, flat_valid).reshape(shape)
+        d_logits = None
+        if ctx.needs_input_grad[0]:
+            block = _Block(log_probs, target_sum, log_normalizer)
+            d_logits = _softmax_grad_(
+                block, flat_targets, coefficient, flat_valid, label_smoothing,
+                z_loss, in_place=_may_overwrite(),
+            ).reshape(shape)  # fmt: skip
+        return d_logits, d_targets, None, None, None
 
 
 def categorical_crossentropy_with_logits(
@@ -150,7 +170,7 @@ def categorical_crossentropy_with_logits(
     label_smoothing: float,
 ) -> torch.Tensor:
     """`kmask.ops.categorical_crossentropy_with_logits` on float32 tensors."""
-    return _CategoricalCrossentropy.apply(logits, targets, valid, label_smoothing)
+    return _Crossentropy.apply(logits, targets, valid, label_smoothing, 0.0)
 
 
 def mean_squared_error(
@@ -158,47 +178,6 @@ def mean_squared_error(
 ) -> torch.Tensor:
     """`kmask.ops.mean_squared_error` on float32 tensors."""
     return _SquaredError.apply(predictions, targets, valid)
-
-
-class _CategoricalCrossentropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, valid, label_smoothing):
-        classes = logits.shape[-1]
-        flat_targets = targets.reshape(-1, classes)
-        log_probs = torch.log_softmax(logits.reshape(-1, classes), dim=-1)
-        per_step = _row_dot(flat_targets, log_probs)
-        per_step.mul_(label_smoothing - 1.0)
-        target_sum = flat_targets.sum(dim=-1).mul_(1.0 - label_smoothing)
-        if label_smoothing:
-            per_step.sub_(label_smoothing * log_probs.mean(dim=-1))
-            target_sum.add_(label_smoothing)
-        flat_valid = None if valid is None else valid.reshape(-1)
-        if flat_valid is not None:
-            per_step = torch.where(flat_valid, per_step, 0.0)
-        ctx.save_for_backward(log_probs, flat_targets, flat_valid, target_sum)
-        ctx.options = (logits.shape, label_smoothing)
-        return per_step.reshape(logits.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, upstream):
-        log_probs, flat_targets, flat_valid, target_sum = ctx.saved_tensors
-        shape, label_smoothing = ctx.options
-        coefficient = upstream.reshape(-1, 1).to(log_probs.dtype)
-        if flat_valid is not None:
-            coefficient = torch.where(flat_valid[:, None], coefficient, 0.0)
-        d_targets = None
-        if ctx.needs_input_grad[1]:
-            d_targets = log_probs * (coefficient * (label_smoothing - 1.0))
-            d_targets = _zero_padding(d_targets, flat_valid).reshape(shape)
-        d_logits = None
-        if ctx.needs_input_grad[0]:
-            grad = log_probs.exp_() if _may_overwrite() else log_probs.exp()
-            grad.mul_(coefficient * target_sum[:, None])
-            grad.addcmul_(flat_targets, coefficient, value=label_smoothing - 1.0)
-            if label_smoothing:
-                grad.sub_(coefficient * (label_smoothing / shape[-1]))
-            d_logits = _zero_padding(grad, flat_valid).reshape(shape)
-        return d_logits, d_targets, None, None
 
 
 class _SquaredError(torch.autograd.Function):
@@ -458,28 +437,17 @@ def _linear_chunks(
         if stats is not None:
             found = logits.argmax(dim=1) == chunk_labels[:, 0]
             stats[0, rows] = (found & chunk_valid).to(stats.dtype)
-        # The differences from the row's maximum (see `kmask.ops`).
-        top = logits.amax(dim=1)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        logits.sub_(top[:, None])
-        loss = _label_loss(logits, chunk_labels, ls)
-        label_shifted = None
+        loss, block, nll = _block_crossentropy(
+            logits, chunk_labels, ls, z_loss, in_place=True, nll=stats is not None
+        )
         if stats is not None:
-            label_shifted = logits.gather(1, chunk_labels).squeeze(1)
-        exponentials = logits.exp_()
-        sum_exp = exponentials.sum(dim=1)
-        log_sum = sum_exp.log()
-        if label_shifted is not None:
-            stats[1, rows] = torch.where(chunk_valid, log_sum - label_shifted, 0.0)
-        loss.add_(log_sum)
-        if z_loss:
-            loss.add_(z_loss * (top + log_sum).square())
+            stats[1, rows] = torch.where(chunk_valid, nll, 0.0)
         per_step[rows] = torch.where(chunk_valid, loss, 0.0)
         if coefficient is None:
             continue
         grad = _softmax_grad_(
-            exponentials, sum_exp, chunk_labels, coefficient[rows], top + log_sum,
-            chunk_valid, ls, z_loss,
+            block, chunk_labels, coefficient[rows], chunk_valid, ls, z_loss,
+            in_place=True,
         )  # fmt: skip
         if slope is not None:
             grad.mul_(slope)
@@ -496,42 +464,83 @@ def _linear_chunks(
 
 
 # ----------------------------------------------------------------------------
-# The sparse cross-entropy of a block of rows, shared by both sparse kernels.
+# The cross-entropy of a block of rows, shared by every cross-entropy kernel.
 
 
-def _label_loss(rows: torch.Tensor, labels: torch.Tensor, label_smoothing: float):
-    """`-(1 - ls) * rows[label] - ls * mean(rows)` per row: the cross-entropy
-    of log-probabilities, or of logits shifted by any per-row constant up to
-    that constant (which the caller adds)."""
-    loss = rows.gather(1, labels).squeeze(1).mul_(label_smoothing - 1.0)
+class _Block(NamedTuple):
+    """What the gradient of `_block_crossentropy` reads: the `[rows,
+    classes]` `log_probs = log_softmax(logits)` and per row the smoothed
+    targets' sum (`1.0` for labels) and, with z-loss, `logsumexp(logits)`."""
+
+    log_probs: torch.Tensor
+    target_sum: torch.Tensor | float
+    log_normalizer: torch.Tensor | None
+
+
+def _block_crossentropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    in_place: bool,
+    nll: bool = False,
+) -> tuple[torch.Tensor, _Block, torch.Tensor | None]:
+    """The cross-entropy of each row of `logits` (`[rows, classes]`) against
+    `targets`: int64 labels `[rows, 1]` or float targets of `logits`' shape;
+    the same maths as `kmask.ops._rows.row_crossentropy` (see there).
+
+    One `[rows, classes]` array, `log_softmax(logits)` (PyTorch's kernel
+    takes a row at a time through the cache: 6x faster than the maximum, the
+    shift, `exp` and the sum as four passes), written over `logits` when
+    `in_place`; the backward pass turns it into the gradient in place.
+    Returns `(per_step, block, nll)`: the per-step losses, the `_Block` and,
+    with `nll`, the cross-entropy without label smoothing or z-loss (else
+    `None`)."""
+    log_normalizer = torch.logsumexp(logits, dim=1) if z_loss else None
+    # Under `torch.compile` no `out=` over an input: the compiler fuses anyway.
+    if in_place and not torch.compiler.is_compiling():
+        log_probs = torch.log_softmax(logits, dim=1, out=logits)
+    else:
+        log_probs = torch.log_softmax(logits, dim=1)
+    raw_sum: torch.Tensor | float
+    if targets.dtype.is_floating_point:
+        raw_sum = targets.sum(dim=1)
+        target_log_prob = _row_dot(targets, log_probs)
+    else:
+        raw_sum = 1.0
+        target_log_prob = log_probs.gather(1, targets).squeeze(1)
+    loss = target_log_prob * (label_smoothing - 1.0)
     if label_smoothing:
-        loss.sub_(label_smoothing * rows.mean(dim=1))
-    return loss
+        loss.sub_(label_smoothing * log_probs.mean(dim=1))
+    if log_normalizer is not None:
+        loss.add_(z_loss * log_normalizer.square())
+    target_sum = raw_sum * (1.0 - label_smoothing) + label_smoothing
+    row_nll = -target_log_prob if nll else None
+    return loss, _Block(log_probs, target_sum, log_normalizer), row_nll
 
 
 def _softmax_grad_(
-    exponentials: torch.Tensor,
-    sum_exp: torch.Tensor | None,
-    labels: torch.Tensor,
+    block: _Block,
+    targets: torch.Tensor,
     coefficient: torch.Tensor,
-    log_normalizer: torch.Tensor | None,
     valid: torch.Tensor | None,
     label_smoothing: float,
     z_loss: float,
+    in_place: bool,
 ) -> torch.Tensor:
-    """`coefficient * d per_step / d logits` in place of `exponentials`:
-    `softmax * scale - coefficient * smoothed one_hot(labels)`, the rows that
-    are not `valid` set to 0. `exponentials / sum_exp` is the softmax
-    (`sum_exp` `None`: they are the softmax already)."""
-    scale = coefficient
-    if z_loss:
-        # The forward pass computes the normaliser whenever z_loss is set.
-        assert log_normalizer is not None
-        scale = coefficient * (1.0 + 2.0 * z_loss * log_normalizer)
-    if sum_exp is not None:
-        scale = scale / sum_exp
-    grad = exponentials.mul_(scale[:, None])
-    grad.scatter_add_(1, labels, coefficient[:, None] * (label_smoothing - 1.0))
+    """`coefficient * d per_step / d logits`, `softmax * scale - coefficient
+    * smoothed targets`, the rows that are not `valid` set to 0; in place of
+    `block.log_probs` when `in_place`."""
+    softmax_weight = block.target_sum
+    if block.log_normalizer is not None:
+        softmax_weight = softmax_weight + 2.0 * z_loss * block.log_normalizer
+    scale = (coefficient * softmax_weight)[:, None]
+    log_probs = block.log_probs
+    grad = (log_probs.exp_() if in_place else log_probs.exp()).mul_(scale)
+    if targets.dtype.is_floating_point:
+        grad.addcmul_(targets, coefficient[:, None], value=label_smoothing - 1.0)
+    else:
+        grad.scatter_add_(1, targets, coefficient[:, None] * (label_smoothing - 1.0))
     if label_smoothing:
         grad.sub_(coefficient[:, None] * (label_smoothing / grad.shape[1]))
     if valid is None:

@@ -1,13 +1,14 @@
 """The cross-entropy op, written once: its forward pass, its gradient, and
 the chunked form over `hidden @ kernel + bias`.
 
-`sparse_crossentropy_with_logits` and the chunk loop of `linear_crossentropy`
-share `_forward` and `_grad`; `categorical_crossentropy_with_logits` shares
-the normalizer (`_shift`). On PyTorch each op runs as its kernel in
-`kmask.ops._torch`, picked by `kmask.ops._dispatch`. `sparse_crossentropy` and
-`crossentropy` are the per-step functions of the losses and of `Perplexity`:
-they route logits to these ops and handle probabilities and a class axis
-other than the last.
+`sparse_crossentropy_with_logits`, `categorical_crossentropy_with_logits` and
+the chunk loop of `linear_crossentropy` share the cross-entropy of a row of
+logits and its gradient (`kmask.ops._rows`). On PyTorch each op runs as its
+kernel in `kmask.ops._torch`, picked by `kmask.ops._dispatch`; the
+`*_portable` functions are the `keras.ops` forms whatever the backend.
+`sparse_crossentropy` and `crossentropy` are the per-step functions of the
+losses and of `Perplexity`: they route logits to these ops and handle
+probabilities and a class axis other than the last.
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
-from kmask._steps import broadcast_to_steps, dense_inputs, last_size, where_valid
-from kmask.ops._dispatch import backend_kernel, keeps_exponentials
+from kmask._steps import broadcast_to_steps, dense_inputs, where_valid
+from kmask.ops._dispatch import KERNELS, keeps_exponentials
+from kmask.ops._rows import (
+    Rows,
+    log_softmax,
+    row_crossentropy,
+    row_crossentropy_grad,
+    softcap,
+    softcap_slope,
+)
 from kmask.typing import Tensor
 
 
@@ -63,24 +72,31 @@ def sparse_crossentropy_with_logits(
     if valid is not None:
         valid = ops.cast(ops.convert_to_tensor(valid), "bool")
         labels = ops.where(valid, labels, ops.zeros_like(labels))
-    kernel = backend_kernel("sparse_crossentropy_with_logits")
+    kernel = KERNELS[keras.backend.backend(), "sparse_crossentropy_with_logits"]
     if kernel is not None:
         return kernel(labels, logits, valid, label_smoothing, z_loss)
+    return sparse_crossentropy_portable(labels, logits, valid, label_smoothing, z_loss)
+
+
+def sparse_crossentropy_portable(
+    labels: Any, logits: Any, valid: Any, label_smoothing: float, z_loss: float
+) -> Tensor:
+    """`sparse_crossentropy_with_logits` in `keras.ops`, whatever the backend:
+    int32 `labels` (0 where not `valid`), float32 `logits`, boolean `valid`
+    or `None`."""
 
     @ops.custom_gradient
     def crossentropy(logits):
-        normalizer, per_step = _forward(logits, labels, label_smoothing, z_loss)
-        if valid is not None:
-            per_step = ops.where(valid, per_step, ops.zeros_like(per_step))
+        rows = row_crossentropy(logits, labels, label_smoothing, z_loss)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return _grad(
-                logits, normalizer, labels, valid, upstream, label_smoothing, z_loss
+            return row_crossentropy_grad(
+                logits, rows, labels, upstream, valid, label_smoothing, z_loss
             )
 
-        return per_step, grad
+        return where_valid(valid, rows.per_step), grad
 
     return crossentropy(logits)
 
@@ -125,148 +141,47 @@ def categorical_crossentropy_with_logits(
     array([[1.0986, 0.    ]], dtype=float32)
     """
     targets, logits, valid = dense_inputs(targets, logits, valid)
-    kernel = backend_kernel("categorical_crossentropy_with_logits")
+    kernel = KERNELS[keras.backend.backend(), "categorical_crossentropy_with_logits"]
     if kernel is not None:
         return kernel(targets, logits, valid, label_smoothing)
+    return categorical_crossentropy_portable(targets, logits, valid, label_smoothing)
+
+
+def categorical_crossentropy_portable(
+    targets: Any, logits: Any, valid: Any, label_smoothing: float
+) -> Tensor:
+    """`categorical_crossentropy_with_logits` in `keras.ops`, whatever the
+    backend, on the outputs of `kmask._steps.dense_inputs`."""
     keep_exponentials = keeps_exponentials()
 
     @ops.custom_gradient
     def crossentropy(logits, targets):
-        top, exponentials, log_sum = _log_normalizer(logits)
-        target_sum, target_logit = _target_sums(
-            targets, logits, label_smoothing, keep_exponentials
+        rows = row_crossentropy(
+            logits, targets, label_smoothing, elementwise=keep_exponentials
         )
-        if keep_exponentials:
-            log_probs = _log_probs(logits, top, log_sum)
-            smoothed = _smooth(targets, label_smoothing)
-            per_step = -ops.sum(smoothed * log_probs, axis=-1)
-        else:
-            # sum(t * logits) - sum(t) * logsumexp(logits), the maximum taken
-            # out first: exact for one-hot targets.
-            per_step = (target_sum * top - target_logit) + target_sum * log_sum
-        per_step = where_valid(valid, per_step)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
+            d_logits = row_crossentropy_grad(
+                logits,
+                rows,
+                targets,
+                upstream,
+                valid,
+                label_smoothing,
+                keep_exponentials=keep_exponentials,
+            )
+            # d per_step / d targets = -(1 - ls) * log_softmax(logits)
             coefficient = ops.expand_dims(where_valid(valid, upstream), -1)
-            log_probs = _log_probs(logits, top, log_sum)
-            if keep_exponentials:
-                scale = target_sum / ops.exp(log_sum)
-                probs = exponentials * ops.expand_dims(scale, -1)
-            else:
-                probs = ops.exp(log_probs) * ops.expand_dims(target_sum, -1)
-            d_logits = coefficient * (probs - _smooth(targets, label_smoothing))
-            d_targets = coefficient * ((label_smoothing - 1.0) * log_probs)
-            return where_valid(valid, d_logits), where_valid(valid, d_targets)
+            d_targets = coefficient * (
+                (label_smoothing - 1.0) * log_softmax(logits, rows)
+            )
+            return d_logits, where_valid(valid, d_targets)
 
-        return per_step, grad
+        return where_valid(valid, rows.per_step), grad
 
     return crossentropy(logits, targets)
-
-
-def _forward(logits, labels, label_smoothing: float, z_loss: float):
-    """The normalizer `(top, log_sum)`, with `logsumexp(logits) = top +
-    log_sum`, and the per-step loss, all of `labels`' shape.
-
-    Differences are taken from the row's maximum `top`, which is exact near
-    it: `logits - logsumexp(logits)` directly loses `ulp(logits)` (1e-6
-    relative for logits of 8, as autodiff of `log_softmax` does not).
-    """
-    top, shifted = _shift(logits)
-    log_sum = ops.log(ops.sum(ops.exp(shifted), axis=-1))
-    label_shifted = ops.squeeze(
-        ops.take_along_axis(shifted, ops.expand_dims(labels, -1), axis=-1), axis=-1
-    )
-    per_step = log_sum - (1.0 - label_smoothing) * label_shifted
-    if label_smoothing:
-        per_step = per_step - label_smoothing * ops.mean(shifted, axis=-1)
-    if z_loss:
-        per_step = per_step + z_loss * ops.square(top + log_sum)
-    return (top, log_sum), per_step
-
-
-def _grad(
-    logits,
-    normalizer,
-    labels,
-    valid,
-    upstream,
-    label_smoothing: float,
-    z_loss: float,
-):
-    """`upstream * d per_step / d logits`, exactly 0 where not `valid`.
-
-    One expression, so that XLA fuses it into one loop over the logits.
-    """
-    top, log_sum = normalizer
-    coefficient = upstream
-    if valid is not None:
-        coefficient = ops.where(valid, upstream, ops.zeros_like(upstream))
-    scale = coefficient
-    if z_loss:
-        scale = coefficient * (1.0 + 2.0 * z_loss * (top + log_sum))
-    classes = logits.shape[-1]
-    log_probs = logits - ops.expand_dims(top, -1) - ops.expand_dims(log_sum, -1)
-    probs = ops.exp(log_probs) * ops.expand_dims(scale, -1)
-    is_label = ops.equal(
-        ops.arange(classes, dtype="int32"), ops.expand_dims(labels, -1)
-    )
-    label_term = ops.expand_dims((1.0 - label_smoothing) * coefficient, -1)
-    grad = ops.where(is_label, probs - label_term, probs)
-    if label_smoothing:
-        grad = grad - ops.expand_dims(coefficient * (label_smoothing / classes), -1)
-    if valid is not None:
-        grad = ops.where(ops.expand_dims(valid, -1), grad, ops.zeros_like(grad))
-    return grad
-
-
-def _smooth(targets, label_smoothing: float):
-    """`targets` moved `label_smoothing` of the way to the uniform distribution."""
-    if not label_smoothing:
-        return targets
-    return targets * (1.0 - label_smoothing) + label_smoothing / last_size(targets)
-
-
-def _target_sums(targets, logits, label_smoothing: float, elementwise: bool):
-    """`sum(t)` and `sum(t * logits)` over the last axis, `t` the smoothed
-    targets; the second as a dot product (no `[..., classes]` product is
-    held), or not at all when `elementwise` (see `_log_normalizer`)."""
-    target_sum = ops.sum(targets, axis=-1)
-    target_logit = None
-    if not elementwise:
-        target_logit = ops.einsum("...c,...c->...", targets, logits)
-    if label_smoothing:
-        target_sum = (1.0 - label_smoothing) * target_sum + label_smoothing
-        if target_logit is not None:
-            target_logit = (1.0 - label_smoothing) * target_logit + (
-                label_smoothing * ops.mean(logits, axis=-1)
-            )
-    return target_sum, target_logit
-
-
-def _log_normalizer(logits):
-    """`(top, exponentials, log_sum)` of the last axis: `exponentials =
-    exp(logits - top)` and `logsumexp(logits) = top + log_sum`; which of them
-    the backward pass keeps is `kmask.ops._dispatch.keeps_exponentials`."""
-    top, shifted = _shift(logits)
-    exponentials = ops.exp(shifted)
-    return top, exponentials, ops.log(ops.sum(exponentials, axis=-1))
-
-
-def _log_probs(logits, top, log_sum):
-    """`log_softmax(logits)`, differences taken from the row's maximum."""
-    return (logits - ops.expand_dims(top, -1)) - ops.expand_dims(log_sum, -1)
-
-
-def _shift(logits):
-    """`(top, logits - top)`: the row's maximum and the differences from it,
-    which are exact near it (`logits - logsumexp(logits)` directly loses
-    `ulp(logits)`)."""
-    top = ops.max(logits, axis=-1)
-    # A row of -inf has no finite maximum; any shift works there.
-    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
-    return top, logits - ops.expand_dims(top, -1)
 
 
 def sparse_crossentropy(
@@ -457,7 +372,6 @@ def linear_crossentropy(
     width = kernel.shape[1 if options.transpose_kernel else 0]
     hidden = ops.reshape(hidden, (-1, width))
     labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-    tokens = ops.shape(labels)[0]
     if valid is None:
         valid = ops.ones_like(labels, dtype="bool")
     else:
@@ -466,7 +380,7 @@ def linear_crossentropy(
     hidden = ops.where(ops.expand_dims(valid, -1), hidden, ops.zeros_like(hidden))
     if bias is not None:
         bias = ops.cast(ops.convert_to_tensor(bias), "float32")
-    kernel_op = backend_kernel("linear_crossentropy")
+    kernel_op = KERNELS[keras.backend.backend(), "linear_crossentropy"]
     if kernel_op is not None:
         if sample_weight is not None:
             sample_weight = ops.convert_to_tensor(sample_weight)
@@ -488,6 +402,29 @@ def linear_crossentropy(
         if stats is not None:
             stats = tuple(ops.reshape(stat, steps_shape) for stat in stats)
         return per_step, value, stats
+    return linear_crossentropy_portable(
+        hidden, kernel, bias, labels, valid, reduce, steps_shape, options, return_stats
+    )
+
+
+def linear_crossentropy_portable(
+    hidden: Any,
+    kernel: Any,
+    bias: Any,
+    labels: Any,
+    valid: Any,
+    reduce: Callable[[Any], Any] | None,
+    steps_shape: Any,
+    options: LinearOptions,
+    return_stats: bool = False,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+    """The chunk loop of `linear_crossentropy` in `keras.ops`, whatever the
+    backend, on the flat inputs its PyTorch kernel takes: float32 `hidden`
+    `[tokens, width]` (rows that are not `valid` zeroed), float32 `kernel`
+    and `bias` (or `None`), int32 `labels` `[tokens]` (0 where not `valid`),
+    boolean `valid` `[tokens]`; the outputs have `steps_shape`."""
+    tokens = ops.shape(labels)[0]
+    width = hidden.shape[1]
     # The real tokens first, in order: both loops stop after the last chunk
     # that holds one, so padding costs no matmul.
     order = ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
@@ -532,9 +469,7 @@ def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
         logits = ops.matmul(chunk_hidden, kernel)
     if bias is not None:
         logits = logits + bias
-    if options.softcap is None:
-        return logits
-    return options.softcap * ops.tanh(logits / options.softcap)
+    return softcap(logits, options.softcap)
 
 
 def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params):
@@ -558,16 +493,14 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
             chunk_hidden = ops.take(hidden, index, axis=0)
             logits = _chunk_logits(chunk_hidden, kernel, bias, options)
             chunk_labels = ops.take(labels, index, axis=0)
-            normalizer, per_step = _forward(
-                logits, chunk_labels, label_smoothing, z_loss
-            )
-            values = (*normalizer, per_step)
+            rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
+            values = [rows.top, rows.log_sum, rows.per_step]
             if return_stats:
                 predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
-                values += (
+                values += [
                     ops.cast(ops.equal(predicted, chunk_labels), "float32"),
-                    _label_nll(logits, chunk_labels, normalizer),
-                )
+                    rows.nll,
+                ]
             return tuple(
                 ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
                 for buffer, value in zip(buffers, values, strict=True)
@@ -587,18 +520,25 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                 d_hidden, d_kernel, d_bias = grads
                 chunk_hidden = ops.take(hidden, index, axis=0)
                 logits = _chunk_logits(chunk_hidden, kernel, bias, options)
-                d_logits = _grad(
+                rows = Rows(
+                    ops.take(tops, index, axis=0),
+                    ops.take(log_sums, index, axis=0),
+                    1.0,
+                    None,
+                    None,
+                    None,
+                )
+                d_logits = row_crossentropy_grad(
                     logits,
-                    (ops.take(tops, index, axis=0), ops.take(log_sums, index, axis=0)),
+                    rows,
                     ops.take(labels, index, axis=0),
-                    ops.take(valid, index, axis=0),
                     ops.take(upstream, index, axis=0),
+                    ops.take(valid, index, axis=0),
                     label_smoothing,
                     z_loss,
                 )
                 if options.softcap is not None:
-                    # d(c * tanh(z / c)) / dz = 1 - tanh(z / c) ** 2
-                    d_logits = d_logits * (1.0 - ops.square(logits / options.softcap))
+                    d_logits = d_logits * softcap_slope(logits, options.softcap)
                 if options.transpose_kernel:
                     chunk_d_hidden = ops.matmul(d_logits, kernel)
                     chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, chunk_hidden)
@@ -626,11 +566,3 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
     if return_stats:
         return output[0], (output[1], output[2])
     return output, None
-
-
-def _label_nll(logits, labels, normalizer):
-    """`logsumexp(logits) - logits[label]` per row: the cross-entropy
-    without label smoothing or z-loss, whatever the options."""
-    top, log_sum = normalizer
-    label_logit = ops.take_along_axis(logits, ops.expand_dims(labels, -1), axis=-1)
-    return log_sum - (ops.squeeze(label_logit, axis=-1) - top)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
 from kmask._steps import dense_inputs, last_size, where_valid
-from kmask.ops._dispatch import backend_kernel
+from kmask.ops._dispatch import KERNELS
 from kmask.typing import Tensor
 
 
@@ -42,7 +43,7 @@ def mean_squared_error(targets: Any, predictions: Any, valid: Any = None) -> Ten
     array([[5., 0.]], dtype=float32)
     """
     targets, predictions, valid = dense_inputs(targets, predictions, valid)
-    kernel = backend_kernel("mean_squared_error")
+    kernel = KERNELS[keras.backend.backend(), "mean_squared_error"]
     if kernel is not None:
         return kernel(targets, predictions, valid)
     features = last_size(predictions)

@@ -1,0 +1,172 @@
+"""The cross-entropy of rows of logits in `keras.ops`, written once: the
+forward pass and its gradient, for integer labels and for dense (one-hot or
+soft) targets, with label smoothing, z-loss and the soft cap.
+
+`kmask.ops.crossentropy` builds its three ops on these (the sparse, the dense
+and the chunked linear cross-entropy); `kmask.ops._torch` has the same maths
+as one PyTorch kernel. The targets' kind is read from their rank: labels have
+the per-step shape, dense targets the logits' shape.
+
+Per row, with `t` the targets smoothed towards the uniform distribution
+(`t = (1 - ls) * targets + ls / classes`), `top` the row's maximum and
+`logsumexp(logits) = top + log_sum`:
+
+    per_step = sum(t) * log_sum - sum(t * (logits - top)) + z * (top + log_sum) ** 2
+    d per_step / d logits = softmax * (sum(t) + 2 z (top + log_sum)) - t
+
+Differences are taken from the row's maximum, which is exact near it:
+`logits - logsumexp(logits)` directly loses `ulp(logits)` (1e-6 relative for
+logits of 8, as autodiff of `log_softmax` does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from keras import ops
+
+from kmask._steps import where_valid
+
+
+class Rows(NamedTuple):
+    """The forward pass of `row_crossentropy`, per row (the per-step shape).
+
+    Attributes:
+        top: The row's maximum (0 where it is not finite).
+        log_sum: `log(sum(exp(logits - top)))`.
+        target_sum: `sum(t)` of the smoothed targets; `1.0` for labels.
+        per_step: The cross-entropy with label smoothing and z-loss.
+        nll: The cross-entropy without label smoothing or z-loss.
+        exponentials: `exp(logits - top)`, `[..., classes]`.
+    """
+
+    top: Any
+    log_sum: Any
+    target_sum: Any
+    per_step: Any
+    nll: Any
+    exponentials: Any
+
+
+def softcap(logits: Any, cap: float | None) -> Any:
+    """`cap * tanh(logits / cap)`, or `logits` when `cap` is `None`."""
+    if cap is None:
+        return logits
+    return cap * ops.tanh(logits / cap)
+
+
+def softcap_slope(capped: Any, cap: float) -> Any:
+    """`d softcap(z) / dz` from the capped logits: `1 - tanh(z / c) ** 2`."""
+    return 1.0 - ops.square(capped / cap)
+
+
+def row_crossentropy(
+    logits: Any,
+    targets: Any,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    elementwise: bool = False,
+) -> Rows:
+    """The cross-entropy of each row of `logits` (`[..., classes]`).
+
+    Args:
+        logits: `[..., classes]`.
+        targets: int32 labels of the per-step shape, or dense targets of
+            `logits`' shape.
+        label_smoothing: Smoothing towards the uniform distribution.
+        z_loss: Coefficient of `logsumexp(logits) ** 2`.
+        elementwise: Take `sum(targets * logits)` as an elementwise product
+            rather than a dot product (see
+            `kmask.ops._dispatch.keeps_exponentials`).
+
+    Returns:
+        The `Rows`.
+    """
+    top = ops.max(logits, axis=-1)
+    # A row of -inf has no finite maximum; any shift works there.
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    exponentials = ops.exp(logits - ops.expand_dims(top, -1))
+    log_sum = ops.log(ops.sum(exponentials, axis=-1))
+    if len(targets.shape) < len(logits.shape):
+        label_logit = ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1)
+        raw_sum = target_sum = 1.0
+        target_logit = ops.squeeze(label_logit, axis=-1) - top
+    else:
+        raw_sum = target_sum = ops.sum(targets, axis=-1)
+        if elementwise:
+            target_logit = ops.sum(targets * logits, axis=-1)
+        else:
+            # A dot product: no `[..., classes]` product is held.
+            target_logit = ops.einsum("...c,...c->...", targets, logits)
+        # Exact for one-hot targets.
+        target_logit = target_logit - target_sum * top
+    nll = raw_sum * log_sum - target_logit
+    if label_smoothing:
+        target_sum = (1.0 - label_smoothing) * raw_sum + label_smoothing
+        target_logit = (1.0 - label_smoothing) * target_logit + label_smoothing * (
+            ops.mean(logits, axis=-1) - top
+        )
+    per_step = target_sum * log_sum - target_logit
+    if z_loss:
+        per_step = per_step + z_loss * ops.square(top + log_sum)
+    return Rows(top, log_sum, target_sum, per_step, nll, exponentials)
+
+
+def log_softmax(logits: Any, rows: Rows) -> Any:
+    """`log_softmax(logits)` from the row's normalizer."""
+    shifted = logits - ops.expand_dims(rows.top, -1)
+    return shifted - ops.expand_dims(rows.log_sum, -1)
+
+
+def row_crossentropy_grad(
+    logits: Any,
+    rows: Rows,
+    targets: Any,
+    upstream: Any,
+    valid: Any = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    keep_exponentials: bool = False,
+) -> Any:
+    """`upstream * d per_step / d logits`, exactly 0 where not `valid`:
+    `softmax * scale - coefficient * t`, one expression, so that XLA fuses it
+    into one loop over the logits.
+
+    Args:
+        logits: The logits `rows` came from.
+        rows: Their `Rows` (of which `exponentials` is read only with
+            `keep_exponentials`).
+        targets: As for `row_crossentropy`.
+        upstream: The gradient of the per-step losses.
+        valid: Optional boolean mask of the per-step shape.
+        label_smoothing: As for `row_crossentropy`.
+        z_loss: As for `row_crossentropy`.
+        keep_exponentials: Whether the softmax comes from `rows.exponentials`
+            rather than being recomputed from `logits`.
+
+    Returns:
+        The gradient, `logits`' shape.
+    """
+    coefficient = where_valid(valid, upstream)
+    softmax_weight = rows.target_sum
+    if z_loss:
+        softmax_weight = softmax_weight + 2.0 * z_loss * (rows.top + rows.log_sum)
+    scale = coefficient * softmax_weight
+    if keep_exponentials:
+        probs = rows.exponentials * ops.expand_dims(scale / ops.exp(rows.log_sum), -1)
+    else:
+        probs = ops.exp(log_softmax(logits, rows)) * ops.expand_dims(scale, -1)
+    classes = logits.shape[-1]
+    if len(targets.shape) < len(logits.shape):
+        is_label = ops.equal(
+            ops.arange(classes, dtype="int32"), ops.expand_dims(targets, -1)
+        )
+        label_term = ops.expand_dims((1.0 - label_smoothing) * coefficient, -1)
+        grad = ops.where(is_label, probs - label_term, probs)
+    else:
+        grad = probs - ops.expand_dims(coefficient, -1) * (
+            (1.0 - label_smoothing) * targets
+        )
+    if label_smoothing:
+        grad = grad - ops.expand_dims(coefficient * (label_smoothing / classes), -1)
+    return where_valid(valid, grad)
