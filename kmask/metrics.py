@@ -406,7 +406,8 @@ class _HeadMetric(_TokenMean):
         stats = ops.cast(stats, "float32")
         weight = stats[..., HEAD_STATS.index("weight")]
         if sample_weight is not None:
-            weight = weight * step_weights(tuple(ops.shape(weight)), None, sample_weight)
+            steps = tuple(ops.shape(weight))
+            weight = weight * step_weights(steps, None, sample_weight)
         # A weight of 0 marks padding: such a step adds nothing, even NaN.
         values = stats[..., HEAD_STATS.index(self._stat)]
         self._add(*masked_sum_and_count(values, None, weight))
