@@ -787,7 +787,7 @@ def test_categorical_crossentropy_matches_numpy(soft, label_smoothing, jit, pois
 
     per_step, d_logits = np_categorical(targets, data["logits"], True, label_smoothing)
     # d/dtargets of -sum(smoothed * log_softmax(logits)).
-    d_targets = (label_smoothing - 1) * np_log_softmax(data["logits"])
+    d_targets = (label_smoothing - 1) * np_log_softmax(data["logits"].astype("float64"))
     value, grad = value_and_grad(
         lambda x: objective(x, poisoned_targets), poisoned_logits, jit=jit
     )

@@ -21,7 +21,8 @@ EPSILON = 1e-7
 
 
 def np_log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, "float64")
+    """In the dtype of `logits` (the sources draw float32 probabilities with
+    it); the references below call it on float64."""
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
