@@ -11,15 +11,11 @@ from keras import ops
 import kmask
 from kmask.layers import LengthMask
 from tests._grad import value_and_grad
+from tools.parity.references import np_log_softmax
 
 BACKEND = keras.backend.backend()
 RTOL = 1e-5
 PAD_LABEL = -1
-
-
-def np_log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def np_ctc_one(labels, logits, blank: int) -> float:

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 import kmask
-from tools.backends import REPOSITORY, run_in_own_session
+from tools.backends import (
+    REPOSITORY,
+    backend_environment,
+    finish,
+    launch,
+    run_in_own_session,
+)
 from tools.parity.devices import data as device_data
 from tools.parity.devices.processes import reserve_ports, wait_for_each_other
 
@@ -138,6 +144,112 @@ def test_a_rank_waits_for_the_other_before_it_exits(tmp_path):
     wait_for_each_other(str(tmp_path), 1)
     waiting.join(timeout=10)
     assert not waiting.is_alive()
+
+
+# ----------------------------------------------------------------------------
+# The global count itself, fast: two replicas in child processes, no fit().
+
+# Two replicas whose real-token counts differ (3 and 1): a replica that divides
+# by its own count (7/3 and 8 against 7/4 and 8/4), or on PyTorch by the summed
+# count without DDP's / world size (half the value), gives other numbers.
+REPLICA_VALUES = [
+    [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]],
+    [[7.0, 8.0, 9.0], [1.0, 1.0, 1.0]],
+]
+REPLICA_MASKS = [[[1, 1, 0], [1, 0, 0]], [[0, 1, 0], [0, 0, 0]]]
+
+TORCH_REPLICA = """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+import kmask
+
+rank, store, values, masks = int(sys.argv[1]), sys.argv[2], *json.loads(sys.argv[3])
+dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+try:
+    value = kmask.masked_reduce(np.float32(values[rank]), np.bool_(masks[rank]))
+    print(json.dumps(float(value)))
+finally:
+    dist.destroy_process_group()
+"""
+
+TENSORFLOW_REPLICAS = """
+import json, sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+import kmask
+
+values, masks = json.loads(sys.argv[1])
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+per_replica = [
+    strategy.experimental_distribute_values_from_function(
+        lambda context, rows=rows, dtype=dtype: tf.cast(
+            rows[context.replica_id_in_sync_group], dtype
+        )
+    )
+    for rows, dtype in ((values, tf.float32), (masks, tf.bool))
+]
+found = strategy.run(tf.function(kmask.masked_reduce), args=per_replica)
+print(json.dumps([float(v) for v in strategy.experimental_local_results(found)]))
+"""
+
+
+def np_replica_token_means(world_divides: bool) -> list[float]:
+    """NumPy: each replica's sum over the global count (times the world size
+    where the gradients are averaged, as DDP does, rather than summed)."""
+    values, masks = np.asarray(REPLICA_VALUES), np.asarray(REPLICA_MASKS, bool)
+    global_count = masks.sum()
+    scale = len(values) if world_divides else 1
+    return [
+        scale * replica_values[replica_mask].sum() / global_count
+        for replica_values, replica_mask in zip(values, masks, strict=True)
+    ]
+
+
+def _replica_payload() -> str:
+    return json.dumps([REPLICA_VALUES, REPLICA_MASKS])
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed")
+def test_torch_processes_divide_by_the_global_count_over_world_size(tmp_path):
+    """Two gloo processes on this machine (a file store, no network): each
+    divides by the all-reduced count / 2, so DDP's mean of the two equals the
+    token mean of the whole batch."""
+    store = f"file://{tmp_path / 'store'}"
+    command = [sys.executable, "-c", TORCH_REPLICA]
+    env = backend_environment("torch")
+    ranks = [
+        launch([*command, str(rank), store, _replica_payload()], env, REPOSITORY)
+        for rank in range(2)
+    ]
+    codes = finish(ranks, timeout=120)
+    outputs = [rank.communicate() for rank in ranks]
+    assert codes == [0, 0], outputs
+    found = [json.loads(stdout) for stdout, _ in outputs]
+    expected = np_replica_token_means(world_divides=True)
+    np.testing.assert_allclose(found, expected, rtol=1e-6)
+    global_mean = np.asarray(REPLICA_VALUES)[np.asarray(REPLICA_MASKS, bool)].mean()
+    assert np.mean(found) == pytest.approx(global_mean)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute")
+def test_tensorflow_replicas_divide_by_the_summed_count():
+    """`MirroredStrategy` over two logical CPUs (set before TensorFlow starts,
+    so in a process of its own): each replica divides by the count summed
+    over both, so Keras's sum of the two equals the whole batch's token mean."""
+    command = [sys.executable, "-c", TENSORFLOW_REPLICAS, _replica_payload()]
+    env = backend_environment("tensorflow")
+    completed = run_in_own_session(command, env, 120, cwd=REPOSITORY)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    expected = np_replica_token_means(world_divides=False)
+    np.testing.assert_allclose(found, expected, rtol=1e-6)
+    global_mean = np.asarray(REPLICA_VALUES)[np.asarray(REPLICA_MASKS, bool)].mean()
+    assert sum(found) == pytest.approx(global_mean)
 
 
 @pytest.fixture(scope="module")

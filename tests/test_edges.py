@@ -3,7 +3,7 @@
 Labels out of range, empty batches, empty metrics, arguments of the wrong
 kind, sparse labels with a unit axis, a class axis other than the last,
 configs with NumPy values, and Keras's reduction names. Every number comes
-from a NumPy reference written here.
+from the NumPy references (tools/parity/references.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from keras import ops
 
 import kmask
 from tests._grad import value_and_grad
+from tools.parity.references import np_log_softmax, np_sparse_ce, np_token_mean
 
 B, T, C = 2, 4, 5
 LENGTHS = np.array([4, 2])
@@ -34,20 +35,6 @@ def _data(seed=0):
     logits = rng.normal(size=(B, T, C)).astype("float32")
     labels = rng.integers(0, C, size=(B, T)).astype("int32")
     return labels, logits
-
-
-def np_log_softmax(logits):
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def np_sparse_ce(labels, logits):
-    log_probs = np_log_softmax(np.asarray(logits, "float64"))
-    return -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
-
-
-def np_token_mean(per_step, valid):
-    return float(per_step[valid].mean()) if valid.any() else 0.0
 
 
 def _close(actual, expected, rtol=RTOL):

@@ -14,7 +14,13 @@ from tests._grad import value_and_grad
 from tests._numeric import close as _close
 from tests._numeric import linear_data
 from tools.parity import references
-from tools.parity.references import np_reduce
+from tools.parity.references import (
+    np_categorical,
+    np_log_softmax,
+    np_reduce,
+    np_sparse_categorical,
+    np_sparse_ce,
+)
 
 BACKEND = keras.backend.backend()
 B, T, H, V = 3, 7, 5, 11
@@ -28,20 +34,6 @@ PAD = -100
 
 def _valid(lengths=LENGTHS, steps=T):
     return np.arange(steps)[None, :] < np.asarray(lengths)[:, None]
-
-
-def np_crossentropy(logits, labels, label_smoothing=0.0, z_loss=0.0):
-    """Per-step loss and its gradient with respect to the logits."""
-    logits = np.asarray(logits, "float64")
-    top = logits.max(-1, keepdims=True)
-    log_normalizer = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
-    probs = np.exp(logits - log_normalizer[..., None])
-    one_hot = np.eye(logits.shape[-1])[labels]
-    target = (1 - label_smoothing) * one_hot + label_smoothing / logits.shape[-1]
-    per_step = -(target * (logits - log_normalizer[..., None])).sum(-1)
-    per_step = per_step + z_loss * log_normalizer**2
-    grad = probs * (1 + 2 * z_loss * log_normalizer[..., None]) - target
-    return per_step, grad
 
 
 def np_linear(hidden, kernel, bias, labels, valid, weight=None, reduction="token_mean",
@@ -84,8 +76,8 @@ def test_sparse_crossentropy_matches_numpy(label_smoothing, z_loss, jit):
         return ops.sum(per_step * upstream_tensor)
 
     value, grad = value_and_grad(objective, logits, jit=jit)
-    per_step, step_grad = np_crossentropy(
-        data["logits"], np.where(valid, labels, 0), label_smoothing, z_loss
+    per_step, step_grad = np_sparse_categorical(
+        np.where(valid, labels, 0), data["logits"], True, label_smoothing, z_loss
     )
     _close(value, np.where(valid, per_step * upstream, 0.0).sum())
     _close(grad, np.where(valid[..., None], step_grad * upstream[..., None], 0.0))
@@ -95,7 +87,7 @@ def test_sparse_crossentropy_matches_numpy(label_smoothing, z_loss, jit):
 def test_sparse_crossentropy_without_mask_and_all_padding():
     data = _data(2)
     per_step = kmask.sparse_crossentropy_with_logits(data["labels"], data["logits"])
-    _close(per_step, np_crossentropy(data["logits"], data["labels"])[0])
+    _close(per_step, np_sparse_ce(data["labels"], data["logits"]))
     nothing = np.zeros((B, T), bool)
     value, grad = value_and_grad(
         lambda x: ops.sum(
@@ -118,7 +110,10 @@ def test_sparse_crossentropy_computes_half_precision_in_float32(dtype):
     )
     assert keras.backend.standardize_dtype(per_step.dtype) == "float32"
     # Half-precision arithmetic would be off by ~1e-3.
-    _close(per_step, np_crossentropy(rounded.astype("float64"), data["labels"])[0])
+    _close(
+        per_step,
+        np_sparse_ce(data["labels"], rounded.astype("float64")),
+    )
 
 
 def test_masked_sparse_loss_takes_labels_with_a_trailing_axis():
@@ -126,7 +121,9 @@ def test_masked_sparse_loss_takes_labels_with_a_trailing_axis():
     valid = _valid()
     labels = np.where(valid, data["labels"], PAD)
     loss = kmask.MaskedSparseCategoricalCrossentropy(from_logits=True, mask_value=PAD)
-    per_step, _ = np_crossentropy(data["logits"], np.where(valid, labels, 0))
+    per_step, _ = np_sparse_categorical(
+        np.where(valid, labels, 0), data["logits"], True
+    )
     expected, _ = np_reduce(per_step, valid, None, "token_mean")
     _close(loss(labels[..., None], data["logits"]), expected)
 
@@ -441,7 +438,7 @@ def test_linear_torch_gradient_modes():
     )
     _close(d_hidden, 0.5 * summed[1])
     logits = data["hidden"].astype("float64") @ data["kernel"]
-    per_step = np_crossentropy(logits, np.where(valid, data["labels"], 0))[0]
+    per_step = np_sparse_ce(np.where(valid, data["labels"], 0), logits)
     per_step = np.where(valid, per_step, 0.0)
     _close(d_weight, per_step)
     # A trainable Keras variable as the weights gets the same gradient.
@@ -496,7 +493,7 @@ def test_layer_adds_the_loss_and_returns_per_step_losses():
     labels = np.where(valid, data["labels"], PAD)
     per_step = head([data["hidden"], labels])
     logits = data["hidden"].astype("float64") @ data["kernel"] + data["bias"]
-    expected_steps = np_crossentropy(logits, np.where(valid, labels, 0))[0]
+    expected_steps = np_sparse_ce(np.where(valid, labels, 0), logits)
     _close(per_step, np.where(valid, expected_steps, 0.0))
     (added,) = head.losses
     _close(added, np_reduce(expected_steps, valid, None, "sequence_mean")[0])
@@ -764,17 +761,6 @@ def _soft_targets(seed, soft):
     return (weights / weights.sum(-1, keepdims=True)).astype("float32")
 
 
-def np_dense_crossentropy(logits, targets, label_smoothing=0.0):
-    """Per-step loss and its gradients (logits, targets), float64."""
-    logits = np.asarray(logits, "float64")
-    top = logits.max(-1, keepdims=True)
-    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    smoothed = (1 - label_smoothing) * targets + label_smoothing / logits.shape[-1]
-    per_step = -(smoothed * log_probs).sum(-1)
-    d_logits = smoothed.sum(-1, keepdims=True) * np.exp(log_probs) - smoothed
-    return per_step, d_logits, (label_smoothing - 1) * log_probs
-
-
 def _poisoned(values, valid, value):
     """`values` with every padded step set to `value` (NaN, inf)."""
     return np.where(valid[..., None], values, value).astype("float32")
@@ -799,9 +785,9 @@ def test_categorical_crossentropy_matches_numpy(soft, label_smoothing, jit, pois
         )
         return ops.sum(per_step * upstream_tensor)
 
-    per_step, d_logits, d_targets = np_dense_crossentropy(
-        data["logits"], targets, label_smoothing
-    )
+    per_step, d_logits = np_categorical(targets, data["logits"], True, label_smoothing)
+    # d/dtargets of -sum(smoothed * log_softmax(logits)).
+    d_targets = (label_smoothing - 1) * np_log_softmax(data["logits"].astype("float64"))
     value, grad = value_and_grad(
         lambda x: objective(x, poisoned_targets), poisoned_logits, jit=jit
     )
@@ -820,7 +806,7 @@ def test_categorical_crossentropy_without_mask_and_all_padding():
     data = _data(14)
     targets = _soft_targets(14, soft=True)
     per_step = categorical_crossentropy_with_logits(targets, data["logits"])
-    _close(per_step, np_dense_crossentropy(data["logits"], targets)[0])
+    _close(per_step, np_categorical(targets, data["logits"], True)[0])
     nothing = np.zeros((B, T), bool)
     value, grad = value_and_grad(
         lambda x: ops.sum(categorical_crossentropy_with_logits(x, x, nothing)),
@@ -835,7 +821,7 @@ def test_categorical_crossentropy_is_exact_for_large_logits():
     logits = np.array([[1e4, 1e4 + 1.0, 1e4 - 1.0]], "float32")
     targets = np.array([[0.0, 0.0, 1.0]], "float32")
     per_step = categorical_crossentropy_with_logits(targets, logits)
-    expected = np_dense_crossentropy(logits, targets)[0]
+    expected = np_categorical(targets, logits, True)[0]
     _close(per_step, expected, rtol=1e-6)
 
 
@@ -853,7 +839,7 @@ def test_dense_losses_compute_half_precision_in_float32(dtype):
     expected = "float64" if dtype == "float64" else "float32"
     for per_step in (crossentropy, squared):
         assert keras.backend.standardize_dtype(per_step.dtype) == expected
-    _close(crossentropy, np_dense_crossentropy(rounded, targets)[0])
+    _close(crossentropy, np_categorical(targets, rounded, True)[0])
     _close(squared, ((rounded - targets) ** 2).mean(-1))
 
 

@@ -12,6 +12,7 @@ from keras import ops
 import kmask
 from kmask.fused import HEAD_STATS
 from tests._numeric import close, linear_data
+from tools.parity.references import np_sparse_ce
 
 B, T, H, V = 3, 7, 5, 11
 LENGTHS = np.array([7, 3, 1])
@@ -28,18 +29,12 @@ def np_stats(logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.
     if softcap is not None:
         logits = softcap * np.tanh(logits / softcap)
     labels = np.where(valid, labels, 0)
-    top = logits.max(-1, keepdims=True)
-    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
-    label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
-    nll = lse - label_logit
-    loss = (
-        (1 - label_smoothing) * nll
-        + label_smoothing * (lse - logits.mean(-1))
-        + z_loss * lse**2
-    )
-    correct = (logits.argmax(-1) == labels).astype("float64")
-    weight = valid.astype("float64")
-    columns = {"loss": loss, "nll": nll, "correct": correct, "weight": weight}
+    columns = {
+        "loss": np_sparse_ce(labels, logits, label_smoothing, z_loss),
+        "nll": np_sparse_ce(labels, logits),
+        "correct": (logits.argmax(-1) == labels).astype("float64"),
+        "weight": valid.astype("float64"),
+    }
     return np.stack([np.where(valid, columns[k], 0.0) for k in HEAD_STATS], -1)
 
 

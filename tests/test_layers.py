@@ -15,22 +15,10 @@ from kmask.layers import AttachMask, LengthMask, ValueMask
 from kmask.losses import MaskedCategoricalCrossentropy, MaskedMeanSquaredError
 from kmask.masks import keras_mask
 from tests._grad import value_and_grad
+from tools.parity.references import np_categorical, np_sequence_mask
 
 RTOL = 1e-5
 NAN = float("nan")
-
-
-def np_length_mask(lengths, time, padding):
-    positions = np.arange(time)[None, :]
-    lengths = np.asarray(lengths).reshape(-1, 1)
-    if padding == "post":
-        return positions < lengths
-    return positions >= time - lengths
-
-
-def np_categorical_crossentropy(y_true, y_pred):
-    probs = np.clip(np.asarray(y_pred, "float64"), 1e-7, 1 - 1e-7)
-    return -(np.asarray(y_true, "float64") * np.log(probs)).sum(-1)
 
 
 def mask_of(tensor):
@@ -127,7 +115,7 @@ SEED_Y = np.where(SEED_REAL[..., None], SEED_X, np.array([0, 0, 1])).astype("flo
 def test_builtin_loss_under_fit_ignores_padding_only_with_attach_mask(attach):
     model = _seed_like_model(attach)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
-    per_step = np_categorical_crossentropy(SEED_Y, model.predict(SEED_X, verbose=0))
+    per_step = np_categorical(SEED_Y, model.predict(SEED_X, verbose=0))[0]
     masked, unmasked = per_step[SEED_REAL].mean(), per_step.mean()
     assert not np.isclose(masked, unmasked, rtol=1e-3)
 
@@ -136,7 +124,7 @@ def test_builtin_loss_under_fit_ignores_padding_only_with_attach_mask(attach):
     # The first epoch's loss is computed before the single update.
     expected = masked if attach else unmasked
     np.testing.assert_allclose(history.history["loss"][0], expected, rtol=RTOL)
-    per_step = np_categorical_crossentropy(SEED_Y, model.predict(SEED_X, verbose=0))
+    per_step = np_categorical(SEED_Y, model.predict(SEED_X, verbose=0))[0]
     evaluated = model.evaluate(SEED_X, SEED_Y, verbose=0)
     expected = per_step[SEED_REAL].mean() if attach else per_step.mean()
     np.testing.assert_allclose(evaluated, expected, rtol=RTOL)
@@ -159,7 +147,9 @@ def test_length_mask_matches_numpy(padding, lengths_shape):
     np.testing.assert_array_equal(
         ops.convert_to_numpy(outputs), np.arange(24).reshape(3, 4, 2)
     )
-    np.testing.assert_array_equal(mask_of(outputs), np_length_mask(lengths, 4, padding))
+    np.testing.assert_array_equal(
+        mask_of(outputs), np_sequence_mask(lengths, 4, padding)
+    )
     assert keras_mask(x) is None
 
 
@@ -173,7 +163,9 @@ def test_length_mask_property(lengths, padding):
     outputs = LengthMask(padding=padding)(
         [x, ops.convert_to_tensor(np.array(lengths, "int32"))]
     )
-    np.testing.assert_array_equal(mask_of(outputs), np_length_mask(lengths, 6, padding))
+    np.testing.assert_array_equal(
+        mask_of(outputs), np_sequence_mask(lengths, 6, padding)
+    )
 
 
 def test_length_mask_rejects_bad_arguments():
@@ -209,13 +201,13 @@ def test_length_mask_under_fit_masks_the_loss(padding, time, loss):
     x = rng.normal(size=(4, 5, 2)).astype("float32")
     lengths = np.array([5, 1, 3, 0], "int32")
     y = np.eye(3)[rng.randint(0, 3, (4, 5))].astype("float32")
-    real = np_length_mask(lengths, 5, padding)
+    real = np_sequence_mask(lengths, 5, padding)
     model = _length_model(padding, time)
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=MaskedCategoricalCrossentropy() if loss == "kmask" else loss,
     )
-    per_step = np_categorical_crossentropy(y, model.predict([x, lengths], verbose=0))
+    per_step = np_categorical(y, model.predict([x, lengths], verbose=0))[0]
 
     history = model.fit([x, lengths], y, batch_size=4, epochs=1, verbose=0)
 
@@ -264,7 +256,7 @@ def test_value_mask_gradient_is_finite_and_zero_on_nan_steps():
 
 def test_value_mask_with_nan_inputs_and_targets_trains_finitely():
     rng = np.random.RandomState(3)
-    real = np_length_mask([4, 2, 3], 4, "post")
+    real = np_sequence_mask([4, 2, 3], 4, "post")
     x = np.where(real[..., None], rng.normal(size=(3, 4, 1)), np.nan).astype("float32")
     y = np.where(real[..., None], rng.normal(size=(3, 4, 1)), np.nan).astype("float32")
     inputs = keras.Input((4, 1))
@@ -338,7 +330,7 @@ def test_model_with_every_layer_survives_keras_save_and_load(tmp_path):
         )
     np.testing.assert_array_equal(mask_of(got[0]), ~np.isnan(x).all(-1))
     np.testing.assert_array_equal(
-        mask_of(got[1]), np_length_mask(lengths_value, 4, "pre")
+        mask_of(got[1]), np_sequence_mask(lengths_value, 4, "pre")
     )
     names = {type(layer).__name__ for layer in loaded.layers}
     assert {"ValueMask", "AttachMask", "LengthMask"} <= names

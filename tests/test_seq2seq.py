@@ -16,6 +16,7 @@ from keras import ops
 
 import kmask
 from tests._grad import value_and_grad
+from tools.parity.references import np_log_softmax
 
 FLAGS = (
     "average_across_timesteps",
@@ -51,11 +52,6 @@ def _flag_id(flags: dict) -> str:
     return "+".join(name for name, on in flags.items() if on) or "none"
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def tfa_reference(logits, targets, weights, flags: dict, per_step=None) -> np.ndarray:
     """TFA's `sequence_loss` in float64 NumPy: the weighted per-step
     cross-entropy, then its reductions with `divide_no_nan`."""
@@ -63,7 +59,7 @@ def tfa_reference(logits, targets, weights, flags: dict, per_step=None) -> np.nd
     weights = np.asarray(weights, "float64")
     targets = np.asarray(targets)
     if per_step is None:
-        log_probs = _log_softmax(logits)
+        log_probs = np_log_softmax(logits)
         if targets.ndim == 2:
             per_step = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
         else:
@@ -236,7 +232,7 @@ def test_gradient_matches_numpy():
         return kmask.sequence_loss(x, targets, weights)
 
     _, grad = value_and_grad(mean, logits)
-    probs = np.exp(_log_softmax(logits.astype("float64")))
+    probs = np.exp(np_log_softmax(logits.astype("float64")))
     onehot = np.eye(logits.shape[-1])[targets]
     expected = weights[..., None] * (probs - onehot) / weights.sum()
     np.testing.assert_allclose(grad, expected, atol=1e-6)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import inspect
 import types
+import typing
 
+import numpy as np
 import pytest
+from keras import ops
 
 import kmask
 
@@ -45,7 +48,11 @@ def _public_callables():
                 if name.startswith("_") and name not in ("__init__", "__call__"):
                     continue
                 function = getattr(member, "__func__", member)
-                if isinstance(function, types.FunctionType):
+                # Not `typing.Protocol`'s own `__init__`, which a protocol
+                # class holds in its namespace.
+                if isinstance(function, types.FunctionType) and (
+                    function.__module__.startswith("kmask")
+                ):
                     seen[f"{obj.__module__}.{function.__qualname__}"] = function
     return sorted(seen.items())
 
@@ -72,3 +79,18 @@ def test_public_callable_is_annotated(name, function):
     if signature.return_annotation is inspect.Signature.empty:
         missing.append("return")
     assert not missing, f"{name} lacks annotations for {missing}"
+
+
+def test_tensor_is_a_protocol_the_type_checker_can_use():
+    """`kmask.typing.Tensor` is a `Protocol` (shape, dtype, indexing), not
+    `Any`: mypy checks it (`nox -s lint`), and it holds at run time for a NumPy
+    array and this backend's tensor, never for a scalar, a list or `None`
+    (`isinstance` raises on `Any`)."""
+    tensor = kmask.typing.Tensor
+    assert tensor is not typing.Any
+    assert getattr(tensor, "_is_protocol", False), tensor
+    assert {"shape", "dtype", "__getitem__"} <= set(vars(tensor))
+    for accepted in (np.zeros((2, 3)), ops.convert_to_tensor(np.zeros((2, 3)))):
+        assert isinstance(accepted, tensor), type(accepted)
+    for refused in (1.0, [[1.0, 2.0]], None):
+        assert not isinstance(refused, tensor), type(refused)

@@ -21,9 +21,10 @@ from tools.parity.references import (
     np_binary,
     np_categorical,
     np_linear,
-    np_log_softmax,
     np_sparse_categorical,
+    np_sparse_ce,
     np_squared,
+    np_token_mean,
 )
 from tools.parity.sequences import np_ctc_reduced
 
@@ -97,10 +98,6 @@ def batch_mean(per_batch: Callable[..., float], *arrays) -> float:
     return float(np.mean([per_batch(*batch) for batch in batches(*arrays)]))
 
 
-def np_token_mean(per_step: np.ndarray, valid: np.ndarray) -> float:
-    return float(per_step[valid].sum() / valid.sum())
-
-
 def np_step_loss(reference: Callable, **options) -> Callable:
     """The token mean of a per-step reference of tools.parity.references."""
 
@@ -115,7 +112,7 @@ def np_step_loss(reference: Callable, **options) -> Callable:
 def np_sequence_loss(labels, logits, weights) -> float:
     """The TFA `SequenceLoss` default: the weighted sum of the per-step
     cross-entropy over the number of non-zero weights."""
-    ce = -np.take_along_axis(np_log_softmax(logits), labels[..., None], -1)[..., 0]
+    ce = np_sparse_ce(labels, logits)
     return float((ce * weights).sum() / (weights != 0).sum())
 
 

@@ -2,8 +2,9 @@
 
 Every op of `kmask.ops` is written once in `keras.ops`. On PyTorch, which
 runs op by op, a few have a kernel of their own in `kmask.ops._torch` that
-computes the same function and gradient with in-place buffers (its docstring
-has the profiles that asked for each); this module decides which one runs.
+computes the same function and gradient with in-place buffers (the profiles
+that asked for each are in docs/measured.md); this module decides which one
+runs.
 """
 
 from __future__ import annotations
@@ -62,15 +63,9 @@ def keeps_exponentials() -> bool:
     """Whether the portable one-hot cross-entropy keeps `exp(logits - top)`
     for its backward pass rather than recomputing it.
 
-    Which costs least depends on the compiler, measured at `[16, 256, 4096]`
-    on a 2-core CPU (`benchmarks/masked_ce.py`, forward + backward, ms). On
-    JAX, XLA fuses the exponential into the sum and holds no `[..., classes]`
-    temporary beyond the gradient's buffer, so the backward pass recomputes
-    the exponentials and `sum(t * logits)` is a dot product (67; 89 with an
-    elementwise product, 110 keeping the exponentials; Keras's loss 98).
-    TensorFlow's XLA writes the exponentials out for the sum on CPU anyway
-    and its batched dot is slow, so there the backward pass reuses them and
-    the product is elementwise (36; 40 recomputing them, 45 with the dot;
-    Keras's loss 36).
+    Which costs least depends on the compiler: JAX's XLA fuses the
+    exponential into the sum, so there the backward pass recomputes it;
+    TensorFlow's XLA writes it out on CPU anyway, so there it is kept. The
+    timings are in docs/measured.md ("Keeping the exponentials").
     """
     return keras.backend.backend() == "tensorflow"

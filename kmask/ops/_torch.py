@@ -5,77 +5,15 @@ squared error. Each is the same op as its portable `keras.ops` form, chosen by
 
 Why PyTorch has its own: it runs op by op, and every `keras.ops` call
 allocates a new `[tokens, classes]` array, whose first touch costs more than
-the arithmetic on it (on CPU, a page fault per 4 KiB: about 25 ms for the
-64 MiB of `[16, 256, 4096]` float32 logits). Forward + backward at that
-shape, on a 2-core CPU, in one process with the variants interleaved:
-
-| implementation                                      | full-size arrays | ms  |
-|-----------------------------------------------------|------------------|-----|
-| `F.cross_entropy(ignore_index=0)` (native)          | 3                | 143 |
-| the portable `keras.ops.custom_gradient` of `fused` | 9                | 508 |
-| this kernel                                         | 1                | 87  |
-
-`torch.profiler` on the portable form: `sub` (4 arrays, 75 ms), `where` (2,
-63 ms), `exp` (2, 44 ms), `mul`, `eq`: every step of the expression XLA fuses
-is a fresh array here, and with no in-place operation in `keras.ops` it
-cannot get below the native form. This kernel allocates one array,
-`log_softmax(logits)` in the forward pass, which the backward pass turns into
-the gradient in place (`exp`, scale, subtract at the label, zero the padded
-rows). Backward twice through one graph (`retain_graph=True`)
-raises PyTorch's in-place modification error instead of a wrong gradient.
-`MaskedLoss` casts to float32 first, so half-precision inputs compute in
-float32.
-
-The one-hot cross-entropy and the squared error have kernels for the same
-reason (same machine, ms; portable: `kmask.ops`'s `custom_gradient`):
-
-| case, forward + backward        | native | Keras | portable | kernel |
-|---------------------------------|--------|-------|----------|--------|
-| one-hot CE, `[16, 256, 4096]`   | 99     | 100   | 361      | 76     |
-| squared error, `[64, 512, 128]` | 10.8   | 12.2  | 14.7     | 8.7    |
-
-`torch.profiler` on the portable one-hot form: `sub` (6 arrays, 101 ms),
-`mul` (5, 76 ms), `where` (2, 43 ms), `exp` (2, 42 ms); on the squared
-error: `sub`, `where`, `mul`, `pow` and `neg` (Keras's torch
-`custom_gradient` computes the targets' gradient even when nobody asked for
-it). The one-hot cross-entropy is the sparse kernel with dense targets
-(`_block_crossentropy` and `_softmax_grad_` take either); the squared-error
-kernel holds the difference and scales it in place. Both take `sum(a * b)`
-over the last axis as a batched matrix product (`_row_dot`), which allocates
-no `[tokens, classes]` product, and compute the targets' gradient only when
-autograd asks for it.
-
-`linear_crossentropy` is the chunk loop of `kmask.fused_linear_crossentropy`.
-The portable form (`ops.custom_gradient` over `ops.fori_loop`) took 3.6x the
-time of `Dense` + the masked loss (`benchmarks/fused_linear.py`: 29.9 s vs
-8.3 s at 8192 tokens, hidden 512, vocabulary 32768, chunk 256).
-`torch.profiler`, forward + backward at 2048 tokens (same machine, s):
-
-| op                                   | portable, calls | s    | kernel, calls | s    |
-|--------------------------------------|-----------------|------|---------------|------|
-| matmuls (`mm`, `addmm`, `addmm_`)    | 32              | 4.59 | 24            | 1.43 |
-| `add`, `sub`, `where`, `exp`, `mul`  | 310             | 2.21 | 43            | 0.05 |
-| `copy_`, `fill_` (`slice_update`...) | 212             | 0.36 | 77            | 0.06 |
-| total                                |                 | 8.05 |               | 1.59 |
-
-Each fresh `[chunk, vocabulary]` array costs its page faults, and the
-portable backward pass makes ~8 per chunk. The kernel is a Python loop over
-the chunks with one preallocated `[chunk, vocabulary]` buffer: `addmm` into
-it, the softmax minus the one-hot in place, `mm` into `d_hidden`'s rows,
-`addmm_` into `d_kernel`. The reductions are linear in the per-step losses,
-so `d value / d per_step` (from `kmask.masked_reduce` itself, by autograd on
-zeros) is known before the losses are: the forward pass computes the value's
-gradients too and the backward pass scales them by its upstream, three
-matmuls per chunk instead of four (the per-step losses, when differentiated,
-recompute their logits; backward twice through the value raises). At 8192
-tokens (`benchmarks/fused_linear.py`) it takes 7.11 s against 6.99 s for the
-materialised form, with 150 MiB of step memory (439 MiB before, 2067 MiB
-materialised). A chunk of 512 is ~15% faster still on PyTorch, not clearly
-so on JAX or TensorFlow, so the default stays 256.
-
-`python benchmarks/masked_ce.py` times the kernels against the native and
-the Keras losses; `tools.parity` checks their numbers against the other
-backends.
+the arithmetic on it. Each kernel allocates one such array (or, for the
+linear cross-entropy, one reused `[chunk, vocabulary]` buffer) and turns it
+into the gradient in place; backward twice through one graph raises PyTorch's
+in-place modification error instead of giving a wrong gradient. `MaskedLoss`
+casts to float32 first, so half-precision inputs compute in float32. The
+one-hot cross-entropy is the sparse kernel with dense targets
+(`_block_crossentropy` and `_softmax_grad_` take either). The
+timings and profiles that asked for each kernel, with the commands that
+produce them, are in docs/measured.md ("Why PyTorch has kernels of its own").
 """
 
 from __future__ import annotations

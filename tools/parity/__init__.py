@@ -55,7 +55,8 @@ they do not depend on which cases run.
 One module per job:
 
 - `references.py`: the float64 NumPy references (per-step losses and their
-  gradients, the reductions, the fused linear cross-entropy, full-batch SGD);
+  gradients, the reductions, the fused linear cross-entropy, full-batch SGD),
+  which `tests/` imports too;
 - `losses.py`: the losses under test, as a user configures them;
 - `sources.py`: the clean batches and the mask sources that pad them;
 - `cases.py`: `Case`, and a builder per runner that pairs inputs with NumPy;

@@ -1,10 +1,13 @@
-"""The independent NumPy references of the parity harness, in float64.
+"""The independent NumPy references, in float64: the one copy that the parity
+harness and the tests (`tests/`) both import.
 
-Nothing here imports kmask or Keras. A per-step reference takes the real steps
-as rows (`y_true[valid]`, `y_pred[valid]`) and returns the per-step loss and
-its gradient with respect to the row of `y_pred`; `np_reduce` and
-`np_masked_loss` reduce them as `kmask.reduce` does; `np_linear` is the fused
-linear cross-entropy; `numpy_sgd` the full-batch SGD of the device cases.
+Nothing here imports kmask or Keras. A per-step reference takes `y_true` and
+`y_pred` (the real steps as rows, or whole `[..., classes]` batches) and
+returns the per-step loss and its gradient with respect to `y_pred`;
+`np_sparse_ce` is the per-step sparse cross-entropy from logits alone;
+`np_reduce`, `np_token_mean` and `np_masked_loss` reduce per-step values as
+`kmask.reduce` does; `np_linear` is the fused linear cross-entropy;
+`numpy_sgd` the full-batch SGD of the device cases.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ EPSILON = 1e-7
 
 
 def np_log_softmax(logits: np.ndarray) -> np.ndarray:
+    """In the dtype of `logits` (the sources draw float32 probabilities with
+    it); the references below call it on float64."""
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def np_categorical(y_true, y_pred, from_logits=False, label_smoothing=0.0):
+    y_true, y_pred = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
     target = y_true * (1 - label_smoothing) + label_smoothing / y_pred.shape[-1]
     if from_logits:
         log_probs = np_log_softmax(y_pred)
@@ -39,7 +45,8 @@ def np_categorical(y_true, y_pred, from_logits=False, label_smoothing=0.0):
 def np_sparse_categorical(
     labels, y_pred, from_logits=False, label_smoothing=0.0, z_loss=0.0
 ):
-    one_hot = np.eye(y_pred.shape[-1])[labels.astype(int)]
+    y_pred = np.asarray(y_pred, "float64")
+    one_hot = np.eye(y_pred.shape[-1])[np.asarray(labels).astype(int)]
     loss, grad = np_categorical(one_hot, y_pred, from_logits, label_smoothing)
     if z_loss:
         log_normalizer = (y_pred - np_log_softmax(y_pred))[..., 0]
@@ -50,7 +57,14 @@ def np_sparse_categorical(
     return loss, grad
 
 
+def np_sparse_ce(labels, logits, label_smoothing=0.0, z_loss=0.0) -> np.ndarray:
+    """The per-step sparse cross-entropy from `logits [..., classes]`, without
+    its gradient."""
+    return np_sparse_categorical(labels, logits, True, label_smoothing, z_loss)[0]
+
+
 def np_binary(y_true, y_pred, from_logits=False, label_smoothing=0.0):
+    y_true, y_pred = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
     target = y_true * (1 - label_smoothing) + 0.5 * label_smoothing
     features = y_pred.shape[-1]
     if from_logits:
@@ -66,16 +80,19 @@ def np_binary(y_true, y_pred, from_logits=False, label_smoothing=0.0):
 
 
 def np_squared(y_true, y_pred):
+    y_true, y_pred = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
     error = y_pred - y_true
     return (error**2).mean(-1), 2 * error / error.shape[-1]
 
 
 def np_absolute(y_true, y_pred):
+    y_true, y_pred = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
     error = y_pred - y_true
     return np.abs(error).mean(-1), np.sign(error) / error.shape[-1]
 
 
 def np_huber(y_true, y_pred, delta=1.0):
+    y_true, y_pred = np.asarray(y_true, "float64"), np.asarray(y_pred, "float64")
     error = y_pred - y_true
     small = np.abs(error) <= delta
     loss = np.where(small, 0.5 * error**2, delta * np.abs(error) - 0.5 * delta**2)
@@ -115,6 +132,18 @@ def np_reduce(per_step, valid, weight, reduction):
         per_sequence = np.where(steps > 0, 1.0 / np.maximum(steps, 1), 0.0)
         coefficient = np_normalized(used_weight * per_sequence)
     return np.where(used, coefficient * per_step, 0.0).sum(), coefficient
+
+
+def np_token_mean(per_step, valid, weight=None) -> float:
+    """The weighted mean of `per_step` over the real steps with a nonzero
+    weight (0 when there is none); padded steps are never read, so NaN or
+    inf there is ignored."""
+    per_step = np.asarray(per_step, "float64")
+    weight = np_step_weight(weight, per_step.shape)
+    used = np.asarray(valid, bool) & (weight != 0)
+    if not used.any():
+        return 0.0
+    return float((per_step[used] * weight[used]).sum() / weight[used].sum())
 
 
 def np_normalized(weight):
