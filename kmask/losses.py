@@ -31,7 +31,7 @@ from kmask.ops import (
     sparse_crossentropy,
 )
 from kmask.reduce import reduce_steps, standardize_reduction
-from kmask.typing import Tensor
+from kmask.typing import Tensor, TensorLike
 
 
 def _sparse_per_step(y_true, y_pred, ignore_class: int | None = None, **kwargs):
@@ -108,13 +108,13 @@ class MaskedLoss(keras.losses.Loss):
 
     def __call__(
         self,
-        y_true: Tensor,
-        y_pred: Tensor,
-        sample_weight: Tensor | None = None,
+        y_true: TensorLike,
+        y_pred: TensorLike,
+        sample_weight: TensorLike | None = None,
         *,
-        mask: Tensor | None = None,
+        mask: TensorLike | None = None,
         mask_value: Any = None,
-        segment_ids: Tensor | None = None,
+        segment_ids: TensorLike | None = None,
         reduction: str | None = None,
     ) -> Tensor:
         """The pipeline, then `call()`, then the reduction: `prepare` finds

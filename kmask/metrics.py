@@ -26,7 +26,7 @@ from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count
-from kmask.typing import Tensor
+from kmask.typing import Tensor, TensorLike
 
 
 class _TokenMean(keras.metrics.Metric):
@@ -138,7 +138,10 @@ class MaskedMeanMetricWrapper(_TokenMean):
         return combine_masks(*masks)
 
     def update_state(
-        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+        self,
+        y_true: TensorLike,
+        y_pred: TensorLike,
+        sample_weight: TensorLike | None = None,
     ) -> None:
         """Adds the real steps of one batch to the sum and the count.
 

@@ -42,7 +42,7 @@ from kmask.losses import (
 )
 from kmask.masks import keras_mask
 from kmask.reduce import reduce_steps
-from kmask.typing import Tensor
+from kmask.typing import Tensor, TensorLike
 
 # The flag pairs TFA rejects, in TFA's order, with why.
 _EXCLUSIVE = (
@@ -65,9 +65,9 @@ def check_flags(**flags: bool) -> None:
 
 
 def sequence_loss(
-    logits: Tensor,
-    targets: Tensor,
-    weights: Tensor | None,
+    logits: TensorLike,
+    targets: TensorLike,
+    weights: TensorLike | None,
     average_across_timesteps: bool = True,
     average_across_batch: bool = True,
     sum_over_timesteps: bool = False,
@@ -125,20 +125,32 @@ def sequence_loss(
         sum_over_batch=sum_over_batch,
     )
     propagated = keras_mask(logits)
-    logits, targets = ops.convert_to_tensor(logits), ops.convert_to_tensor(targets)
+    return _sequence_loss(
+        ops.convert_to_tensor(logits),
+        ops.convert_to_tensor(targets),
+        None if weights is None else ops.convert_to_tensor(weights),
+        propagated,
+        (
+            average_across_timesteps,
+            average_across_batch,
+            sum_over_timesteps,
+            sum_over_batch,
+        ),
+        softmax_loss_function,
+        name,
+    )
+
+
+def _sequence_loss(
+    logits, targets, weights, propagated, flags, softmax_loss_function, name
+):
+    """`sequence_loss` on tensors, `flags` TFA's four in their order."""
     if weights is None:
         weights = ops.ones(ops.shape(logits)[:2], "float32")
-    weights = ops.convert_to_tensor(weights)
     _check_ranks(logits, targets, weights)
     weights = ops.cast(weights, "float32")
     if propagated is not None:
         weights = ops.where(propagated, weights, ops.zeros_like(weights))
-    flags = (
-        average_across_timesteps,
-        average_across_batch,
-        sum_over_timesteps,
-        sum_over_batch,
-    )
     with keras.name_scope(name or "sequence_loss"):
         # Unweighted, padding (a zero weight) neutralised: the weights are
         # the reduction's.
@@ -206,7 +218,10 @@ class SequenceLoss(keras.losses.Loss):
         self.softmax_loss_function = softmax_loss_function
 
     def __call__(
-        self, y_true: Tensor, y_pred: Tensor, sample_weight: Tensor | None = None
+        self,
+        y_true: TensorLike,
+        y_pred: TensorLike,
+        sample_weight: TensorLike | None = None,
     ) -> Tensor:
         """`sequence_loss` with this loss's flags; a subclass's own `call()`
         gives the per-step losses instead (their weights and padding applied

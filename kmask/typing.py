@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 
 @runtime_checkable
@@ -29,3 +29,8 @@ class Tensor(Protocol):
     def dtype(self) -> Any: ...
 
     def __getitem__(self, index: Any, /) -> Any: ...
+
+
+TensorLike: TypeAlias = Tensor | Sequence[Any] | float
+"""What kmask's inputs accept: a `Tensor` (or NumPy array), nested lists of
+numbers, or a number; each is converted with `keras.ops.convert_to_tensor`."""
