@@ -24,6 +24,15 @@ from tools.parity.references import np_log_softmax
 
 if keras.backend.backend() != "torch":
     pytest.skip("torch.compile is PyTorch's", allow_module_level=True)
+if tuple(int(part) for part in keras.__version__.split(".")[:2]) < (3, 15):
+    # Seen on Keras 3.12 (the oldest line): its `keras.ops.convert_to_tensor`
+    # flattens its argument through torch's pytree, which TorchDynamo cannot
+    # trace (`is_not` on two tuples), so no keras.ops code compiles whole
+    # there; and its `Dense` fails under `jit_compile=True`. 3.15 and 3.16 do.
+    pytest.skip(
+        "Keras before 3.15 cannot be traced whole by torch.compile",
+        allow_module_level=True,
+    )
 
 import torch
 
