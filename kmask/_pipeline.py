@@ -33,8 +33,10 @@ from kmask._keras_compat import get_keras_mask
 from kmask._shapes import (
     accumulation_dtype,
     check_frames,
+    check_stats,
     check_steps,
     squeeze_trailing,
+    step_weights,
 )
 from kmask.masks import (
     combine_masks,
@@ -196,6 +198,33 @@ def prepare_labels(
         valid = combine_masks(masked, weighted)
     labels, out_of_range = labels_out_of_range(labels, classes, valid, "labels")
     return Steps(labels, None, valid, sample_weight, masked, out_of_range)
+
+
+def prepare_stats(stats: Any, *, names: tuple, sample_weight: Any = None) -> Steps:
+    """Step 1 for per-step statistics a layer already computed (the head's
+    `return_stats=True` output, `[..., len(names)]`, one of them `"weight"`):
+    the real steps are the AND of the mask Keras propagated onto `stats`, a
+    non-zero `"weight"` and a non-zero `sample_weight`; the shapes checked
+    once (`kmask._shapes.check_stats`).
+
+    Returns:
+        `Steps` with float32 `y_pred` (the statistics), no `y_true`, and as
+        `sample_weight` the step weights: the layer's `"weight"` times
+        `sample_weight`.
+    """
+    propagated = get_keras_mask(stats)
+    stats = ops.cast(ops.convert_to_tensor(stats), "float32")
+    if sample_weight is not None:
+        sample_weight = squeeze_trailing(
+            ops.convert_to_tensor(sample_weight), len(stats.shape) - 1
+        )
+    check_stats(stats, names, sample_weight)
+    weight = stats[..., names.index("weight")]
+    if sample_weight is not None:
+        weight = weight * step_weights(tuple(ops.shape(weight)), None, sample_weight)
+    weighted = ops.not_equal(weight, ops.zeros_like(weight))
+    valid = combine_masks(propagated, weighted, shape=ops.shape(weight))
+    return Steps(None, stats, valid, weight, propagated)
 
 
 class Frames(NamedTuple):

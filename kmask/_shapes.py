@@ -242,6 +242,24 @@ def check_sequence_ranks(logits: Any, targets: Any, weights: Any) -> None:
         )
 
 
+def check_stats(stats: Any, names: tuple, sample_weight: Any = None) -> None:
+    """Per-step statistics a layer computed (the head's `return_stats=True`
+    output): a last axis of `len(names)`, and `sample_weight` `[batch]` or a
+    leading part of the per-step shape."""
+    shape = tuple(stats.shape)
+    if not shape or not same_dim(shape[-1], len(names)):
+        raise ValueError(
+            "Invalid value for argument `y_pred`. Expected the per-step "
+            f"statistics {names} of a kmask.FusedLinearCrossentropy built with "
+            f"`return_stats=True`, a last axis of {len(names)}. Received: "
+            f"y_pred.shape={shape}"
+        )
+    if sample_weight is not None:
+        check_fits_steps(
+            "sample_weight", tuple(sample_weight.shape), shape[:-1], y_pred=shape
+        )
+
+
 def check_same_shape(targets: Any, predictions: Any) -> None:
     """Raises unless `targets` has the same shape as `predictions`."""
     if not same_shape(tuple(targets.shape), tuple(predictions.shape)):

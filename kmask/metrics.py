@@ -2,7 +2,7 @@
 
 Each metric keeps two float32 variables, the sum of its per-step values over
 the real steps and the number of real steps (weighted by `sample_weight`),
-both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
+both from `kmask.reduce.sum_and_count`. Its result is their quotient,
 so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
 mean of two batch means. The steps come from the pipeline every kmask loss
 runs: the mask Keras propagated onto `y_pred`, AND the
@@ -21,11 +21,11 @@ import keras
 from keras import ops
 
 from kmask import _pipeline, _resolve
-from kmask._shapes import squeeze_trailing, step_weights
+from kmask._shapes import squeeze_trailing
 from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, value_mask
 from kmask.ops import crossentropy
-from kmask.reduce import divide_or_zero, masked_sum_and_count
+from kmask.reduce import divide_or_zero, masked_sum_and_count, sum_and_count
 from kmask.typing import Tensor, TensorLike
 
 
@@ -146,7 +146,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
                 weight of 0 marks padding.
         """
         steps = self._through_pipeline(y_true, y_pred, sample_weight)
-        self._add(*masked_sum_and_count(steps.values, steps.valid, steps.sample_weight))
+        self._add(*sum_and_count(steps.values, steps.valid, steps.sample_weight))
 
     def _through_pipeline(
         self, y_true: Any, y_pred: Any, sample_weight: Any
@@ -390,22 +390,12 @@ class _HeadMetric(_TokenMean):
         `y_pred` is the head's `[..., 4]` statistics; `sample_weight`
         multiplies the head's step weights."""
         del y_true
-        stats = ops.convert_to_tensor(y_pred)
-        if not stats.shape or stats.shape[-1] != len(HEAD_STATS):
-            raise ValueError(
-                "Invalid value for argument `y_pred`. Expected the per-step "
-                f"statistics {HEAD_STATS} of a kmask.FusedLinearCrossentropy "
-                "built with `return_stats=True`, a last axis of "
-                f"{len(HEAD_STATS)}. Received: y_pred.shape={tuple(stats.shape)}"
-            )
-        stats = ops.cast(stats, "float32")
-        weight = stats[..., HEAD_STATS.index("weight")]
-        if sample_weight is not None:
-            steps = tuple(ops.shape(weight))
-            weight = weight * step_weights(steps, None, sample_weight)
-        # A weight of 0 marks padding: such a step adds nothing, even NaN.
-        values = stats[..., HEAD_STATS.index(self._stat)]
-        self._add(*masked_sum_and_count(values, None, weight))
+        steps = _pipeline.prepare_stats(
+            y_pred, names=HEAD_STATS, sample_weight=sample_weight
+        )
+        # A padded step adds nothing, even NaN.
+        values = steps.y_pred[..., HEAD_STATS.index(self._stat)]
+        self._add(*sum_and_count(values, steps.valid, steps.sample_weight))
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype}

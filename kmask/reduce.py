@@ -43,7 +43,6 @@ is then the gradient of the window's token mean.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -68,12 +67,15 @@ class _Sums:
     axis: Any
     segment_ids: Any
     token_counts: Any
+    _sequence_steps: Any = dataclasses.field(default=None, init=False)
 
-    @functools.cached_property
     def sequence_steps(self) -> Any:
         """At every value, the real values of its sequence (computed once,
-        for the numerator and the denominator)."""
-        return _sequence_steps(self.step_weight, self.segment_ids)
+        for the numerator and the denominator; not `functools.cached_property`,
+        whose lock `torch.compile` cannot trace)."""
+        if self._sequence_steps is None:
+            self._sequence_steps = _sequence_steps(self.step_weight, self.segment_ids)
+        return self._sequence_steps
 
 
 class Reduction(NamedTuple):
@@ -105,7 +107,7 @@ def _real_steps(sums: _Sums):
 
 
 def _per_sequence(sums: _Sums, values):
-    real_steps = sums.sequence_steps
+    real_steps = sums.sequence_steps()
     return ops.sum(values * divide_or_zero(ops.ones_like(real_steps), real_steps))
 
 
@@ -273,8 +275,25 @@ def masked_sum_and_count(
     if sample_weight is not None:
         sample_weight = _fit_to_values(sample_weight, values, "sample_weight")
     values = ops.cast(values, _shapes.accumulation_dtype(values.dtype))
+    return sum_and_count(values, mask, sample_weight)
+
+
+def sum_and_count(
+    values: Any, mask: Any = None, sample_weight: Any = None
+) -> tuple[Tensor, Tensor]:
+    """`masked_sum_and_count` for the pipeline, which checked every shape:
+    float32 (or float64) `values`, `mask` and `sample_weight` `[batch]` or a
+    leading part of their shape. The two sums are the registry's
+    `"token_mean"` numerator and (this replica's) denominator, the same
+    two functions."""
+    rank = len(values.shape)
+    if mask is not None and len(mask.shape) < rank:
+        mask = _shapes.align_rank(mask, rank)
+    if sample_weight is not None and len(sample_weight.shape) < rank:
+        sample_weight = _shapes.align_rank(sample_weight, rank)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
-    return ops.sum(weighted), ops.sum(step_weight)
+    sums = _Sums(weighted, step_weight, None, None, None, None)
+    return _weighted_sum(sums), _token_weight(sums)
 
 
 def divide_or_zero(
