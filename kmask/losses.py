@@ -102,6 +102,10 @@ class MaskedLoss(keras.losses.Loss):
         self._sparse_labels = wrapped.sparse_labels
         self._target_kind = wrapped.target_kind
         self._ignore_class = wrapped.ignore_class
+        # The padding the targets mark: `target_mask`, unless overridden.
+        self._padding = functools.partial(
+            target_padding, pads=(self._pads,), ignore_class=self._ignore_class
+        )
 
     def __call__(
         self,
@@ -180,18 +184,19 @@ class MaskedLoss(keras.losses.Loss):
         returns a mask of the per-step shape. Override it to add a source of
         padding (docs/development.md).
         """
-        return target_padding(y_true, (self._pads,), self._ignore_class)
+        return self._padding(y_true)
 
     def _padding_with(self, mask_value: Any) -> Callable[[Tensor], Tensor | None]:
         """`target_mask`, and the padding a further `mask_value` marks."""
-        if mask_value is None and type(self).target_mask is not MaskedLoss.target_mask:
-            return self.target_mask
-        pads: tuple[Any, ...] = (self._pads,)
         if mask_value is not None:
-            pads = (self._pads, _resolve.pad_values(mask_value))
-        return functools.partial(
-            target_padding, pads=pads, ignore_class=self._ignore_class
-        )
+            return functools.partial(
+                target_padding,
+                pads=(self._pads, _resolve.pad_values(mask_value)),
+                ignore_class=self._ignore_class,
+            )
+        if type(self).target_mask is not MaskedLoss.target_mask:
+            return self.target_mask
+        return self._padding
 
     def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
         """The op computing `call()` that takes the mask itself, or `None`;

@@ -23,7 +23,7 @@ from keras import ops
 from kmask import _pipeline, _resolve
 from kmask._shapes import squeeze_trailing
 from kmask.fused import HEAD_STATS
-from kmask.masks import combine_masks, ignore_class_mask, value_mask
+from kmask.masks import combine_masks, target_padding
 from kmask.ops import crossentropy
 from kmask.reduce import divide_or_zero, masked_sum_and_count, sum_and_count
 from kmask.typing import Tensor, TensorLike
@@ -111,8 +111,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
         wrapped = _resolve.wrapped(fn, fn_kwargs, "fn", _metric_by_name)
         super().__init__(name=name or wrapped.name, dtype=dtype)
         self.fn, self.fn_kwargs = wrapped.fn, wrapped.kwargs
-        if mask_value is not None:
-            _resolve.pad_values(mask_value)
+        self._pads = None if mask_value is None else _resolve.pad_values(mask_value)
         self.mask_value = mask_value
         self._per_step = wrapped.per_step
         self._class_axis = wrapped.class_axis
@@ -123,12 +122,10 @@ class MaskedMeanMetricWrapper(_TokenMean):
     def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding found in `y_true` (`mask_value`, an `ignore_class`,
         and a wrapped kmask loss's own), or `None`."""
-        masks = [ignore_class_mask(y_true, self._ignore_class)]
-        if self.mask_value is not None:
-            masks.append(value_mask(y_true, self.mask_value))
+        padding = target_padding(y_true, (self._pads,), self._ignore_class)
         if hasattr(self.fn, "target_mask"):
-            masks.append(self.fn.target_mask(y_true))
-        return combine_masks(*masks)
+            padding = combine_masks(padding, self.fn.target_mask(y_true))
+        return padding
 
     def update_state(
         self,
