@@ -2,6 +2,11 @@
 
 from kmask import distribute
 from kmask.ctc import MaskedCTC, masked_ctc
+from kmask.distillation import (
+    MaskedDistiller,
+    MaskedLogitsDistillation,
+    masked_distillation,
+)
 from kmask.fused import (
     FusedLinearCrossentropy,
     fused_linear_crossentropy,
@@ -53,7 +58,9 @@ __all__ = [
     "MaskedCTC",
     "MaskedCategoricalAccuracy",
     "MaskedCategoricalCrossentropy",
+    "MaskedDistiller",
     "MaskedHuber",
+    "MaskedLogitsDistillation",
     "MaskedLoss",
     "MaskedMeanAbsoluteError",
     "MaskedMeanMetricWrapper",
@@ -74,6 +81,7 @@ __all__ = [
     "keras_mask",
     "mask_report",
     "masked_ctc",
+    "masked_distillation",
     "masked_loss",
     "masked_reduce",
     "segment_weights",

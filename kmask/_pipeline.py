@@ -29,9 +29,9 @@ from keras import ops
 
 from kmask import _labels
 from kmask._keras_compat import get_keras_mask
-from kmask._shapes import check_frames, check_steps
+from kmask._shapes import check_distillation, check_frames, check_steps
 from kmask._steps import accumulation_dtype, broadcast_to_steps, squeeze_trailing
-from kmask.masks import combine_masks, post_padded_lengths
+from kmask.masks import combine_masks, post_padded_lengths, value_mask
 from kmask.typing import Tensor
 
 # `(y_true, y_pred, valid) -> per-step values` where `valid` is a boolean
@@ -180,6 +180,53 @@ def prepare_labels(
     out_of_range = _labels.out_of_range_steps(labels, classes, valid, "labels")
     labels = _labels.safe_labels(labels, out_of_range)
     return Steps(labels, None, valid, sample_weight, masked, out_of_range)
+
+
+def prepare_distillation(
+    teacher_logits: Any,
+    student_logits: Any,
+    *,
+    labels: Any = None,
+    mask_value: Any = None,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Step 1 for two predictions of the same steps (distillation): `prepare`
+    with the teacher's logits as the targets, which hold no padding; the pad
+    label `mask_value` is looked for in `labels` instead, ANDed into `mask`.
+    The mask Keras propagated onto `student_logits` counts, as onto any
+    `y_pred`. The shapes are checked first (`_shapes.check_distillation`).
+
+    Returns:
+        `Steps` with the teacher's logits as `y_true`.
+    """
+    checked_student = ops.convert_to_tensor(student_logits)
+    teacher_logits = ops.convert_to_tensor(teacher_logits)
+    if labels is not None:
+        labels = squeeze_trailing(
+            ops.convert_to_tensor(labels), len(checked_student.shape) - 1
+        )
+    check_distillation(teacher_logits, checked_student, labels)
+    if labels is not None and mask_value is not None:
+        # Labels compared one by one whatever their rank, as sparse labels
+        # are in `_target_padding`.
+        padding = value_mask(ops.expand_dims(labels, -1), mask_value)
+        while len(padding.shape) > len(labels.shape):
+            padding = ops.squeeze(padding, axis=-1)
+        mask = combine_masks(mask, padding)
+    return prepare(
+        teacher_logits,
+        student_logits,
+        dtype=checked_student.dtype,
+        target_mask=_no_padding,
+        mask=mask,
+        sample_weight=sample_weight,
+    )
+
+
+def _no_padding(_targets: Any) -> None:
+    """A teacher's logits mark no padding."""
+    return None
 
 
 class Frames(NamedTuple):

@@ -266,3 +266,31 @@ def check_linear(
                 **{argument: shape},
                 labels=labels_shape,
             )
+
+
+def check_distillation(teacher: Any, student: Any, labels: Any = None) -> None:
+    """A distillation call's shapes: teacher and student logits alike,
+    `[batch, ..., classes]`, and `labels` `[batch]` or a leading part of
+    their per-step shape."""
+    teacher_shape, student_shape = tuple(teacher.shape), tuple(student.shape)
+    if len(student_shape) < 2:
+        raise invalid_shape(
+            "student_logits",
+            "[batch, ..., classes]",
+            student_logits=student_shape,
+            teacher_logits=teacher_shape,
+        )
+    if not same_shape(teacher_shape, student_shape):
+        raise invalid_shape(
+            "teacher_logits",
+            "the shape of `student_logits`",
+            teacher_logits=teacher_shape,
+            student_logits=student_shape,
+        )
+    if labels is not None:
+        check_fits_steps(
+            "labels",
+            tuple(labels.shape),
+            step_shape(student),
+            student_logits=student_shape,
+        )
