@@ -325,6 +325,31 @@ class MaskedDistiller(DISTILLER_BASE):
             **kwargs,
         )
 
+    def compile(
+        self,
+        optimizer: Any = "adam",
+        loss: Any = None,
+        metrics: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Keras's `Distiller.compile`; the student's `loss` is kept for
+        `get_compile_config`, so that a reloaded `.keras` file comes back
+        compiled (Keras's own `Distiller` comes back uncompiled)."""
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        self._student_loss_config = keras.saving.serialize_keras_object(loss)
+
+    def get_compile_config(self) -> dict[str, Any] | None:
+        config = super().get_compile_config()
+        if config is not None:
+            config["loss"] = self._student_loss_config
+        return config
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(
         self,
         x: Any = None,

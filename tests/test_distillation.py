@@ -1,0 +1,312 @@
+"""Distillation over padded sequences against the float64 NumPy references:
+`masked_distillation`, `MaskedLogitsDistillation` inside Keras's `Distiller`,
+`MaskedDistiller`, and what Keras's own `LogitsDistillation` computes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kmask
+from tests._grad import value_and_grad
+from tools.parity.references import EPSILON, np_distillation
+
+B, T, V = 3, 6, 11
+LENGTHS = np.array([6, 3, 1])
+REDUCTIONS = ("token_mean", "sequence_mean", "sum", "sum_over_batch_size")
+
+
+def _valid(lengths=LENGTHS):
+    return np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+
+
+def _logits(seed=0, nan_padding=True):
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(scale=2.0, size=(B, T, V))
+    student = rng.normal(scale=2.0, size=(B, T, V))
+    if nan_padding:
+        padded = ~_valid()[..., None]
+        teacher, student = (
+            np.where(padded, np.nan, teacher),
+            np.where(padded, np.nan, student),
+        )
+    return teacher.astype("float32"), student.astype("float32")
+
+
+def _close(found, expected, rtol=2e-5, atol=2e-6):
+    np.testing.assert_allclose(
+        np.asarray(found, "float64"), expected, rtol=rtol, atol=atol
+    )
+
+
+# ----------------------------------------------------------------------------
+# masked_distillation against NumPy
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(
+    ("divergence", "beta"),
+    [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0)],
+)
+def test_matches_numpy(divergence, beta, temperature, reduction):
+    teacher, student = _logits()
+    valid = _valid()
+    weight = np.random.default_rng(3).uniform(0.5, 2.0, size=(B, T)).astype("float32")
+    options = dict(
+        temperature=temperature, divergence=divergence, beta=beta, reduction=reduction
+    )
+
+    def objective(x):
+        return kmask.masked_distillation(
+            teacher, x, valid, sample_weight=weight, **options
+        )
+
+    value, grad = value_and_grad(objective, student)
+    expected, expected_grad = np_distillation(
+        teacher, student, valid, weight, reduction, divergence, beta, temperature
+    )
+    _close(value, expected)
+    _close(grad, expected_grad)
+    assert np.all(grad[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_compiled_and_per_step(divergence):
+    teacher, student = _logits(1)
+    valid = _valid()
+
+    def objective(x):
+        per_step = kmask.masked_distillation(
+            teacher, x, valid, divergence=divergence, temperature=2.0, reduction="none"
+        )
+        return ops.sum(per_step)
+
+    value, grad = value_and_grad(objective, student, jit=True)
+    expected, expected_grad = np_distillation(
+        teacher, student, valid, None, "sum", divergence, 0.5, 2.0
+    )
+    _close(value, expected)
+    _close(grad, expected_grad)
+
+
+def test_unscaled_and_unmasked():
+    teacher, student = _logits(2, nan_padding=False)
+    found = kmask.masked_distillation(
+        teacher, student, temperature=3.0, scale_by_temperature_squared=False
+    )
+    expected, _ = np_distillation(
+        teacher, student, np.ones((B, T), bool), temperature=3.0,
+        scale_by_temperature_squared=False,
+    )  # fmt: skip
+    _close(found, expected)
+
+
+def test_masked_equals_gathered():
+    teacher, student = _logits(4)
+    valid = _valid()
+    masked = kmask.masked_distillation(teacher, student, valid, divergence="jsd")
+    gathered = kmask.masked_distillation(
+        teacher[valid][None], student[valid][None], divergence="jsd"
+    )
+    _close(masked, float(ops.convert_to_numpy(gathered)), rtol=1e-6)
+
+
+def test_all_padding_is_zero_with_zero_gradient():
+    teacher, student = _logits(5)
+    nothing = np.zeros((B, T), bool)
+    student = np.full_like(student, np.nan)
+
+    value, grad = value_and_grad(
+        lambda x: kmask.masked_distillation(teacher, x, nothing, temperature=2.0),
+        student,
+    )
+    assert float(value) == 0.0
+    assert np.all(grad == 0.0)
+
+
+def test_every_padding_source_is_the_same_padding():
+    teacher, student = _logits(6)
+    valid = _valid()
+    expected, _ = np_distillation(teacher, student, valid, temperature=2.0)
+    labels = np.where(valid, 1, -100)
+    found = {
+        "mask": kmask.masked_distillation(teacher, student, valid, temperature=2.0),
+        "labels": kmask.masked_distillation(
+            teacher, student, labels=labels, mask_value=-100, temperature=2.0
+        ),
+        "labels [b, t, 1]": kmask.masked_distillation(
+            teacher, student, labels=labels[..., None], mask_value=-100, temperature=2.0
+        ),
+        "sample_weight": kmask.masked_distillation(
+            teacher, student, sample_weight=valid.astype("float32"), temperature=2.0
+        ),
+        "propagated": kmask.masked_distillation(
+            teacher, _with_keras_mask(student), temperature=2.0
+        ),
+    }
+    for source, value in found.items():
+        assert np.isfinite(float(value)), source
+        _close(value, expected)
+
+
+def _with_keras_mask(student):
+    """`student` as a layer returns it, `LENGTHS`' mask propagated onto it."""
+    return kmask.LengthMask()(
+        [ops.convert_to_tensor(student), ops.convert_to_tensor(LENGTHS)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"divergence": "kld"}, "divergence"),
+        ({"beta": 1.5}, "beta"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"reduction": "mean_of_means"}, "reduction"),
+        ({"mask": np.ones((B, T + 1), bool)}, "mask"),
+        ({"labels": np.ones((B, T + 1)), "mask_value": 0}, "labels"),
+        ({"mask_value": -100}, "mask_value"),
+        ({"sample_weight": np.ones((B + 1,))}, "sample_weight"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    teacher, student = _logits(nan_padding=False)
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        kmask.masked_distillation(teacher, student, **kwargs)
+
+
+def test_bad_shapes_name_the_logits():
+    teacher, student = _logits(nan_padding=False)
+    with pytest.raises(
+        ValueError, match=r"`teacher_logits`.*teacher_logits.shape=.*student"
+    ):
+        kmask.masked_distillation(teacher[..., :-1], student)
+    with pytest.raises(ValueError, match="`student_logits`"):
+        kmask.masked_distillation(teacher[0, 0], student[0, 0])
+
+
+# ----------------------------------------------------------------------------
+# Keras's Distiller
+
+
+def _lm(width, seed, mask_zero=True):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((T,), dtype="int32")
+    hidden = keras.layers.Embedding(V, width, mask_zero=mask_zero)(tokens)
+    init = keras.initializers.RandomNormal(stddev=1.0, seed=seed)
+    return keras.Model(tokens, keras.layers.Dense(V, kernel_initializer=init)(hidden))
+
+
+def _tokens(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, V, size=(B, T))
+    return np.where(_valid(), tokens, 0).astype("int32")
+
+
+def _predict(model, tokens):
+    return np.asarray(ops.convert_to_numpy(model(tokens)), "float64")
+
+
+def test_distiller_fit_gives_the_masked_numpy_value():
+    teacher, student = _lm(8, 0), _lm(4, 1)
+    distiller = keras.distillation.Distiller(
+        teacher=teacher,
+        student=student,
+        distillation_losses=kmask.MaskedLogitsDistillation(temperature=2.0),
+        student_loss_weight=0.0,
+    )
+    distiller.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    tokens = _tokens()
+    expected, _ = np_distillation(
+        _predict(teacher, tokens),
+        _predict(student, tokens),
+        tokens != 0,
+        temperature=2.0,
+    )
+    history = distiller.fit(tokens, tokens, batch_size=B, epochs=2, verbose=0)
+    _close(history.history["loss"][0], expected, rtol=1e-5)
+    after, _ = np_distillation(
+        _predict(teacher, tokens),
+        _predict(student, tokens),
+        tokens != 0,
+        temperature=2.0,
+    )
+    assert after < expected  # the student learned
+    _close(distiller.evaluate(tokens, tokens, verbose=0)[0], after, rtol=1e-5)
+
+
+def test_masked_distiller_reads_labels_and_sample_weight():
+    teacher, student = _lm(8, 2, mask_zero=False), _lm(4, 3, mask_zero=False)
+    tokens = _tokens(1)
+    labels = np.where(tokens != 0, tokens, -100)
+    weight = np.random.default_rng(4).uniform(0.5, 2.0, size=(B, T)).astype("float32")
+    distiller = kmask.MaskedDistiller(
+        teacher=teacher,
+        student=student,
+        distillation_losses=kmask.MaskedLogitsDistillation(
+            temperature=2.0, divergence="jsd", beta=0.3, mask_value=-100
+        ),
+        student_loss_weight=0.0,
+    )
+    distiller.compile(optimizer="sgd", loss="mse")
+    expected, _ = np_distillation(
+        _predict(teacher, tokens), _predict(student, tokens), tokens != 0, weight,
+        divergence="jsd", beta=0.3, temperature=2.0,
+    )  # fmt: skip
+    found = distiller.evaluate(tokens, labels, sample_weight=weight, verbose=0)[0]
+    _close(found, expected, rtol=1e-5)
+
+
+def test_keras_logits_distillation_counts_the_padding():
+    """What `docs/guides/distillation.md` says of Keras's own loss: its
+    default `loss="kl_divergence"` is the function, so the softmax and `T**2`
+    branch never runs; with `KLDivergence()` it is the KL with padding
+    counted."""
+    teacher, student = _logits(7, nan_padding=False)
+    temperature = 2.0
+    everything = np.ones((B, T), bool)
+    default = keras.distillation.LogitsDistillation(temperature=temperature)
+    clipped_t = np.clip(teacher.astype("float64") / temperature, EPSILON, 1.0)
+    clipped_s = np.clip(student.astype("float64") / temperature, EPSILON, 1.0)
+    raw_kl = (clipped_t * np.log(clipped_t / clipped_s)).sum(-1).mean()
+    _close(default.compute_loss(teacher, student), raw_kl, rtol=1e-5)
+    with_class = keras.distillation.LogitsDistillation(
+        temperature=temperature, loss=keras.losses.KLDivergence()
+    )
+    padded_kl, _ = np_distillation(
+        teacher, student, everything, temperature=temperature
+    )
+    _close(with_class.compute_loss(teacher, student), padded_kl, rtol=1e-5)
+    masked_kl, _ = np_distillation(teacher, student, _valid(), temperature=temperature)
+    assert abs(padded_kl - masked_kl) > 0.01
+
+
+def test_serialization_round_trip(tmp_path):
+    loss = kmask.MaskedLogitsDistillation(
+        temperature=1.5, divergence="reverse_kl", reduction="sum", mask_value=-100
+    )
+    config = loss.get_config()
+    assert kmask.MaskedLogitsDistillation.from_config(config).get_config() == config
+    teacher, student = _lm(8, 4), _lm(4, 5)
+    distiller = kmask.MaskedDistiller(
+        teacher=teacher,
+        student=student,
+        distillation_losses=[kmask.MaskedLogitsDistillation(temperature=2.0), loss],
+        distillation_loss_weights=[1.0, 0.5],
+        student_loss_weight=0.0,
+    )
+    distiller.compile(optimizer="sgd", loss="mse")
+    tokens = _tokens(2)
+    labels = np.where(tokens != 0, tokens, -100)
+    before = distiller.evaluate(tokens, labels, verbose=0)[0]
+    path = str(tmp_path / "distiller.keras")
+    distiller.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert isinstance(reloaded, kmask.MaskedDistiller)
+    losses = reloaded.distillation_losses
+    assert [type(item) for item in losses] == [kmask.MaskedLogitsDistillation] * 2
+    assert losses[1].get_config() == config
+    _close(reloaded.evaluate(tokens, labels, verbose=0)[0], before, rtol=1e-6)
