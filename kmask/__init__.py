@@ -5,6 +5,7 @@ from kmask.ctc import MaskedCTC, masked_ctc
 from kmask.distillation import (
     MaskedDistiller,
     MaskedLogitsDistillation,
+    fused_linear_distillation,
     masked_distillation,
 )
 from kmask.fused import (
@@ -78,6 +79,7 @@ __all__ = [
     "combine_masks",
     "distribute",
     "fused_linear_crossentropy",
+    "fused_linear_distillation",
     "keras_mask",
     "mask_report",
     "masked_ctc",

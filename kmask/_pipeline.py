@@ -208,12 +208,7 @@ def prepare_distillation(
         )
     check_distillation(teacher_logits, checked_student, labels)
     if labels is not None and mask_value is not None:
-        # Labels compared one by one whatever their rank, as sparse labels
-        # are in `_target_padding`.
-        padding = value_mask(ops.expand_dims(labels, -1), mask_value)
-        while len(padding.shape) > len(labels.shape):
-            padding = ops.squeeze(padding, axis=-1)
-        mask = combine_masks(mask, padding)
+        mask = combine_masks(mask, label_padding(mask_value)(labels))
     return prepare(
         teacher_logits,
         student_logits,
@@ -222,6 +217,48 @@ def prepare_distillation(
         mask=mask,
         sample_weight=sample_weight,
     )
+
+
+def prepare_hidden(
+    hidden: Any,
+    *,
+    classes: Any,
+    labels: Any = None,
+    mask_value: Any = None,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Step 1 for a chunked op over hidden states whose labels only mark
+    padding (the chunked distillation): the mask Keras propagated onto
+    `hidden` ANDed into `mask`, then `prepare_labels` (labels of 0 when none
+    are given). The caller checked the shapes
+    (`_shapes.check_linear_distillation`)."""
+    propagated = get_keras_mask(hidden)
+    if labels is None:
+        labels = ops.zeros(ops.shape(hidden)[:-1], "int32")
+    else:
+        labels = squeeze_trailing(ops.convert_to_tensor(labels), len(hidden.shape) - 1)
+    return prepare_labels(
+        labels,
+        classes=classes,
+        target_mask=None if mask_value is None else label_padding(mask_value),
+        mask=combine_masks(propagated, mask),
+        sample_weight=sample_weight,
+    )
+
+
+def label_padding(mask_value: Any) -> Callable[[Any], Any]:
+    """`labels -> mask`: `False` where a label is `mask_value`, the labels
+    compared one by one whatever their rank (as sparse labels are in
+    `_target_padding`)."""
+
+    def padding(labels):
+        found = value_mask(ops.expand_dims(labels, -1), mask_value)
+        while len(found.shape) > len(labels.shape):
+            found = ops.squeeze(found, axis=-1)
+        return found
+
+    return padding
 
 
 def _no_padding(_targets: Any) -> None:

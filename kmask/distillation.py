@@ -26,14 +26,21 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _pipeline
+from kmask import _labels, _pipeline, _shapes
 from kmask._keras_compat import DISTILLATION_LOSS_BASE, DISTILLER_BASE
 from kmask._resolve import plain
+from kmask._steps import broadcast_to_steps
 from kmask.ops.divergence import divergence_options, row_divergence
+from kmask.ops.linear_divergence import Chunking, linear_divergence
 from kmask.reduce import reduce_steps, standardize_reduction
 from kmask.typing import Tensor
 
-__all__ = ["MaskedDistiller", "MaskedLogitsDistillation", "masked_distillation"]
+__all__ = [
+    "MaskedDistiller",
+    "MaskedLogitsDistillation",
+    "fused_linear_distillation",
+    "masked_distillation",
+]
 
 
 def masked_distillation(
@@ -116,6 +123,174 @@ def masked_distillation(
     if scale_by_temperature_squared:
         per_step = ops.multiply(per_step, options.temperature**2)
     return reduce_steps(per_step, steps.masked, reduction, steps.sample_weight)
+
+
+def fused_linear_distillation(
+    student_hidden: Any,
+    student_kernel: Any,
+    teacher_hidden: Any,
+    teacher_kernel: Any,
+    mask: Any = None,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    labels: Any = None,
+    mask_value: Any = None,
+    sample_weight: Any = None,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    reduction: str | None = "token_mean",
+    scale_by_temperature_squared: bool = True,
+    chunk_size: int = 256,
+    transpose_kernel: bool = False,
+    softcap: float | None = None,
+) -> Tensor:
+    """`masked_distillation` of two linear heads' logits, in chunks.
+
+    Equals `masked_distillation(teacher_hidden @ teacher_kernel +
+    teacher_bias, student_hidden @ student_kernel + student_bias, ...)`
+    without ever holding either `[tokens, vocabulary]` logits array: tokens
+    are processed `chunk_size` at a time, forward and backward (the backward
+    pass recomputes both chunks' logits), so memory holds one `[chunk_size,
+    vocabulary]` block of each. Padded tokens are left out of the chunks
+    and cost no matmul. The teacher gets no gradient. Computed in float32.
+
+    Args:
+        student_hidden: `[batch, ..., student_width]`; a mask Keras
+            propagated onto it marks padding.
+        student_kernel: `[student_width, vocabulary]`, or `[vocabulary,
+            student_width]` with `transpose_kernel`.
+        teacher_hidden: `[batch, ..., teacher_width]`, the same steps.
+        teacher_kernel: `[teacher_width, vocabulary]` (or transposed).
+        mask: Optional boolean mask, `True` on real steps: `[batch]` or the
+            steps' shape.
+        student_bias: Optional `[vocabulary]` bias of the student.
+        teacher_bias: Optional `[vocabulary]` bias of the teacher.
+        labels: Optional integer labels of the steps' shape, read for their
+            pad label `mask_value` (and checked against the vocabulary).
+        mask_value: The pad label of `labels`, e.g. `-100`.
+        sample_weight: Optional weights, `[batch]` or the steps' shape.
+        temperature: As for `masked_distillation`.
+        divergence: As for `masked_distillation`.
+        beta: As for `masked_distillation`.
+        reduction: As for `masked_distillation`.
+        scale_by_temperature_squared: As for `masked_distillation`.
+        chunk_size: Tokens per chunk.
+        transpose_kernel: Whether both kernels are `[vocabulary, width]`
+            (tied embedding matrices), used as stored.
+        softcap: Optional positive `c`: both models' logits are
+            `c * tanh(logits / c)` (before the temperature), as the head's.
+
+    Returns:
+        A float32 scalar, or per-step values with `reduction="none"`.
+
+    Example:
+
+    >>> import kmask
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> student, student_kernel = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5))
+    >>> teacher, teacher_kernel = rng.normal(size=(2, 3, 8)), rng.normal(size=(8, 5))
+    >>> mask = [[True, True, False], [True, False, False]]
+    >>> fused = kmask.fused_linear_distillation(
+    ...     student, student_kernel, teacher, teacher_kernel, mask, chunk_size=2
+    ... )
+    >>> whole = kmask.masked_distillation(
+    ...     teacher @ teacher_kernel, student @ student_kernel, mask
+    ... )
+    >>> bool(abs(float(fused) - float(whole)) < 1e-5)
+    True
+    """
+    options = divergence_options(divergence, beta, temperature)
+    reduction = standardize_reduction(reduction)
+    chunking = _chunking(chunk_size, softcap, transpose_kernel)
+    if labels is None and mask_value is not None:
+        raise ValueError(
+            "Argument `mask_value` marks padding in `labels`, which were not "
+            f"given. Received: mask_value={mask_value!r}, labels=None"
+        )
+    student = _head(student_hidden, student_kernel, student_bias)
+    teacher = _head(teacher_hidden, teacher_kernel, teacher_bias)
+    per_step_arguments = {
+        name: None if tensor is None else ops.convert_to_tensor(tensor)
+        for name, tensor in (
+            ("labels", labels), ("mask", mask), ("sample_weight", sample_weight)
+        )
+    }  # fmt: skip
+    _shapes.check_linear_distillation(
+        student, teacher, chunking.transpose_kernel, **per_step_arguments
+    )
+    vocabulary = student[1].shape[0 if chunking.transpose_kernel else 1]
+    # The mask Keras propagated is read from the caller's own tensor.
+    steps = _pipeline.prepare_hidden(
+        student_hidden if hasattr(student_hidden, "shape") else student[0],
+        classes=vocabulary,
+        labels=per_step_arguments["labels"],
+        mask_value=mask_value,
+        mask=per_step_arguments["mask"],
+        sample_weight=per_step_arguments["sample_weight"],
+    )
+    steps_shape = ops.shape(student[0])[:-1]
+    valid = steps.valid
+    if valid is None:
+        valid = ops.ones(steps_shape, "bool")
+    flat_valid = ops.reshape(broadcast_to_steps(valid, steps_shape), (-1,))
+
+    def flat(hidden):
+        return ops.reshape(ops.cast(hidden, "float32"), (-1, hidden.shape[-1]))
+
+    def as_float(part):
+        return None if part is None else ops.cast(part, "float32")
+
+    per_step = linear_divergence(
+        (flat(student[0]), as_float(student[1]), as_float(student[2])),
+        (flat(teacher[0]), as_float(teacher[1]), as_float(teacher[2])),
+        flat_valid,
+        options,
+        chunking,
+    )
+    per_step = ops.reshape(per_step, steps_shape)
+    if scale_by_temperature_squared:
+        per_step = ops.multiply(per_step, options.temperature**2)
+    value = reduce_steps(per_step, steps.masked, reduction, steps.sample_weight)
+    if reduction == "none":
+        return _labels.poison(value, steps.out_of_range)
+    return ops.where(ops.any(steps.out_of_range), float("nan"), value)
+
+
+def _head(hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
+    """`(hidden, kernel, bias)` as tensors (`bias` may be `None`)."""
+    return (
+        ops.convert_to_tensor(hidden),
+        ops.convert_to_tensor(kernel),
+        None if bias is None else ops.convert_to_tensor(bias),
+    )
+
+
+def _chunking(chunk_size: Any, softcap: Any, transpose_kernel: bool) -> Chunking:
+    """The checked `Chunking`."""
+    if (
+        not isinstance(chunk_size, int)
+        or isinstance(chunk_size, bool)
+        or chunk_size < 1
+    ):
+        raise ValueError(
+            "Invalid value for argument `chunk_size`. Expected a positive "
+            f"integer. Received: chunk_size={chunk_size!r}"
+        )
+    if softcap is not None and (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+    ):
+        raise ValueError(
+            "Invalid value for argument `softcap`. Expected `None` or a "
+            f"positive number. Received: softcap={softcap!r}"
+        )
+    return Chunking(
+        chunk_size, None if softcap is None else float(softcap), bool(transpose_kernel)
+    )
 
 
 @keras.saving.register_keras_serializable(package="kmask")

@@ -11,6 +11,7 @@ from keras import ops
 
 import kmask
 from tests._grad import value_and_grad
+from tools.backends import value_and_grad as backend_value_and_grad
 from tools.parity.references import EPSILON, np_distillation
 
 B, T, V = 3, 6, 11
@@ -310,3 +311,133 @@ def test_serialization_round_trip(tmp_path):
     assert [type(item) for item in losses] == [kmask.MaskedLogitsDistillation] * 2
     assert losses[1].get_config() == config
     _close(reloaded.evaluate(tokens, labels, verbose=0)[0], before, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# fused_linear_distillation
+
+
+def _heads(seed=0, width=(4, 6), vocabulary=13):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(B, T, width[0])).astype("float32")
+    teacher = rng.normal(size=(B, T, width[1])).astype("float32")
+    kernels = [rng.normal(size=(w, vocabulary)).astype("float32") for w in width]
+    biases = [rng.normal(size=(vocabulary,)).astype("float32") for _ in width]
+    padded = ~_valid()[..., None]
+    student, teacher = (
+        np.where(padded, np.nan, student),
+        np.where(padded, np.nan, teacher),
+    )
+    return student.astype("float32"), teacher.astype("float32"), kernels, biases
+
+
+def _np_logits(hidden, kernel, bias, softcap):
+    logits = np.nan_to_num(hidden.astype("float64")) @ kernel + bias
+    return logits if softcap is None else softcap * np.tanh(logits / softcap)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "softcap", "transpose_kernel", "reduction"),
+    [
+        ("kl", None, False, "token_mean"),
+        ("reverse_kl", 3.0, True, "sequence_mean"),
+        ("jsd", 3.0, False, "sum"),
+        ("jsd", None, True, "token_mean"),
+    ],
+)
+def test_fused_matches_numpy(divergence, softcap, transpose_kernel, reduction):
+    student, teacher, (student_kernel, teacher_kernel), (student_bias, teacher_bias) = (
+        _heads()
+    )
+    valid = _valid()
+    weight = np.random.default_rng(8).uniform(0.5, 2.0, size=(B, T)).astype("float32")
+    stored = student_kernel.T.copy() if transpose_kernel else student_kernel
+    teacher_stored = teacher_kernel.T.copy() if transpose_kernel else teacher_kernel
+
+    def objective(params):
+        hidden, kernel, bias = params
+        return kmask.fused_linear_distillation(
+            hidden, kernel, teacher, teacher_stored, valid,
+            student_bias=bias, teacher_bias=teacher_bias, sample_weight=weight,
+            temperature=2.0, divergence=divergence, beta=0.3, reduction=reduction,
+            chunk_size=4, transpose_kernel=transpose_kernel, softcap=softcap,
+        )  # fmt: skip
+
+    step = backend_value_and_grad(lambda *p: objective(p), argnums=range(3))
+    value, grads = step(
+        *(ops.convert_to_tensor(x) for x in (student, stored, student_bias))
+    )
+    grads = [np.asarray(ops.convert_to_numpy(g), "float64") for g in grads]
+    student_logits = _np_logits(student, student_kernel, student_bias, softcap)
+    teacher_logits = _np_logits(teacher, teacher_kernel, teacher_bias, softcap)
+    expected, d_logits = np_distillation(
+        teacher_logits, student_logits, valid, weight, reduction, divergence, 0.3, 2.0
+    )
+    if softcap is not None:
+        d_logits = d_logits * (1.0 - (student_logits / softcap) ** 2)
+    d_kernel = np.einsum("btw,btv->wv", np.nan_to_num(student), d_logits)
+    _close(float(ops.convert_to_numpy(value)), expected, rtol=1e-5)
+    _close(grads[0], d_logits @ student_kernel.T, rtol=1e-4, atol=1e-6)
+    _close(grads[1], d_kernel.T if transpose_kernel else d_kernel, rtol=1e-4, atol=1e-6)
+    _close(grads[2], d_logits.sum((0, 1)), rtol=1e-4, atol=1e-6)
+    assert np.all(grads[0][~valid] == 0.0)
+
+
+def test_fused_equals_unfused_with_every_padding_source():
+    student, teacher, (student_kernel, teacher_kernel), _ = _heads(1)
+    valid = _valid()
+    labels = np.where(valid, 2, -100)
+    lengths = ops.convert_to_tensor(LENGTHS)
+    masked_student = kmask.LengthMask()([ops.convert_to_tensor(student), lengths])
+    fused = kmask.fused_linear_distillation(
+        masked_student, student_kernel, teacher, teacher_kernel,
+        labels=labels, mask_value=-100, sample_weight=np.ones((B,), "float32"),
+        divergence="jsd", chunk_size=2,
+    )  # fmt: skip
+    clean_student, clean_teacher = np.nan_to_num(student), np.nan_to_num(teacher)
+    unfused = kmask.masked_distillation(
+        clean_teacher @ teacher_kernel, clean_student @ student_kernel, valid,
+        divergence="jsd",
+    )  # fmt: skip
+    _close(float(ops.convert_to_numpy(fused)), float(ops.convert_to_numpy(unfused)))
+
+
+def test_fused_teacher_gets_no_gradient_and_all_padding_is_zero():
+    student, teacher, (student_kernel, teacher_kernel), _ = _heads(2)
+
+    def objective(x):
+        return kmask.fused_linear_distillation(
+            student, student_kernel, x, teacher_kernel
+        )
+
+    _, grad = value_and_grad(objective, np.nan_to_num(teacher))
+    assert np.all(grad == 0.0)
+
+    def padded(x):
+        return kmask.fused_linear_distillation(
+            x, student_kernel, teacher, teacher_kernel, np.zeros((B,), bool)
+        )
+
+    value, grad = value_and_grad(padded, student)
+    assert float(value) == 0.0
+    assert np.all(grad == 0.0)
+
+
+def test_fused_bad_input_names_the_argument():
+    student, teacher, (student_kernel, teacher_kernel), _ = _heads(3)
+    with pytest.raises(ValueError, match="`student_kernel`"):
+        kmask.fused_linear_distillation(
+            student, teacher_kernel, teacher, teacher_kernel
+        )
+    with pytest.raises(ValueError, match="`teacher_kernel`"):
+        kmask.fused_linear_distillation(
+            student, student_kernel, teacher, teacher_kernel[:, :-1]
+        )
+    with pytest.raises(ValueError, match="`teacher_hidden`"):
+        kmask.fused_linear_distillation(
+            student, student_kernel, teacher[:, :-1], teacher_kernel
+        )
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        kmask.fused_linear_distillation(
+            student, student_kernel, teacher, teacher_kernel, chunk_size=0
+        )
