@@ -36,7 +36,7 @@ import keras
 KERAS_VERSION = keras.__version__
 
 
-class _DistillerMissing(keras.Model):
+class DistillerMissing(keras.Model):
     """Stands for `keras.distillation.Distiller` on a Keras without it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -51,7 +51,7 @@ class _DistillerMissing(keras.Model):
 # on an older Keras (the loss still works as a plain object).
 _DISTILLATION = getattr(keras, "distillation", None)
 DISTILLATION_LOSS_BASE: type = getattr(_DISTILLATION, "DistillationLoss", object)
-DISTILLER_BASE: type = getattr(_DISTILLATION, "Distiller", _DistillerMissing)
+DISTILLER_BASE: type = getattr(_DISTILLATION, "Distiller", DistillerMissing)
 
 # Where `get_keras_mask` has lived, newest first.
 GET_KERAS_MASK_HOMES = (
