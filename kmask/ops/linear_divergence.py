@@ -6,7 +6,8 @@ Both passes loop over chunks of `chunk_size` tokens; the backward pass
 recomputes each chunk's logits (the teacher's too) and takes the gradient
 of the divergence from `kmask.ops.divergence.row_divergence_grad`. The real
 tokens are put first, so the loops stop after the last chunk that holds one:
-padded tokens cost no matmul. The teacher gets no gradient. The soft cap is
+padded tokens cost no matmul (under `torch.compile`, which cannot trace a
+loop bound held in a tensor, every chunk runs). The teacher gets no gradient. The soft cap is
 the head's (`kmask.ops._rows.softcap`).
 
 The chunking is that of the head's `linear_crossentropy_portable`
@@ -20,6 +21,7 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from kmask.ops._dispatch import compiling
 from kmask.ops._rows import softcap, softcap_slope
 from kmask.ops.divergence import Divergence, row_divergence, row_divergence_grad
 
@@ -103,7 +105,7 @@ def linear_divergence(
     order = real_first(valid)
     rows = (ops.take(x, order, axis=0) for x in (student_hidden, teacher_hidden, valid))
     student_hidden, teacher_hidden, valid = rows
-    _, active, chunked = to_chunks(
+    chunks, active, chunked = to_chunks(
         tokens,
         valid,
         chunking.chunk_size,
@@ -113,6 +115,9 @@ def linear_divergence(
     )
     student_hidden, teacher_hidden, valid = chunked
     valid = ops.cast(valid, "bool")
+    # torch.compile cannot trace a loop whose bound is a tensor: there every
+    # chunk runs, the padding's (last) ones on zeroed rows.
+    active = chunks if compiling() else active
     per_chunk = ops.zeros(ops.shape(valid), "float32")
 
     def teacher_logits(index):
