@@ -7,8 +7,8 @@ recomputes each chunk's logits (the teacher's too) and takes the gradient
 of the divergence from `kmask.ops.divergence.row_divergence_grad`. The real
 tokens are put first, so the loops stop after the last chunk that holds one:
 padded tokens cost no matmul (under `torch.compile`, which cannot trace a
-loop bound held in a tensor, every chunk runs). The teacher gets no gradient. The soft cap is
-the head's (`kmask.ops._rows.softcap`).
+loop bound held in a tensor, every chunk runs). The teacher gets no
+gradient. The soft cap is the head's (`kmask.ops._rows.softcap`).
 
 The chunking is that of the head's `linear_crossentropy_portable`
 (`kmask.ops.crossentropy`), whose steps are private there: `real_first` and
