@@ -256,8 +256,8 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
 
 
 def _run_distillation(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
-    """`kmask.masked_distillation` with the padding `spec["source"]` names;
-    see `cases.distillation_case`."""
+    """`kmask.masked_distillation` (or `kmask.fused_linear_distillation`)
+    with the padding `spec["source"]` names; see `cases.distillation_case`."""
     options = {
         key: spec[key] for key in ("reduction", "divergence", "beta", "temperature")
     }
@@ -268,13 +268,20 @@ def _run_distillation(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
         padding.update(labels=inputs["labels"], mask_value=-100)
 
     def objective(student):
-        if spec["source"] == "propagated":
-            student = kmask.LengthMask()([student, inputs["lengths"]])
         from keras import ops
 
-        value = kmask.masked_distillation(
-            inputs["teacher"], student, **padding, **options
-        )
+        if spec["source"] == "propagated":
+            student = kmask.LengthMask()([student, inputs["lengths"]])
+        if spec["fused"]:
+            value = kmask.fused_linear_distillation(
+                student, inputs["student_kernel"],
+                inputs["teacher_hidden"], inputs["teacher_kernel"],
+                chunk_size=3, **padding, **options,
+            )  # fmt: skip
+        else:
+            value = kmask.masked_distillation(
+                inputs["teacher"], student, **padding, **options
+            )
         return ops.sum(value), {"value": value}
 
     return _value_and_grad(objective, inputs["student"], spec["compiled"])

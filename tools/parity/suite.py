@@ -277,8 +277,9 @@ def _fused() -> list[Case]:
 
 @_family
 def _distillation() -> list[Case]:
-    """`kmask.masked_distillation`: each divergence, each padding source and
-    reduction, two temperatures, compiled, all padding."""
+    """`kmask.masked_distillation` and `kmask.fused_linear_distillation`:
+    each divergence, each padding source and reduction, two temperatures,
+    compiled, all padding."""
     return [
         distillation_case("explicit_mask", "token_mean", "kl"),
         distillation_case("pad_negative", "sequence_mean", "reverse_kl"),
@@ -287,6 +288,13 @@ def _distillation() -> list[Case]:
         distillation_case("propagated", "token_mean", "jsd", compiled=True),
         distillation_case("explicit_mask", "none", "reverse_kl", compiled=True),
         distillation_case("all_padding", "token_mean", "jsd"),
+        distillation_case("pad_negative", "token_mean", "kl", fused=True),
+        distillation_case("propagated", "sum", "jsd", beta=0.3, fused=True),
+        distillation_case("step_weights", "sequence_mean", "reverse_kl", fused=True),
+        distillation_case(
+            "explicit_mask", "token_mean", "jsd", compiled=True, fused=True
+        ),
+        distillation_case("all_padding", "token_mean", "kl", fused=True),
     ]
 
 
