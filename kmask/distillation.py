@@ -30,7 +30,11 @@ from kmask import _labels, _pipeline, _shapes
 from kmask._keras_compat import DISTILLATION_LOSS_BASE, DISTILLER_BASE
 from kmask._resolve import plain
 from kmask._steps import broadcast_to_steps
-from kmask.ops.divergence import divergence_options, row_divergence
+from kmask.ops.divergence import (
+    divergence_options,
+    positive_number,
+    row_divergence,
+)
 from kmask.ops.linear_divergence import Chunking, linear_divergence
 from kmask.reduce import reduce_steps, standardize_reduction
 from kmask.typing import Tensor
@@ -279,18 +283,8 @@ def _chunking(chunk_size: Any, softcap: Any, transpose_kernel: bool) -> Chunking
             "Invalid value for argument `chunk_size`. Expected a positive "
             f"integer. Received: chunk_size={chunk_size!r}"
         )
-    if softcap is not None and (
-        isinstance(softcap, bool)
-        or not isinstance(softcap, (int, float))
-        or not softcap > 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `softcap`. Expected `None` or a "
-            f"positive number. Received: softcap={softcap!r}"
-        )
-    return Chunking(
-        chunk_size, None if softcap is None else float(softcap), bool(transpose_kernel)
-    )
+    cap = positive_number("softcap", softcap, none=True)
+    return Chunking(chunk_size, cap, bool(transpose_kernel))
 
 
 @keras.saving.register_keras_serializable(package="kmask")

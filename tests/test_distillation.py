@@ -469,3 +469,7 @@ def test_fused_bad_input_names_the_argument():
         kmask.fused_linear_distillation(
             student, student_kernel, teacher, teacher_kernel, chunk_size=0
         )
+    with pytest.raises(ValueError, match="`softcap`"):
+        kmask.fused_linear_distillation(
+            student, student_kernel, teacher, teacher_kernel, softcap=-1.0
+        )

@@ -55,18 +55,24 @@ def divergence_options(divergence: str, beta: float, temperature: float) -> Dive
             "Invalid value for argument `beta`. Expected a number in [0, 1]. "
             f"Received: beta={beta!r}"
         )
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not temperature > 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `temperature`. Expected a positive "
-            f"number. Received: temperature={temperature!r}"
-        )
+    positive_number("temperature", temperature)
     if divergence == "jsd" and beta in (0, 1):
         divergence = "kl" if beta == 0 else "reverse_kl"
     return Divergence(divergence, float(beta), float(temperature))
+
+
+def positive_number(argument: str, value: Any, none: bool = False) -> float | None:
+    """`value` as a float, checked to be a positive number (or `None` when
+    `none` allows it); a `ValueError` naming `argument` else."""
+    if none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        expected = "`None` or a positive number" if none else "a positive number"
+        raise ValueError(
+            f"Invalid value for argument `{argument}`. Expected {expected}. "
+            f"Received: {argument}={value!r}"
+        )
+    return float(value)
 
 
 def row_divergence(
