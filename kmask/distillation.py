@@ -3,7 +3,7 @@ through Keras's own `keras.distillation.Distiller`.
 
 The divergence between the teacher's and the student's logits is taken at
 the real steps only, found as every kmask loss finds them (the one pipeline,
-`kmask._pipeline.prepare_distillation`): the mask Keras propagated onto the
+`kmask._pipeline.distillation_values`): the mask Keras propagated onto the
 student's logits, an explicit `mask`, a pad label in `labels`
 (`mask_value`) and zero `sample_weight`. Padded steps are replaced with
 `where` before the divergence is computed, so whatever they hold (NaN, inf)
@@ -26,10 +26,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _pipeline, _shapes
+from kmask import _pipeline, _shapes
 from kmask._keras_compat import DISTILLATION_LOSS_BASE, DISTILLER_BASE
 from kmask._resolve import plain
-from kmask._steps import broadcast_to_steps
 from kmask.ops.divergence import (
     divergence_options,
     positive_number,
@@ -113,17 +112,16 @@ def masked_distillation(
             "Argument `mask_value` marks padding in `labels`, which were not "
             f"given. Received: mask_value={mask_value!r}, labels=None"
         )
-    steps = _pipeline.prepare_distillation(
+    steps = _pipeline.distillation_values(
         teacher_logits,
         student_logits,
+        lambda teacher, student: row_divergence(teacher, student, options),
         labels=labels,
         mask_value=mask_value,
         mask=mask,
         sample_weight=sample_weight,
     )
-    per_step = _pipeline.per_step_values(
-        steps, lambda teacher, student: row_divergence(teacher, student, options)
-    )
+    per_step = steps.values
     if scale_by_temperature_squared:
         per_step = ops.multiply(per_step, options.temperature**2)
     return reduce_steps(per_step, steps.masked, reduction, steps.sample_weight)
@@ -239,7 +237,7 @@ def fused_linear_distillation(
     valid = steps.valid
     if valid is None:
         valid = ops.ones(steps_shape, "bool")
-    flat_valid = ops.reshape(broadcast_to_steps(valid, steps_shape), (-1,))
+    flat_valid = ops.reshape(_shapes.broadcast_to_steps(valid, steps_shape), (-1,))
 
     def flat(hidden):
         return ops.reshape(ops.cast(hidden, "float32"), (-1, hidden.shape[-1]))
@@ -259,7 +257,7 @@ def fused_linear_distillation(
         per_step = ops.multiply(per_step, options.temperature**2)
     value = reduce_steps(per_step, steps.masked, reduction, steps.sample_weight)
     if reduction == "none":
-        return _labels.poison(value, steps.out_of_range)
+        return _pipeline.poison(value, steps.out_of_range)
     return ops.where(ops.any(steps.out_of_range), float("nan"), value)
 
 
