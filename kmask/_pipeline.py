@@ -32,6 +32,7 @@ from keras import ops
 from kmask._keras_compat import get_keras_mask
 from kmask._shapes import (
     accumulation_dtype,
+    check_distillation,
     check_frames,
     check_stats,
     check_steps,
@@ -43,6 +44,7 @@ from kmask.masks import (
     labels_out_of_range,
     post_padded_lengths,
     targets_padding,
+    value_mask,
 )
 from kmask.typing import Tensor
 
@@ -198,6 +200,94 @@ def prepare_labels(
         valid = combine_masks(masked, weighted)
     labels, out_of_range = labels_out_of_range(labels, classes, valid, "labels")
     return Steps(labels, None, valid, sample_weight, masked, out_of_range)
+
+
+def distillation_values(
+    teacher_logits: Any,
+    student_logits: Any,
+    call: Callable[[Any, Any], Any],
+    *,
+    labels: Any = None,
+    mask_value: Any = None,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Steps 1 and 2 for two predictions of the same steps (distillation):
+    `per_step_values` with the teacher's logits as the targets, which hold
+    no padding; the pad label `mask_value` is looked for in `labels`
+    instead, ANDed into `mask`. The mask Keras propagated onto
+    `student_logits` counts, as onto any `y_pred`. The shapes are checked
+    first (`_shapes.check_distillation`).
+
+    Returns:
+        `Steps` with the teacher's logits as `y_true` and the per-step
+        values of `call(teacher, student)` in `values`.
+    """
+    checked_student = ops.convert_to_tensor(student_logits)
+    teacher_logits = ops.convert_to_tensor(teacher_logits)
+    if labels is not None:
+        labels = squeeze_trailing(
+            ops.convert_to_tensor(labels), len(checked_student.shape) - 1
+        )
+    check_distillation(teacher_logits, checked_student, labels)
+    if labels is not None and mask_value is not None:
+        mask = combine_masks(mask, label_padding(mask_value)(labels))
+    return per_step_values(
+        teacher_logits,
+        student_logits,
+        call,
+        dtype=checked_student.dtype,
+        target_mask=_no_padding,
+        mask=mask,
+        sample_weight=sample_weight,
+    )
+
+
+def prepare_hidden(
+    hidden: Any,
+    *,
+    classes: Any,
+    labels: Any = None,
+    mask_value: Any = None,
+    mask: Any = None,
+    sample_weight: Any = None,
+) -> Steps:
+    """Step 1 for a chunked op over hidden states whose labels only mark
+    padding (the chunked distillation): the mask Keras propagated onto
+    `hidden` ANDed into `mask`, then `prepare_labels` (labels of 0 when none
+    are given). The caller checked the shapes
+    (`_shapes.check_linear_distillation`)."""
+    propagated = get_keras_mask(hidden)
+    if labels is None:
+        labels = ops.zeros(ops.shape(hidden)[:-1], "int32")
+    else:
+        labels = squeeze_trailing(ops.convert_to_tensor(labels), len(hidden.shape) - 1)
+    return prepare_labels(
+        labels,
+        classes=classes,
+        target_mask=None if mask_value is None else label_padding(mask_value),
+        mask=combine_masks(propagated, mask),
+        sample_weight=sample_weight,
+    )
+
+
+def label_padding(mask_value: Any) -> Callable[[Any], Any]:
+    """`labels -> mask`: `False` where a label is `mask_value`, the labels
+    compared one by one whatever their rank (as sparse labels are in
+    `kmask.masks.targets_padding`)."""
+
+    def padding(labels):
+        found = value_mask(ops.expand_dims(labels, -1), mask_value)
+        while len(found.shape) > len(labels.shape):
+            found = ops.squeeze(found, axis=-1)
+        return found
+
+    return padding
+
+
+def _no_padding(_targets: Any) -> None:
+    """A teacher's logits mark no padding."""
+    return None
 
 
 def prepare_stats(stats: Any, *, names: tuple, sample_weight: Any = None) -> Steps:

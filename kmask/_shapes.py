@@ -327,6 +327,90 @@ def check_linear(
             )
 
 
+def check_distillation(teacher: Any, student: Any, labels: Any = None) -> None:
+    """A distillation call's shapes: teacher and student logits alike,
+    `[batch, ..., classes]`, and `labels` `[batch]` or a leading part of
+    their per-step shape."""
+    teacher_shape, student_shape = tuple(teacher.shape), tuple(student.shape)
+    if len(student_shape) < 2:
+        raise invalid_shape(
+            "student_logits",
+            "[batch, ..., classes]",
+            student_logits=student_shape,
+            teacher_logits=teacher_shape,
+        )
+    if not same_shape(teacher_shape, student_shape):
+        raise invalid_shape(
+            "teacher_logits",
+            "the shape of `student_logits`",
+            teacher_logits=teacher_shape,
+            student_logits=student_shape,
+        )
+    if labels is not None:
+        check_fits_steps(
+            "labels",
+            tuple(labels.shape),
+            step_shape(student),
+            student_logits=student_shape,
+        )
+
+
+def check_linear_distillation(
+    student: tuple[Any, Any, Any],
+    teacher: tuple[Any, Any, Any],
+    transpose_kernel: bool,
+    **per_step: Any,
+) -> None:
+    """The shapes of `fused_linear_distillation`'s arguments: each model's
+    `(hidden, kernel, bias)` a linear head (as `check_linear`), the same
+    vocabulary and steps for both, then `per_step` (`labels`, `mask`,
+    `sample_weight`: a tensor or `None`) against the steps."""
+    width_axis = 1 if transpose_kernel else 0
+    expected = "[hidden_size, vocabulary]"
+    if transpose_kernel:
+        expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
+    vocabularies = []
+    for who, (hidden, kernel, bias) in (("student", student), ("teacher", teacher)):
+        hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
+        if len(kernel_shape) != 2 or not same_dim(
+            hidden_shape[-1], kernel_shape[width_axis]
+        ):
+            raise invalid_shape(
+                f"{who}_kernel",
+                f"{expected} with hidden_size the last axis of `{who}_hidden`",
+                **{f"{who}_kernel": kernel_shape, f"{who}_hidden": hidden_shape},
+            )
+        vocabulary = kernel_shape[1 - width_axis]
+        if bias is not None and not same_shape(tuple(bias.shape), (vocabulary,)):
+            raise invalid_shape(
+                f"{who}_bias",
+                f"[vocabulary] = ({vocabulary},)",
+                **{f"{who}_bias": tuple(bias.shape), f"{who}_kernel": kernel_shape},
+            )
+        vocabularies.append(vocabulary)
+    student_shape, teacher_shape = tuple(student[0].shape), tuple(teacher[0].shape)
+    if not same_dim(*vocabularies):
+        raise invalid_shape(
+            "teacher_kernel",
+            "the student's vocabulary",
+            teacher_kernel=tuple(teacher[1].shape),
+            student_kernel=tuple(student[1].shape),
+        )
+    steps = student_shape[:-1]
+    if not same_shape(teacher_shape[:-1], steps):
+        raise invalid_shape(
+            "teacher_hidden",
+            f"the steps of `student_hidden` {steps} and a hidden size",
+            teacher_hidden=teacher_shape,
+            student_hidden=student_shape,
+        )
+    for argument, tensor in per_step.items():
+        if tensor is not None:
+            check_fits_steps(
+                argument, tuple(tensor.shape), steps, student_hidden=student_shape
+            )
+
+
 def accumulation_dtype(dtype: Any) -> str:
     """float32 for half precision and integers, else the dtype itself."""
     # str() of a TensorFlow dtype is "<dtype: 'float64'>", of torch's "torch.float64".
