@@ -24,12 +24,14 @@ Every kmask loss, metric and the fused head run it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from keras import ops
 
 from kmask._keras_compat import get_keras_mask
+from kmask._resolve import pad_values
 from kmask._shapes import (
     accumulation_dtype,
     check_distillation,
@@ -43,8 +45,8 @@ from kmask.masks import (
     combine_masks,
     labels_out_of_range,
     post_padded_lengths,
+    target_padding,
     targets_padding,
-    value_mask,
 )
 from kmask.typing import Tensor
 
@@ -273,16 +275,10 @@ def prepare_hidden(
 
 def label_padding(mask_value: Any) -> Callable[[Any], Any]:
     """`labels -> mask`: `False` where a label is `mask_value`, the labels
-    compared one by one whatever their rank (as sparse labels are in
-    `kmask.masks.targets_padding`)."""
-
-    def padding(labels):
-        found = value_mask(ops.expand_dims(labels, -1), mask_value)
-        while len(found.shape) > len(labels.shape):
-            found = ops.squeeze(found, axis=-1)
-        return found
-
-    return padding
+    compared one by one whatever their rank (`masks.targets_padding` of
+    sparse labels)."""
+    padding = functools.partial(target_padding, pads=(pad_values(mask_value),))
+    return functools.partial(targets_padding, padding, sparse=True, dense=False)
 
 
 def _no_padding(_targets: Any) -> None:

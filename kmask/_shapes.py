@@ -271,6 +271,40 @@ def check_same_shape(targets: Any, predictions: Any) -> None:
         )
 
 
+def check_linear_head(
+    hidden: Any, kernel: Any, bias: Any, transpose_kernel: bool, prefix: str = ""
+) -> Any:
+    """A linear head's shapes: `kernel` `[hidden_size, vocabulary]` (or
+    `[vocabulary, hidden_size]` with `transpose_kernel`) with `hidden`'s last
+    axis as its hidden size, and `bias` `[vocabulary]`. The arguments are
+    named with `prefix` (`"student_"`, ...).
+
+    Returns:
+        The vocabulary (an int, or `None` when unknown).
+    """
+    hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
+    width_axis = 1 if transpose_kernel else 0
+    if len(kernel_shape) != 2 or not same_dim(
+        hidden_shape[-1], kernel_shape[width_axis]
+    ):
+        expected = "[hidden_size, vocabulary]"
+        if transpose_kernel:
+            expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
+        raise invalid_shape(
+            f"{prefix}kernel",
+            f"{expected} with hidden_size the last axis of `{prefix}hidden`",
+            **{f"{prefix}kernel": kernel_shape, f"{prefix}hidden": hidden_shape},
+        )
+    vocabulary = kernel_shape[1 - width_axis]
+    if bias is not None and not same_shape(tuple(bias.shape), (vocabulary,)):
+        raise invalid_shape(
+            f"{prefix}bias",
+            f"[vocabulary] = ({vocabulary},)",
+            **{f"{prefix}bias": tuple(bias.shape), f"{prefix}kernel": kernel_shape},
+        )
+    return vocabulary
+
+
 def check_linear(
     hidden: Any,
     kernel: Any,
@@ -282,35 +316,14 @@ def check_linear(
 ) -> None:
     """The shapes of `fused_linear_crossentropy`'s arguments: the linear
     head's, then `mask` and `sample_weight` against the labels' steps."""
-    hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
-    labels_shape = tuple(labels.shape)
-    width_axis = 1 if transpose_kernel else 0
-    if len(kernel_shape) != 2 or not same_dim(
-        hidden_shape[-1], kernel_shape[width_axis]
-    ):
-        expected = "[hidden_size, vocabulary]"
-        if transpose_kernel:
-            expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
-        raise invalid_shape(
-            "kernel",
-            f"{expected} with hidden_size the last axis of `hidden`",
-            kernel=kernel_shape,
-            hidden=hidden_shape,
-        )
+    hidden_shape, labels_shape = tuple(hidden.shape), tuple(labels.shape)
+    check_linear_head(hidden, kernel, bias, transpose_kernel)
     if not same_shape(labels_shape, hidden_shape[:-1]):
         raise invalid_shape(
             "labels",
             "the shape of `hidden` without its last axis",
             labels=labels_shape,
             hidden=hidden_shape,
-        )
-    vocabulary = kernel_shape[1 - width_axis : 2 - width_axis]
-    if bias is not None and not same_shape(tuple(bias.shape), vocabulary):
-        raise invalid_shape(
-            "bias",
-            f"[vocabulary] = {vocabulary}",
-            bias=bias.shape,
-            kernel=kernel_shape,
         )
     for argument, tensor in (("mask", mask), ("sample_weight", sample_weight)):
         if tensor is None:
@@ -365,29 +378,10 @@ def check_linear_distillation(
     `(hidden, kernel, bias)` a linear head (as `check_linear`), the same
     vocabulary and steps for both, then `per_step` (`labels`, `mask`,
     `sample_weight`: a tensor or `None`) against the steps."""
-    width_axis = 1 if transpose_kernel else 0
-    expected = "[hidden_size, vocabulary]"
-    if transpose_kernel:
-        expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
-    vocabularies = []
-    for who, (hidden, kernel, bias) in (("student", student), ("teacher", teacher)):
-        hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
-        if len(kernel_shape) != 2 or not same_dim(
-            hidden_shape[-1], kernel_shape[width_axis]
-        ):
-            raise invalid_shape(
-                f"{who}_kernel",
-                f"{expected} with hidden_size the last axis of `{who}_hidden`",
-                **{f"{who}_kernel": kernel_shape, f"{who}_hidden": hidden_shape},
-            )
-        vocabulary = kernel_shape[1 - width_axis]
-        if bias is not None and not same_shape(tuple(bias.shape), (vocabulary,)):
-            raise invalid_shape(
-                f"{who}_bias",
-                f"[vocabulary] = ({vocabulary},)",
-                **{f"{who}_bias": tuple(bias.shape), f"{who}_kernel": kernel_shape},
-            )
-        vocabularies.append(vocabulary)
+    vocabularies = [
+        check_linear_head(hidden, kernel, bias, transpose_kernel, f"{who}_")
+        for who, (hidden, kernel, bias) in (("student", student), ("teacher", teacher))
+    ]
     student_shape, teacher_shape = tuple(student[0].shape), tuple(teacher[0].shape)
     if not same_dim(*vocabularies):
         raise invalid_shape(
