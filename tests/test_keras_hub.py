@@ -154,6 +154,32 @@ def test_a_compiled_step_then_generate(task):
     assert not np.array_equal(ours[:, 2:], x["token_ids"][:, 2:])
 
 
+# Two warnings torch.compile gives while it traces a keras-hub backbone, not
+# kmask's code: Keras's dtype inference (`keras/src/backend/common/dtypes.py`)
+# caches with `functools.lru_cache`, and Dynamo reads `.grad` of the
+# backbone's intermediate tensors as it inspects Keras's arguments.
+@pytest.mark.filterwarnings(
+    "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped:UserWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
+)
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_torch_compiled_step(task):
+    """`jit_compile=True` on PyTorch (`torch.compile`): the step's loss is
+    NumPy's token mean."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("XLA on JAX and TensorFlow: the default compile above")
+    keras.utils.set_random_seed(0)
+    causal_lm = TASKS[task]()
+    x, labels, weights = batch()
+    expected = numpy_reference(logits_of(causal_lm, x), labels, weights)
+    model = kmask_hub.fused_causal_lm(causal_lm, chunk_size=4)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=True)
+
+    assert_the_numpy_token_mean(one_step(model, x, labels, weights), expected)
+
+
 def test_an_eager_step():
     """`jit_compile=False` on the tied, soft-capped Gemma (the untied Llama
     runs eagerly on PyTorch in the test above)."""
