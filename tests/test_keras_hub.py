@@ -154,15 +154,11 @@ def test_a_compiled_step_then_generate(task):
     assert not np.array_equal(ours[:, 2:], x["token_ids"][:, 2:])
 
 
-# Two warnings torch.compile gives while it traces a keras-hub backbone, not
-# kmask's code: Keras's dtype inference (`keras/src/backend/common/dtypes.py`)
-# caches with `functools.lru_cache`, and Dynamo reads `.grad` of the
-# backbone's intermediate tensors as it inspects Keras's arguments.
+# torch.compile warns while it traces a keras-hub backbone, not kmask's code:
+# Keras's dtype inference (`keras/src/backend/common/dtypes.py`) caches with
+# `functools.lru_cache`.
 @pytest.mark.filterwarnings(
     "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped:UserWarning"
-)
-@pytest.mark.filterwarnings(
-    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning"
 )
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_a_torch_compiled_step(task):
