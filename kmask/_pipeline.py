@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
-from kmask import _labels
+from kmask import _labels, class_weights
 from kmask._keras_compat import get_keras_mask
 from kmask._shapes import check_frames, check_steps
 from kmask._steps import accumulation_dtype, broadcast_to_steps, squeeze_trailing
@@ -73,6 +73,7 @@ def prepare(
     sparse_labels: bool = False,
     target_kind: str | None = None,
     family: str = "loss",
+    class_weight: Any = None,
 ) -> Steps:
     """Step 1: tensors of the right dtype and shape, and the real steps.
 
@@ -101,6 +102,9 @@ def prepare(
             other kind is a `ValueError` about `y_true`, raised before the
             padding is looked for (a vector `mask_value` cannot be blamed).
         family: `"loss"` or `"metric"`: what that error suggests instead.
+        class_weight: Optional standardized class weights
+            (`kmask.class_weights.standardize`): each step's class weight
+            multiplies its `sample_weight` (a weight of 0 marks padding).
     """
     propagated = get_keras_mask(y_pred)
     y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
@@ -138,6 +142,10 @@ def prepare(
     if sample_weight is not None:
         weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
         valid = combine_masks(masked, weighted)
+    if class_weight is not None:
+        sample_weight, valid = _with_class_weight(
+            class_weight, y_true, y_pred.shape[-1], sparse, sample_weight, valid
+        )
     y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
     out_of_range = None
     if sparse:
@@ -157,6 +165,7 @@ def prepare_labels(
     target_mask: Callable[[Any], Any] | None = None,
     mask: Any = None,
     sample_weight: Any = None,
+    class_weight: Any = None,
 ) -> Steps:
     """Step 1 for a head that sees labels and no predictions (the chunked
     linear cross-entropy): the real steps of `labels`, their label range
@@ -177,6 +186,10 @@ def prepare_labels(
     if sample_weight is not None:
         weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
         valid = combine_masks(masked, weighted)
+    if class_weight is not None:
+        sample_weight, valid = _with_class_weight(
+            class_weight, labels, classes, True, sample_weight, valid
+        )
     out_of_range = _labels.out_of_range_steps(labels, classes, valid, "labels")
     labels = _labels.safe_labels(labels, out_of_range)
     return Steps(labels, None, valid, sample_weight, masked, out_of_range)
@@ -282,6 +295,19 @@ def fill_padding(y_true: Any, y_pred: Any, valid: Any) -> tuple[Tensor, Tensor]:
     return (
         ops.where(valid_true, y_true, ops.cast(PAD_TARGET, y_true.dtype)),
         ops.where(valid_pred, y_pred, ops.cast(PAD_PREDICTION, y_pred.dtype)),
+    )
+
+
+def _with_class_weight(class_weight, y_true, classes, sparse, sample_weight, valid):
+    """`(sample_weight, valid)` with each real step's class weight folded
+    into its weight (computed at the real steps only, so padding's NaN stays
+    out), and a class weight of 0 marking padding as a zero weight does."""
+    class_steps = class_weights.step_weights(
+        class_weight, y_true, classes, sparse, valid
+    )
+    weighted = ops.not_equal(class_steps, ops.zeros_like(class_steps))
+    return class_weights.fold(sample_weight, class_steps), combine_masks(
+        valid, weighted
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _pipeline, _shapes, _steps
+from kmask import _labels, _pipeline, _shapes, _steps, class_weights
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -70,6 +70,7 @@ def fused_linear_crossentropy(
     transpose_kernel: bool = False,
     softcap: float | None = None,
     return_token_accuracy: bool = False,
+    class_weight: Any = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
@@ -109,6 +110,12 @@ def fused_linear_crossentropy(
             token accuracy of the argmax of the (capped) logits over the real
             steps, reduced as `"token_mean"` with the same padding and
             weights, computed inside the chunks. It has no gradient.
+        class_weight: Optional `{class: weight}` dict or `[vocabulary]`
+            vector: each real token weighs its label's class weight on top of
+            `sample_weight`, and `"token_mean"` divides by their sum
+            (PyTorch's `weight=` with `ignore_index`); the accuracy is
+            weighted the same way. See "Class weights" in the reductions'
+            concepts page.
 
     Returns:
         A float32 scalar, or per-step losses of `labels`' shape with
@@ -142,6 +149,7 @@ def fused_linear_crossentropy(
         mask,
         sample_weight,
         return_token_accuracy,
+        class_weights.standardize(class_weight),
     )
     if not return_token_accuracy:
         return value
@@ -187,6 +195,11 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             per-step losses: compile with `metrics=[kmask.HeadAccuracy(),
             kmask.HeadPerplexity()]` and they report the token accuracy and
             perplexity, exact across batches, without holding the logits.
+        class_weight: Optional `{class: weight}` dict or
+            `[vocabulary_size]` vector: each real token weighs its label's
+            class weight (see `kmask.fused_linear_crossentropy`); the
+            statistics' `weight` includes it, so the head's metrics are
+            class-weighted too.
         kernel_initializer: Initializer of the `[hidden_size, vocabulary_size]`
             kernel (without `embedding`).
         bias_initializer: Initializer of the bias.
@@ -229,6 +242,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         return_stats: bool = False,
+        class_weight: Any = None,
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         **kwargs: Any,
@@ -253,6 +267,9 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.return_stats = bool(return_stats)
+        self.class_weight = class_weights.standardize(class_weight)
+        if self.class_weight is not None:
+            class_weights.vector(self.class_weight, vocabulary_size)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         # Held outside Keras's tracking: the embedding belongs to the model
@@ -310,6 +327,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             (self.mask_value, self.reduction, options),
             hidden_mask,
             return_stats=self.return_stats,
+            class_weight=self.class_weight,
         )
         self.add_loss(value)
         if stats is None:
@@ -351,6 +369,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             "label_smoothing": self.label_smoothing,
             "z_loss": self.z_loss,
             "return_stats": self.return_stats,
+            "class_weight": self.class_weight,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }
@@ -412,6 +431,7 @@ def _head(
     mask=None,
     sample_weight=None,
     return_stats=False,
+    class_weight=None,
 ):
     """`(per_step, value, stats)` of the head: the pipeline's real steps
     (pad label, mask, zero weights), then the chunked op, reduced by
@@ -434,6 +454,7 @@ def _head(
         target_mask=None if mask_value is None else _pad_mask(mask_value),
         mask=mask,
         sample_weight=sample_weight,
+        class_weight=class_weight,
     )
     labels, valid, masked = steps.y_true, steps.valid, steps.masked
     sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
