@@ -1,6 +1,7 @@
 """kmask: masked losses, metrics and mask tools for padded sequences in Keras 3."""
 
 from kmask import distribute
+from kmask.class_weights import class_weight_for
 from kmask.ctc import MaskedCTC, masked_ctc
 from kmask.fused import (
     FusedLinearCrossentropy,
@@ -68,6 +69,7 @@ __all__ = [
     "__version__",
     "accumulation_batches",
     "accumulation_weights",
+    "class_weight_for",
     "combine_masks",
     "distribute",
     "fused_linear_crossentropy",

@@ -119,9 +119,7 @@ def step_weights(
     size = int(weights.shape[0])
     if sparse:
         labels = ops.cast(y_true, "int32")
-        in_range = ops.logical_and(
-            ops.greater_equal(labels, 0), ops.less(labels, size)
-        )
+        in_range = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, size))
         safe = ops.where(in_range, labels, ops.zeros_like(labels))
         per_step = ops.where(in_range, ops.take(weights, safe), 1.0)
     else:
@@ -153,7 +151,8 @@ def class_weight_for(
     num_classes: int | None = None,
 ) -> dict[int, float]:
     """Inverse-frequency class weights from a data set's labels, padding
-    left out: `(total / (classes * count_c)) ** power`.
+    left out: `(total / (classes * count_c)) ** power`, with `total` the real
+    tokens and `classes` the number of classes that occur.
 
     A NumPy utility: it runs once, on the whole data set, before training.
     With `power=1` a class of average frequency weighs 1 and the weighted
@@ -204,7 +203,11 @@ def class_weight_for(
             f"real steps (pass the pad label as `mask_value`). Received: label "
             f"{int(real_labels.min())}, mask_value={mask_value!r}"
         )
-    if num_classes is not None and real_labels.size and real_labels.max() >= num_classes:
+    if (
+        num_classes is not None
+        and real_labels.size
+        and real_labels.max() >= num_classes
+    ):
         raise ValueError(
             "Invalid value for argument `labels`. Expected labels below "
             f"num_classes={num_classes}. Received: label {int(real_labels.max())}"

@@ -7,7 +7,10 @@ returns the per-step loss and its gradient with respect to `y_pred`;
 `np_sparse_ce` is the per-step sparse cross-entropy from logits alone;
 `np_reduce`, `np_token_mean` and `np_masked_loss` reduce per-step values as
 `kmask.reduce` does; `np_linear` is the fused linear cross-entropy;
-`numpy_sgd` the full-batch SGD of the device cases.
+`numpy_sgd` the full-batch SGD of the device cases. `np_class_step_weight`
+is the per-step class weight (multiplied into the step weights, it gives
+PyTorch's `cross_entropy(weight=)` rule) and `np_class_weight_for` the
+inverse-frequency class weights.
 """
 
 from __future__ import annotations
@@ -216,6 +219,41 @@ def np_linear(
         "grad_kernel": np.einsum("bth,btv->hv", hidden, d_logits),
         "grad_bias": d_logits.sum((0, 1)),
         "accuracy": accuracy,
+    }
+
+
+def np_class_vector(class_weight, classes: int) -> np.ndarray:
+    """`class_weight` (a dict, where a missing class weighs 1, or a vector)
+    as a float64 `[classes]` vector."""
+    if isinstance(class_weight, dict):
+        vector = np.ones(classes)
+        for class_id, weight in class_weight.items():
+            vector[int(class_id)] = weight
+        return vector
+    return np.asarray(class_weight, "float64")
+
+
+def np_class_step_weight(class_weight, targets, classes: int) -> np.ndarray:
+    """Each step's class weight: `w[label]` for integer labels, `sum_k w_k
+    y_k` for dense targets `[..., classes]` (the label's for one-hot)."""
+    vector = np_class_vector(class_weight, classes)
+    targets = np.asarray(targets)
+    if targets.dtype.kind in "iu":
+        return vector[targets]
+    return np.asarray(targets, "float64") @ vector
+
+
+def np_class_weight_for(labels, mask_value=None, power=1.0) -> dict:
+    """`(real tokens / (classes that occur * count_c)) ** power` per class
+    that occurs, the padding (`mask_value`) left out."""
+    labels = np.asarray(labels).ravel()
+    if mask_value is not None:
+        labels = labels[labels != mask_value]
+    classes, counts = np.unique(labels, return_counts=True)
+    total = counts.sum()
+    return {
+        int(c): float((total / (len(classes) * n)) ** power)
+        for c, n in zip(classes, counts, strict=True)
     }
 
 
