@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _pipeline, _resolve
+from kmask import _pipeline, _resolve, class_weights
 from kmask._steps import broadcast_to_steps, squeeze_trailing, step_weights
 from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
@@ -100,6 +100,9 @@ class MaskedMeanMetricWrapper(_TokenMean):
     1.3333333730697632
     """
 
+    # The standardized class weights of an accuracy (`kmask.class_weights`).
+    class_weight: Any = None
+
     def __init__(
         self,
         fn: str | keras.losses.Loss | Callable,
@@ -153,7 +156,8 @@ class MaskedMeanMetricWrapper(_TokenMean):
                 weight of 0 marks padding.
         """
         steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
-        self._add(*masked_sum_and_count(per_step, steps.valid, sample_weight))
+        # `steps.sample_weight`: the weights with the class weights in them.
+        self._add(*masked_sum_and_count(per_step, steps.valid, steps.sample_weight))
 
     def _through_pipeline(
         self, y_true: Any, y_pred: Any, sample_weight: Any
@@ -171,6 +175,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
             sparse_labels=self._sparse_labels,
             target_kind=self._target_kind,
             family="metric",
+            class_weight=self.class_weight,
         )
         return steps, _pipeline.per_step_values(steps, self._per_step)
 
@@ -212,14 +217,36 @@ class _NamedMaskedMetric(MaskedMeanMetricWrapper):
         return cls(**config)
 
 
+class _ClassWeightedMetric(_NamedMaskedMetric):
+    """A named metric that takes `class_weight`: each real step weighs its
+    label's class weight on top of `sample_weight`."""
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        name: str | None = None,
+        dtype: Any = None,
+        class_weight: Any = None,
+    ):
+        super().__init__(mask_value, name, dtype)
+        self.class_weight = class_weights.standardize(class_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weight": self.class_weight}
+
+
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
+class MaskedSparseCategoricalAccuracy(_ClassWeightedMetric):
     """Accuracy of integer labels over the real steps of every batch.
 
     Args:
         mask_value: Optional pad label, e.g. `0` or `-100`.
         name: Name of the metric.
         dtype: Dtype of the result.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs its label's class weight, so the result is
+            `sum(c[y] * right) / sum(c[y])`; with `kmask.class_weight_for`'s
+            weights of the same data, the mean of the per-class recalls.
 
     Returns:
         `result()` is the fraction of real steps whose label is the arg max of
@@ -240,7 +267,7 @@ class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
 
 
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedCategoricalAccuracy(_NamedMaskedMetric):
+class MaskedCategoricalAccuracy(_ClassWeightedMetric):
     """Accuracy of one-hot targets over the real steps of every batch.
 
     Args:
@@ -248,6 +275,9 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
             `[0, 0, 1]`.
         name: Name of the metric.
         dtype: Dtype of the result.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs `sum_k c[k] * y_true[k]` (its label's
+            class weight).
 
     Returns:
         `result()` is the fraction of real steps where the arg max of `y_true`

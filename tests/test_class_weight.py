@@ -323,3 +323,21 @@ def test_class_weight_for_matches_numpy(power):
         kmask.class_weight_for(labels)
     with pytest.raises(ValueError, match=r"`power`"):
         kmask.class_weight_for(labels, PAD, power=-1)
+
+
+def test_accuracy_with_inverse_frequencies_is_the_mean_recall():
+    predictions = np.eye(C)[RNG.integers(0, C, (B, T))].astype("float32")
+    weights = kmask.class_weight_for(LABELS, mask_value=PAD)
+    metric = kmask.MaskedSparseCategoricalAccuracy(mask_value=PAD, class_weight=weights)
+    metric.update_state(LABELS[:1], predictions[:1])
+    metric.update_state(LABELS[1:], predictions[1:])
+    right = predictions.argmax(-1) == LABELS
+    recalls = [right[c == LABELS].mean() for c in np.unique(LABELS[VALID])]
+    close(metric.result(), np.mean(recalls))
+    one_hot = np.eye(C)[np.where(VALID, LABELS, 0)].astype("float32")
+    dense = kmask.MaskedCategoricalAccuracy(class_weight=weights)
+    dense.update_state(one_hot, predictions, sample_weight=VALID.astype("float32"))
+    close(dense.result(), np.mean(recalls))
+    config = json.loads(json.dumps(metric.get_config()))
+    again = kmask.MaskedSparseCategoricalAccuracy.from_config(config)
+    assert again.get_config() == metric.get_config()
