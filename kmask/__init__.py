@@ -22,7 +22,9 @@ from kmask.losses import (
 from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
 from kmask.metrics import (
     HeadAccuracy,
+    HeadEntropy,
     HeadPerplexity,
+    HeadZLoss,
     MaskedCategoricalAccuracy,
     MaskedMeanMetricWrapper,
     MaskedSequenceAccuracy,
@@ -46,7 +48,9 @@ __all__ = [
     "AttachMask",
     "FusedLinearCrossentropy",
     "HeadAccuracy",
+    "HeadEntropy",
     "HeadPerplexity",
+    "HeadZLoss",
     "LayerMasks",
     "LengthMask",
     "MaskReport",

@@ -425,7 +425,7 @@ class _HeadMetric(_TokenMean):
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Adds a batch. `y_true` is ignored (the head saw the labels);
-        `y_pred` is the head's `[..., 4]` statistics; `sample_weight`
+        `y_pred` is the head's `[..., 8]` statistics; `sample_weight`
         multiplies the head's step weights."""
         del y_true
         stats = ops.convert_to_tensor(y_pred)
@@ -472,9 +472,11 @@ class HeadAccuracy(_HeadMetric):
 
     >>> import kmask
     >>> metric = kmask.HeadAccuracy()
-    >>> # (loss, nll, correct, weight) per step; the last step is padding.
-    >>> metric.update_state(None, [[[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
-    >>> metric.update_state(None, [[[2.0, 2.0, 0.0, 1.0], [0.1, 0.1, 1.0, 1.0]]])
+    >>> # HEAD_STATS per step: loss, nll, correct, weight, then four more.
+    >>> metric.update_state(None, [[[0.5, 0.5, 1, 1, 0, 0, 0, 0], [0.0] * 8]])
+    >>> metric.update_state(
+    ...     None, [[[2.0, 2.0, 0, 1, 0, 0, 0, 0], [0.1, 0.1, 1, 1, 0, 0, 0, 0]]]
+    ... )
     >>> round(float(metric.result()), 4)  # 2 right of 3 real tokens
     0.6667
     """
@@ -503,7 +505,7 @@ class HeadPerplexity(_HeadMetric):
 
     >>> import kmask
     >>> metric = kmask.HeadPerplexity()
-    >>> metric.update_state(None, [[[1.1, 1.0986, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    >>> metric.update_state(None, [[[1.1, 1.0986, 0, 1, 0, 0, 0, 0], [0.0] * 8]])
     >>> round(float(metric.result()), 2)  # exp(log(3))
     3.0
     """
@@ -513,6 +515,63 @@ class HeadPerplexity(_HeadMetric):
 
     def result(self) -> Tensor:
         return self._exp_mean()
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadZLoss(_HeadMetric):
+    """The mean z-loss term `z_loss * logsumexp(logits) ** 2` of a
+    `kmask.FusedLinearCrossentropy` head over the real tokens, exact across
+    batches, so that it can be logged apart from the loss (0 when the head
+    has no `z_loss`); see `HeadAccuracy` for the setup.
+
+    Args:
+        name: Name of the metric; defaults to `"z_loss"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()` is the token-weighted mean of the z-loss term since the
+        last reset; 0 when there were no real tokens.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadZLoss()
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0.3, 0, 0, 0], [0.0] * 8]])
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0.1, 0, 0, 0]]])
+    >>> round(float(metric.result()), 4)
+    0.2
+    """
+
+    _stat = "z_loss"
+    _metric_name = "z_loss"
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadEntropy(_HeadMetric):
+    """The mean entropy of a `kmask.FusedLinearCrossentropy` head's softmax
+    (at the head's `temperature`) over the real tokens, exact across
+    batches; see `HeadAccuracy` for the setup.
+
+    Args:
+        name: Name of the metric; defaults to `"entropy"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()` is the token-weighted mean entropy (in nats) since the
+        last reset; 0 when there were no real tokens.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadEntropy()
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0, 0, 0, 1.5], [0.0] * 8]])
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0, 0, 0, 0.5]]])
+    >>> float(metric.result())
+    1.0
+    """
+
+    _stat = "entropy"
+    _metric_name = "entropy"
 
 
 def _metric_by_name(name: str) -> Callable | None:

@@ -12,7 +12,7 @@ from keras import ops
 import kmask
 from kmask.fused import HEAD_STATS
 from tests._numeric import close, linear_data
-from tools.parity.references import np_sparse_ce
+from tools.parity.references import np_head_statistics, np_sparse_ce
 
 B, T, H, V = 3, 7, 5, 11
 LENGTHS = np.array([7, 3, 1])
@@ -23,8 +23,11 @@ def _valid(lengths=LENGTHS):
     return np.arange(T)[None, :] < np.asarray(lengths)[:, None]
 
 
-def np_stats(logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.0):
-    """float64 `(loss, nll, correct, weight)` per step, 0 on padding."""
+def np_stats(
+    logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.0,
+    temperature=1.0,
+):  # fmt: skip
+    """float64 `HEAD_STATS` per step, 0 on padding."""
     logits = np.asarray(logits, "float64")
     if softcap is not None:
         logits = softcap * np.tanh(logits / softcap)
@@ -34,6 +37,7 @@ def np_stats(logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.
         "nll": np_sparse_ce(labels, logits),
         "correct": (logits.argmax(-1) == labels).astype("float64"),
         "weight": valid.astype("float64"),
+        **np_head_statistics(logits, labels, z_loss, temperature),
     }
     return np.stack([np.where(valid, columns[k], 0.0) for k in HEAD_STATS], -1)
 
@@ -55,8 +59,9 @@ def _data(seed=0):
         {"softcap": 2.0},
         {"label_smoothing": 0.2, "z_loss": 0.01},
         {"softcap": 2.0, "label_smoothing": 0.1, "z_loss": 0.001},
+        {"z_loss": 0.01, "temperature": 0.7},
     ],
-    ids=["plain", "softcap", "smoothing-z", "all"],
+    ids=["plain", "softcap", "smoothing-z", "all", "temperature"],
 )
 def test_head_stats_match_numpy(options):
     head = kmask.FusedLinearCrossentropy(

@@ -177,13 +177,31 @@ def np_masked_loss(loss, y_true, y_pred, valid, weight, reduction):
     return value, grad
 
 
+def np_head_statistics(logits, labels, z_loss=0.0, temperature=1.0) -> dict:
+    """Per row of `logits` (`[..., classes]`, float64): the z-loss term
+    `z_loss * logsumexp(logits) ** 2`, the arg max, and at `temperature` the
+    label's log-probability and the entropy of the softmax."""
+    logits = np.asarray(logits, "float64")
+    log_normalizer = (logits - np_log_softmax(logits))[..., 0]
+    log_probs = np_log_softmax(logits / temperature)
+    label_log_prob = np.take_along_axis(log_probs, np.asarray(labels)[..., None], -1)
+    return {
+        "z_loss": z_loss * log_normalizer**2,
+        "predicted": logits.argmax(-1).astype("float64"),
+        "log_prob": label_log_prob[..., 0],
+        "entropy": -(np.exp(log_probs) * log_probs).sum(-1),
+    }
+
+
 def np_linear(
-    hidden, kernel, bias, labels, valid, weight, reduction, softcap=None, **options
-):
+    hidden, kernel, bias, labels, valid, weight, reduction, softcap=None,
+    temperature=1.0, **options,
+):  # fmt: skip
     """The linear cross-entropy's value, its per-step losses (0 on padding),
     the gradients with respect to `hidden`, `kernel` (`[hidden, vocabulary]`)
-    and `bias`, and the token accuracy of the argmax; with `softcap`, all of
-    the logits `softcap * tanh(logits / softcap)`."""
+    and `bias`, the token accuracy of the argmax, and per step (0 on padding)
+    the statistics of `np_head_statistics`; with `softcap`, all of the
+    logits `softcap * tanh(logits / softcap)`."""
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     hidden = np.where(used[..., None], np.asarray(hidden, "float64"), 0.0)
     kernel = np.asarray(kernel, "float64")
@@ -210,7 +228,11 @@ def np_linear(
         log_sum = np.log(np.exp(logits[used] - top).sum(-1)) + top[:, 0]
         label_logit = np.take_along_axis(logits[used], labels[used][:, None], -1)
         nll[used] = log_sum - label_logit[:, 0]
+    statistics = np_head_statistics(
+        logits, np.where(used, labels, 0), options.get("z_loss", 0.0), temperature
+    )
     return {
+        **{name: np.where(used, value, 0.0) for name, value in statistics.items()},
         "nll": nll,
         "correct": correct.astype("float64"),
         "value": value,
