@@ -85,7 +85,9 @@ def fused_linear_crossentropy(
     softcap: float | None = None,
     return_token_accuracy: bool = False,
     class_weight: Any = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_stats: bool = False,
+    temperature: float = 1.0,
+) -> Tensor | tuple[Tensor, Any]:
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     Equals `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)` on
@@ -130,10 +132,18 @@ def fused_linear_crossentropy(
             (PyTorch's `weight=` with `ignore_index`); the accuracy is
             weighted the same way. See "Class weights" in the reductions'
             concepts page.
+        return_stats: Whether to return `(loss, stats)`: `stats` is a dict
+            of the per-step statistics `kmask.fused.HEAD_STATS` by name
+            (`labels`' shape, 0 on padding, no gradient), computed inside
+            the chunks.
+        temperature: Positive temperature of the statistics `log_prob` and
+            `entropy`; the loss is at temperature 1.
 
     Returns:
         A float32 scalar, or per-step losses of `labels`' shape with
-        `reduction="none"`; with `return_token_accuracy`, `(loss, accuracy)`.
+        `reduction="none"`; with `return_token_accuracy`, `(loss, accuracy)`;
+        with `return_stats`, `(loss, stats)` (and with both, `(loss,
+        accuracy, stats)`).
 
     Example:
 
@@ -150,11 +160,11 @@ def fused_linear_crossentropy(
     """
     reduction = standardize_reduction(reduction)
     options = _linear_options(
-        chunk_size, label_smoothing, z_loss, softcap, transpose_kernel
+        chunk_size, label_smoothing, z_loss, softcap, transpose_kernel, temperature
     )
     hidden = ops.convert_to_tensor(hidden)
     kernel = ops.convert_to_tensor(kernel)
-    _, value, stats = _head(
+    per_step, value, stats = _head(
         hidden,
         kernel,
         labels,
@@ -162,12 +172,18 @@ def fused_linear_crossentropy(
         (mask_value, reduction, options),
         mask,
         sample_weight,
-        return_token_accuracy,
+        return_token_accuracy or return_stats,
         class_weights.standardize(class_weight),
     )
-    if not return_token_accuracy:
+    if stats is None:
         return value
-    return value, masked_reduce(stats["correct"], None, "token_mean", stats["weight"])
+    results: tuple = (value,)
+    if return_token_accuracy:
+        correct, weight = stats["correct"], stats["weight"]
+        results += (masked_reduce(correct, None, "token_mean", weight),)
+    if return_stats:
+        results += ({"loss": per_step, **stats},)
+    return results
 
 
 @keras.saving.register_keras_serializable(package="kmask")
