@@ -234,7 +234,7 @@ def test_score_sums_the_label_log_probabilities_of_real_tokens(temperature):
     _close(head.score(hidden, labels), per_token.sum(-1))
     _close(head.score(hidden, labels, per_token=True), per_token)
     # Masked equals gathered: the first row alone, cut to its real tokens.
-    alone = head.score(data["hidden"][:1, :3], labels[1:2, :3])
+    alone = head.score(data["hidden"][1:2, :3], labels[1:2, :3])
     _close(alone, per_token[1:2].sum(-1))
 
 

@@ -419,10 +419,12 @@ def _chunk_statistics(
     stats[3] = predicted.to(stats.dtype)
     scaled = logits if temperature == 1.0 else logits / temperature
     log_probs = torch.log_softmax(scaled, dim=1)
+    del scaled
     stats[4] = log_probs.gather(1, labels).squeeze(1)
-    # exp(-inf) * -inf is NaN: a class of probability 0 adds 0.
     probs = log_probs.exp()
-    stats[5] = -_row_dot(probs, torch.where(probs > 0, log_probs, 0.0))
+    # exp(-inf) * -inf is NaN: a class of probability 0 adds 0.
+    log_probs.masked_fill_(probs == 0, 0.0)
+    stats[5] = -_row_dot(probs, log_probs)
 
 
 # ----------------------------------------------------------------------------

@@ -585,5 +585,6 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
 
     output = crossentropy(*params)
     if return_stats:
-        return output[0], tuple(output[1:])
+        # Indexed one by one: a traced TensorFlow tensor cannot be iterated.
+        return output[0], tuple(output[row] for row in range(1, len(LINEAR_STATS) + 1))
     return output, None

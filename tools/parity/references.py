@@ -164,6 +164,14 @@ def np_masked_loss(loss, y_true, y_pred, valid, weight, reduction):
     """The value and gradient of a masked loss, from the real steps only."""
     as_float = partial(np.asarray, dtype="float64")
     y_pred = as_float(y_pred)
+    class_weight = getattr(loss, "class_weight", None)
+    if class_weight is not None:
+        # Read at the steps that are real and weighted only: the others may
+        # hold NaN targets.
+        weight = np_step_weight(weight, valid.shape)
+        real = valid & (weight != 0)
+        class_steps = np_class_weight_at(class_weight, y_true, real, y_pred.shape[-1])
+        weight = np.where(real, weight * class_steps, 0.0)
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     per_step = np.zeros(valid.shape)
     step_grad = np.zeros(y_pred.shape)
@@ -263,6 +271,16 @@ def np_class_step_weight(class_weight, targets, classes: int) -> np.ndarray:
     if targets.dtype.kind in "iu":
         return vector[targets]
     return np.asarray(targets, "float64") @ vector
+
+
+def np_class_weight_at(class_weight, y_true, valid, classes: int) -> np.ndarray:
+    """`np_class_step_weight` of targets whatever their padding holds: the
+    padded steps read class 0 (their weight is never used)."""
+    y_true = np.asarray(y_true)
+    if y_true.dtype.kind in "iu":
+        return np_class_step_weight(class_weight, np.where(valid, y_true, 0), classes)
+    safe = np.where(valid[..., None], y_true, 0.0)
+    return np_class_step_weight(class_weight, safe, classes)
 
 
 def np_class_weight_for(labels, mask_value=None, power=1.0) -> dict:
