@@ -46,14 +46,21 @@ def standardize(class_weight: Any) -> dict[int, float] | list[float] | None:
         for key, weight in class_weight.items():
             standardized[_class_id(key)] = _weight(weight, key)
         return dict(sorted(standardized.items()))
-    vector = np.asarray(class_weight)
-    if vector.ndim != 1 or vector.size == 0 or vector.dtype.kind not in "iuf":
+    if isinstance(class_weight, (list, tuple)):
+        # Plain Python (no NumPy), so that `torch.compile` can trace it.
+        weights = list(class_weight)
+        flat = all(not isinstance(weight, (list, tuple)) for weight in weights)
+    else:
+        array = np.asarray(class_weight)
+        weights = array.tolist() if array.ndim == 1 else []
+        flat = array.dtype.kind in "iuf"
+    if not (weights and flat):
         raise ValueError(
             "Invalid value for argument `class_weight`. Expected a dict "
             "{class: weight} or a non-empty [classes] vector of numbers. "
             f"Received: class_weight={class_weight!r}"
         )
-    return [_weight(weight, index) for index, weight in enumerate(vector.tolist())]
+    return [_weight(weight, index) for index, weight in enumerate(weights)]
 
 
 def _class_id(key: Any) -> int:
@@ -84,19 +91,17 @@ def _weight(weight: Any, class_id: Any) -> float:
     return value
 
 
-def vector(class_weight: dict[int, float] | list[float], classes: Any) -> np.ndarray:
-    """The float32 `[classes]` weights of a standardized `class_weight` (a
-    class a dict leaves out weighs 1, as in Keras's `fit(class_weight=)`);
-    `classes` is checked where it is known (`kmask._shapes`)."""
+def vector(class_weight: dict[int, float] | list[float], classes: Any) -> list[float]:
+    """The `[classes]` weights of a standardized `class_weight` (a class a
+    dict leaves out weighs 1, as in Keras's `fit(class_weight=)`); `classes`
+    is checked where it is known (`kmask._shapes`). Plain Python, no NumPy:
+    `torch.compile` traces it as constants."""
     known = classes if isinstance(classes, int) else None
     _shapes.check_class_weight(class_weight, known)
     if isinstance(class_weight, list):
-        return np.asarray(class_weight, "float32")
+        return list(class_weight)
     size = known if known is not None else max(class_weight, default=-1) + 1
-    weights = np.ones((size,), "float32")
-    for class_id, weight in class_weight.items():
-        weights[class_id] = weight
-    return weights
+    return [class_weight.get(class_id, 1.0) for class_id in range(size)]
 
 
 def step_weights(
@@ -115,8 +120,9 @@ def step_weights(
     which is the label's weight for one-hot targets. Padded steps are
     selected to 0 with `where`, whatever they held.
     """
-    weights = ops.convert_to_tensor(vector(class_weight, classes))
-    size = int(weights.shape[0])
+    weights_list = vector(class_weight, classes)
+    size = len(weights_list)
+    weights = ops.convert_to_tensor(weights_list, "float32")
     if sparse:
         labels = ops.cast(y_true, "int32")
         in_range = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, size))
