@@ -203,6 +203,33 @@ def test_torch_cross_entropy_with_weight_and_ignore_index(label_smoothing):
     assert abs(found - float(theirs)) > 1e-4
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's own chunked form")
+def test_head_equals_torch_linear_cross_entropy_with_weight():
+    import torch
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("torch.nn.functional.linear_cross_entropy is PyTorch 2.13's")
+    data = linear_data(np.random.default_rng(4), B, T, 4, C)
+    labels = np.where(VALID, data["labels"], PAD)
+    leaves = [torch.tensor(data[k], requires_grad=True) for k in ("hidden", "kernel")]
+    ours = kmask.fused_linear_crossentropy(
+        *leaves, labels, mask_value=PAD, class_weight=VECTOR, chunk_size=4
+    )
+    our_grads = torch.autograd.grad(ours, leaves)
+    theirs = F.linear_cross_entropy(
+        leaves[0].reshape(-1, 4),
+        leaves[1].t(),
+        torch.tensor(labels, dtype=torch.long).reshape(-1),
+        weight=torch.tensor(VECTOR),
+        ignore_index=PAD,
+    )
+    their_grads = torch.autograd.grad(theirs, leaves)
+    close(ours.detach(), float(theirs.detach()))
+    for mine, wanted in zip(our_grads, their_grads, strict=True):
+        close(mine, np.float64(wanted.numpy()))
+
+
 def test_head_matches_numpy_and_the_loss_on_its_logits():
     rng = np.random.default_rng(3)
     data = linear_data(rng, B, T, 4, C)
