@@ -3,6 +3,12 @@
 from kmask import distribute
 from kmask.class_weights import class_weight_for
 from kmask.ctc import MaskedCTC, masked_ctc
+from kmask.distillation import (
+    MaskedDistiller,
+    MaskedLogitsDistillation,
+    fused_linear_distillation,
+    masked_distillation,
+)
 from kmask.fused import (
     FusedLinearCrossentropy,
     fused_linear_crossentropy,
@@ -58,7 +64,9 @@ __all__ = [
     "MaskedCTC",
     "MaskedCategoricalAccuracy",
     "MaskedCategoricalCrossentropy",
+    "MaskedDistiller",
     "MaskedHuber",
+    "MaskedLogitsDistillation",
     "MaskedLoss",
     "MaskedMeanAbsoluteError",
     "MaskedMeanMetricWrapper",
@@ -77,9 +85,11 @@ __all__ = [
     "combine_masks",
     "distribute",
     "fused_linear_crossentropy",
+    "fused_linear_distillation",
     "keras_mask",
     "mask_report",
     "masked_ctc",
+    "masked_distillation",
     "masked_loss",
     "masked_reduce",
     "segment_weights",

@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from kmask import _shapes
-from kmask._steps import align_rank
+from kmask._shapes import align_rank
 from kmask.typing import Tensor
 
 ClassWeight = Mapping[int, float] | Sequence[float] | np.ndarray

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _pipeline, _shapes, _steps, class_weights
+from kmask import _pipeline, _shapes, class_weights
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -572,17 +572,17 @@ def _head(
     )
     value = reduce(per_step) if value is None else value
     if reduction == "none":
-        value = _labels.poison(value, out_of_range)
+        value = _pipeline.poison(value, out_of_range)
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
     named = None
     if stats is not None:
-        weight = _steps.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
+        weight = _shapes.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
         by_name = dict(zip(LINEAR_STATS, stats, strict=True), weight=weight)
         named = {
-            name: _labels.poison(stat, out_of_range) for name, stat in by_name.items()
+            name: _pipeline.poison(stat, out_of_range) for name, stat in by_name.items()
         }
-    return _labels.poison(per_step, out_of_range), value, named
+    return _pipeline.poison(per_step, out_of_range), value, named
 
 
 def _pad_mask(mask_value):
