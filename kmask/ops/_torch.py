@@ -344,6 +344,11 @@ def _linear_chunks(
     if softcap is not None and coefficient is not None:
         slopes = hidden.new_empty((chunk_size, vocabulary))
     per_step = hidden.new_empty((tokens,))
+    stat_buffers = (buffer, buffer)
+    if stats is not None and not torch.compiler.is_compiling():
+        stat_buffers = tuple(
+            hidden.new_empty((chunk_size, vocabulary)) for _ in range(2)
+        )
     d_hidden = d_kernel = d_bias = None
     if coefficient is not None:
         if needs[0]:
@@ -373,7 +378,9 @@ def _linear_chunks(
         chunk_valid = valid[rows]
         if stats is not None:
             # Before `_block_crossentropy` writes over the logits.
-            _chunk_statistics(stats[:, rows], logits, chunk_labels, temperature)
+            _chunk_statistics(
+                stats[:, rows], logits, chunk_labels, temperature, stat_buffers
+            )
         loss, block, nll = _block_crossentropy(
             logits, chunk_labels, ls, z_loss, in_place=True, nll=stats is not None
         )
@@ -408,20 +415,34 @@ _STATS = 6
 
 
 def _chunk_statistics(
-    stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    stats: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    buffers: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """Writes into `stats` (`[_STATS, rows]`) what `kmask.ops._rows.
     row_statistics` computes: whether the arg max is the label, the arg max,
-    and at `temperature` the label's log-probability and the entropy (one
-    `[rows, classes]` log-softmax of the logits over `temperature`)."""
+    and at `temperature` the label's log-probability and the entropy. The
+    log-softmax of the logits over `temperature` and its exponential go
+    into `buffers`, two `[chunk_size, classes]` arrays reused by every chunk
+    (under `torch.compile`, which fuses anyway, new arrays)."""
     predicted = logits.argmax(dim=1)
     stats[0] = (predicted == labels[:, 0]).to(stats.dtype)
     stats[3] = predicted.to(stats.dtype)
-    scaled = logits if temperature == 1.0 else logits / temperature
-    log_probs = torch.log_softmax(scaled, dim=1)
-    del scaled
+    if torch.compiler.is_compiling():
+        scaled = logits if temperature == 1.0 else logits / temperature
+        log_probs = torch.log_softmax(scaled, dim=1)
+        probs = log_probs.exp()
+    else:
+        log_probs, probs = (buffer[: logits.shape[0]] for buffer in buffers)
+        if temperature == 1.0:
+            torch.log_softmax(logits, dim=1, out=log_probs)
+        else:
+            torch.div(logits, temperature, out=log_probs)
+            torch.log_softmax(log_probs, dim=1, out=log_probs)
+        torch.exp(log_probs, out=probs)
     stats[4] = log_probs.gather(1, labels).squeeze(1)
-    probs = log_probs.exp()
     # exp(-inf) * -inf is NaN: a class of probability 0 adds 0.
     log_probs.masked_fill_(probs == 0, 0.0)
     stats[5] = -_row_dot(probs, log_probs)
