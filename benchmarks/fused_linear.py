@@ -17,6 +17,13 @@ and its gradients with respect to
   into `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True,
   mask_value=-100)`: the `[tokens, vocabulary]` logits and their gradient exist;
 - `chunked`: `kmask.fused_linear_crossentropy(..., chunk_size=256)`;
+- `chunked+stats`: the same with `class_weight=` (a weight per class) and
+  `return_stats=True, temperature=0.7`: every per-step statistic of
+  `kmask.fused.HEAD_STATS` (the z-loss term, the arg max, the label's
+  log-probability and the entropy) is computed in the chunks and used (a
+  negligible multiple of their means is added to the loss, so no compiler
+  drops them); it is timed and measured, not compared (its class weights
+  change the loss);
 - `torch`: on PyTorch, `torch.nn.functional.linear_cross_entropy(...,
   ignore_index=-100, options=LinearCrossEntropyOptions())`, PyTorch's own
   chunked form (2.13), given the kernel as its `[vocabulary, hidden]` view.
@@ -61,7 +68,7 @@ from _common import (
     write_json,
 )
 
-VARIANTS = ("materialised", "chunked", "torch")
+VARIANTS = ("materialised", "chunked", "chunked+stats", "torch")
 # The largest vocabulary at which the materialised variant still runs here.
 MATERIALISED_UP_TO = 65536
 FULL = {"batch": 8, "time": 1024, "hidden": 512, "vocabulary": 32768}
@@ -91,7 +98,7 @@ def make_inputs(
     }
 
 
-def _loss_fn(variant: str, chunk_size: int):
+def _loss_fn(variant: str, chunk_size: int, vocabulary: int):
     from keras import ops
 
     import kmask
@@ -112,6 +119,26 @@ def _loss_fn(variant: str, chunk_size: int):
             )
 
         return native
+    if variant == "chunked+stats":
+        rng = np.random.default_rng(SEED + 1)
+        class_weight = rng.uniform(0.5, 2.0, vocabulary).astype("float32")
+
+        def with_stats(hidden, kernel, bias, labels):
+            loss, stats = kmask.fused_linear_crossentropy(
+                hidden,
+                kernel,
+                labels,
+                bias,
+                mask_value=PAD_LABEL,
+                chunk_size=chunk_size,
+                class_weight=class_weight,
+                return_stats=True,
+                temperature=0.7,
+            )
+            used = sum(ops.mean(stat) for stat in stats.values())
+            return loss + 1e-12 * used
+
+        return with_stats
     if variant == "chunked":
 
         def chunked(hidden, kernel, bias, labels):
@@ -159,7 +186,7 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
     backend = keras.backend.backend()
     arrays = make_inputs(**shape)
     inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
-    step = _step(_loss_fn(variant, chunk_size), backend)
+    step = _step(_loss_fn(variant, chunk_size, shape["vocabulary"]), backend)
     before = rss_mib()
     reset_peak_rss()
     loss, grads = step(*inputs)
@@ -203,7 +230,7 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
 
 def _variants(backend: str, shape: dict) -> list[str]:
     """The variants run on `backend` at `shape` (see the module docstring)."""
-    variants = ["chunked"]
+    variants = ["chunked", "chunked+stats"]
     if shape["vocabulary"] <= MATERIALISED_UP_TO:
         variants.insert(0, "materialised")
     if backend == "torch":
@@ -211,13 +238,15 @@ def _variants(backend: str, shape: dict) -> list[str]:
     return variants
 
 
-def _ratio_row(backend: str, name: str, other: dict, chunked: dict) -> list[str]:
-    """How much less memory, and what share of the time, `chunked` takes
-    than the variant `name`."""
+def _ratio_row(
+    backend: str, name: str, other: dict, chunked: dict, label: str = "chunked"
+) -> list[str]:
+    """How much less memory, and what share of the time, `chunked` (the
+    variant `label`) takes than the variant `name`."""
     temp = other["jax_temp_bytes"], chunked["jax_temp_bytes"]
     return [
         backend,
-        f"chunked vs {name}",
+        f"{label} vs {name}",
         f"{other['peak_rss_mib'] / chunked['peak_rss_mib']:.1f}x less",
         f"{other['step_mib'] / max(chunked['step_mib'], 1.0):.1f}x less",
         "-" if temp[0] is None else f"{temp[0] / temp[1]:.1f}x less",
@@ -286,6 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for other in ("materialised", "torch"):
             if other in variants:
                 rows.append(_ratio_row(backend, other, variants[other], chunked))
+        with_stats = variants["chunked+stats"]
+        rows.append(
+            _ratio_row(backend, "chunked", chunked, with_stats, "chunked+stats")
+        )
+        if "materialised" in variants:
+            materialised = variants["materialised"]
+            rows.append(
+                _ratio_row(
+                    backend, "materialised", materialised, with_stats, "chunked+stats"
+                )
+            )
         if reference is not None:
             with (
                 np.load(reference["outputs"]) as want,

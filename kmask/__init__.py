@@ -1,6 +1,7 @@
 """kmask: masked losses, metrics and mask tools for padded sequences in Keras 3."""
 
 from kmask import distribute
+from kmask.class_weights import class_weight_for
 from kmask.ctc import MaskedCTC, masked_ctc
 from kmask.distillation import (
     MaskedDistiller,
@@ -27,7 +28,9 @@ from kmask.losses import (
 from kmask.masks import combine_masks, keras_mask, sequence_mask, value_mask
 from kmask.metrics import (
     HeadAccuracy,
+    HeadEntropy,
     HeadPerplexity,
+    HeadZLoss,
     MaskedCategoricalAccuracy,
     MaskedMeanMetricWrapper,
     MaskedSequenceAccuracy,
@@ -51,7 +54,9 @@ __all__ = [
     "AttachMask",
     "FusedLinearCrossentropy",
     "HeadAccuracy",
+    "HeadEntropy",
     "HeadPerplexity",
+    "HeadZLoss",
     "LayerMasks",
     "LengthMask",
     "MaskReport",
@@ -76,6 +81,7 @@ __all__ = [
     "__version__",
     "accumulation_batches",
     "accumulation_weights",
+    "class_weight_for",
     "combine_masks",
     "distribute",
     "fused_linear_crossentropy",

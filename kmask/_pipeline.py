@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from kmask import class_weights
 from kmask._keras_compat import get_keras_mask
 from kmask._resolve import pad_values
 from kmask._shapes import (
@@ -91,6 +92,7 @@ def prepare(
     sparse_labels: bool = False,
     target_kind: str | None = None,
     family: str = "loss",
+    class_weight: Any = None,
 ) -> Steps:
     """Step 1: tensors of the right dtype and shape, and the real steps.
 
@@ -119,6 +121,9 @@ def prepare(
             other kind is a `ValueError` about `y_true`, raised before the
             padding is looked for (a vector `mask_value` cannot be blamed).
         family: `"loss"` or `"metric"`: what that error suggests instead.
+        class_weight: Optional standardized class weights
+            (`kmask.class_weights.standardize`): each step's class weight
+            multiplies its `sample_weight` (a weight of 0 marks padding).
     """
     # Local work first, then each module once: the mask Keras propagated
     # (read off the caller's `y_pred`), the shapes, the masks and labels.
@@ -160,6 +165,10 @@ def prepare(
         weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
     step_shape = ops.shape(y_pred)[:-1] if len(y_pred.shape) > 1 else ops.shape(y_pred)
     valid = combine_masks(masked, weighted, shape=step_shape)
+    if class_weight is not None:
+        sample_weight, valid = _with_class_weight(
+            class_weight, y_true, y_pred.shape[-1], sparse, sample_weight, valid
+        )
     y_true = ops.cast(y_true, target_dtype or y_pred.dtype)
     out_of_range = None
     if sparse:
@@ -180,6 +189,7 @@ def prepare_labels(
     target_mask: Callable[[Any], Any] | None = None,
     mask: Any = None,
     sample_weight: Any = None,
+    class_weight: Any = None,
 ) -> Steps:
     """Step 1 for a head that sees labels and no predictions (the chunked
     linear cross-entropy): the real steps of `labels`, their label range
@@ -200,6 +210,10 @@ def prepare_labels(
     if sample_weight is not None:
         weighted = ops.not_equal(sample_weight, ops.zeros_like(sample_weight))
         valid = combine_masks(masked, weighted)
+    if class_weight is not None:
+        sample_weight, valid = _with_class_weight(
+            class_weight, labels, classes, True, sample_weight, valid
+        )
     labels, out_of_range = labels_out_of_range(labels, classes, valid, "labels")
     return Steps(labels, None, valid, sample_weight, masked, out_of_range)
 
@@ -435,6 +449,19 @@ def fill_padding(y_true: Any, y_pred: Any, valid: Any) -> tuple[Tensor, Tensor]:
     return (
         ops.where(valid_true, y_true, ops.cast(PAD_TARGET, y_true.dtype)),
         ops.where(valid_pred, y_pred, ops.cast(PAD_PREDICTION, y_pred.dtype)),
+    )
+
+
+def _with_class_weight(class_weight, y_true, classes, sparse, sample_weight, valid):
+    """`(sample_weight, valid)` with each real step's class weight folded
+    into its weight (computed at the real steps only, so padding's NaN stays
+    out), and a class weight of 0 marking padding as a zero weight does."""
+    class_steps = class_weights.step_weights(
+        class_weight, y_true, classes, sparse, valid
+    )
+    weighted = ops.not_equal(class_steps, ops.zeros_like(class_steps))
+    return class_weights.fold(sample_weight, class_steps), combine_masks(
+        valid, weighted
     )
 
 

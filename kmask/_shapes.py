@@ -340,6 +340,28 @@ def check_linear(
             )
 
 
+def check_class_weight(class_weight: Any, classes: int | None) -> None:
+    """A standardized `class_weight` (a `{class: weight}` dict or a list)
+    against the number of classes, where it is known: a list has one weight
+    per class, a dict's class ids are below `classes`."""
+    if classes is None:
+        return
+    if isinstance(class_weight, list) and len(class_weight) != classes:
+        raise ValueError(
+            "Invalid shape for argument `class_weight`. Expected one weight per "
+            f"class, [classes] = ({classes},). Received: "
+            f"class_weight.shape=({len(class_weight)},)"
+        )
+    if isinstance(class_weight, dict):
+        outside = [class_id for class_id in class_weight if class_id >= classes]
+        if outside:
+            raise ValueError(
+                "Invalid value for argument `class_weight`. Expected class ids "
+                f"below the number of classes, {classes}. Received: class ids "
+                f"{outside}"
+            )
+
+
 def check_distillation(teacher: Any, student: Any, labels: Any = None) -> None:
     """A distillation call's shapes: teacher and student logits alike,
     `[batch, ..., classes]`, and `labels` `[batch]` or a leading part of

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _pipeline, _shapes
+from kmask import _pipeline, _shapes, class_weights
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -34,7 +34,7 @@ from kmask.ops import (
     sparse_crossentropy_with_logits,
 )
 from kmask.ops._rows import softcap
-from kmask.ops.crossentropy import LinearOptions
+from kmask.ops.crossentropy import LINEAR_STATS, LinearOptions
 from kmask.reduce import is_linear, masked_reduce, standardize_reduction
 from kmask.typing import Tensor
 
@@ -47,12 +47,26 @@ __all__ = [
     "sparse_crossentropy_with_logits",
 ]
 
-HEAD_STATS = ("loss", "nll", "correct", "weight")
+HEAD_STATS = (
+    "loss",
+    "nll",
+    "correct",
+    "weight",
+    "z_loss",
+    "predicted",
+    "log_prob",
+    "entropy",
+)
 """The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
-returns on its last axis, in this order: the loss, the label's negative
-log-likelihood (without label smoothing or z-loss), 1 where the argmax of the
-(capped) logits is the label, and the step's weight (0 on padding). Read by
-`kmask.HeadAccuracy` and `kmask.HeadPerplexity`."""
+returns on its last axis, in this order, all computed inside the chunks: the
+loss, the label's negative log-likelihood (without label smoothing or
+z-loss), 1 where the argmax of the (capped) logits is the label, the step's
+weight (0 on padding; `sample_weight` and `class_weight` in it), the z-loss
+term `z_loss * logsumexp(logits) ** 2`, the argmax itself (a class id as a
+float32, exact below 2 ** 24), and at the head's `temperature` the label's
+log-probability and the entropy of the softmax. Every one is 0 on padding.
+Read by `kmask.HeadAccuracy`, `kmask.HeadPerplexity`, `kmask.HeadZLoss` and
+`kmask.HeadEntropy`."""
 
 
 def fused_linear_crossentropy(
@@ -70,7 +84,10 @@ def fused_linear_crossentropy(
     transpose_kernel: bool = False,
     softcap: float | None = None,
     return_token_accuracy: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    class_weight: Any = None,
+    return_stats: bool = False,
+    temperature: float = 1.0,
+) -> Tensor | tuple[Tensor, Any]:
     """The masked sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     Equals `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True)` on
@@ -109,10 +126,24 @@ def fused_linear_crossentropy(
             token accuracy of the argmax of the (capped) logits over the real
             steps, reduced as `"token_mean"` with the same padding and
             weights, computed inside the chunks. It has no gradient.
+        class_weight: Optional `{class: weight}` dict or `[vocabulary]`
+            vector: each real token weighs its label's class weight on top of
+            `sample_weight`, and `"token_mean"` divides by their sum
+            (PyTorch's `weight=` with `ignore_index`); the accuracy is
+            weighted the same way. See "Class weights" in the reductions'
+            concepts page.
+        return_stats: Whether to return `(loss, stats)`: `stats` is a dict
+            of the per-step statistics `kmask.fused.HEAD_STATS` by name
+            (`labels`' shape, 0 on padding, no gradient), computed inside
+            the chunks.
+        temperature: Positive temperature of the statistics `log_prob` and
+            `entropy`; the loss is at temperature 1.
 
     Returns:
         A float32 scalar, or per-step losses of `labels`' shape with
-        `reduction="none"`; with `return_token_accuracy`, `(loss, accuracy)`.
+        `reduction="none"`; with `return_token_accuracy`, `(loss, accuracy)`;
+        with `return_stats`, `(loss, stats)` (and with both, `(loss,
+        accuracy, stats)`).
 
     Example:
 
@@ -129,11 +160,11 @@ def fused_linear_crossentropy(
     """
     reduction = standardize_reduction(reduction)
     options = _linear_options(
-        chunk_size, label_smoothing, z_loss, softcap, transpose_kernel
+        chunk_size, label_smoothing, z_loss, softcap, transpose_kernel, temperature
     )
     hidden = ops.convert_to_tensor(hidden)
     kernel = ops.convert_to_tensor(kernel)
-    _, value, stats = _head(
+    per_step, value, stats = _head(
         hidden,
         kernel,
         labels,
@@ -141,12 +172,18 @@ def fused_linear_crossentropy(
         (mask_value, reduction, options),
         mask,
         sample_weight,
-        return_token_accuracy,
+        return_token_accuracy or return_stats,
+        class_weights.standardize(class_weight),
     )
-    if not return_token_accuracy:
+    if stats is None:
         return value
-    correct, _, weight = stats
-    return value, masked_reduce(correct, None, "token_mean", weight)
+    results: tuple = (value,)
+    if return_token_accuracy:
+        correct, weight = stats["correct"], stats["weight"]
+        results += (masked_reduce(correct, None, "token_mean", weight),)
+    if return_stats:
+        results += ({"loss": per_step, **stats},)
+    return results
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -183,10 +220,21 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
         return_stats: Whether the call on `[hidden, labels]` returns the
             per-step statistics `kmask.fused.HEAD_STATS` (`loss`, `nll`,
-            `correct`, `weight`) on a last axis of 4 instead of the
-            per-step losses: compile with `metrics=[kmask.HeadAccuracy(),
-            kmask.HeadPerplexity()]` and they report the token accuracy and
-            perplexity, exact across batches, without holding the logits.
+            `correct`, `weight`, `z_loss`, `predicted`, `log_prob`,
+            `entropy`) on a last axis of 8 instead of the per-step losses:
+            compile with `metrics=[kmask.HeadAccuracy(),
+            kmask.HeadPerplexity()]` (and `kmask.HeadZLoss()`,
+            `kmask.HeadEntropy()`) and they report the token accuracy,
+            perplexity, z-loss and entropy, exact across batches, without
+            holding the logits.
+        temperature: Positive temperature of the statistics `log_prob` and
+            `entropy` and of `score` (the loss is at temperature 1), e.g.
+            the sampling temperature of an RL fine-tuning run.
+        class_weight: Optional `{class: weight}` dict or
+            `[vocabulary_size]` vector: each real token weighs its label's
+            class weight (see `kmask.fused_linear_crossentropy`); the
+            statistics' `weight` includes it, so the head's metrics are
+            class-weighted too.
         kernel_initializer: Initializer of the `[hidden_size, vocabulary_size]`
             kernel (without `embedding`).
         bias_initializer: Initializer of the bias.
@@ -194,7 +242,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
 
     Returns:
         Called on `[hidden, labels]`, the float32 per-step losses, of
-        `labels`' shape (with `return_stats`, `labels`' shape plus 4); called
+        `labels`' shape (with `return_stats`, `labels`' shape plus 8); called
         on `hidden`, the logits.
 
     Example:
@@ -229,6 +277,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         return_stats: bool = False,
+        class_weight: Any = None,
+        temperature: float = 1.0,
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
         **kwargs: Any,
@@ -242,8 +292,14 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 "other than 'none'. Received: reduction='none'"
             )
         self._linear_options = _linear_options(
-            chunk_size, label_smoothing, z_loss, softcap, embedding is not None
+            chunk_size,
+            label_smoothing,
+            z_loss,
+            softcap,
+            embedding is not None,
+            temperature,
         )
+        self.temperature = temperature
         self.vocabulary_size = vocabulary_size
         self.softcap = softcap
         self.use_bias = use_bias
@@ -253,6 +309,9 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.return_stats = bool(return_stats)
+        self.class_weight = class_weights.standardize(class_weight)
+        if self.class_weight is not None:
+            class_weights.vector(self.class_weight, vocabulary_size)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         # Held outside Keras's tracking: the embedding belongs to the model
@@ -310,13 +369,66 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             (self.mask_value, self.reduction, options),
             hidden_mask,
             return_stats=self.return_stats,
+            class_weight=self.class_weight,
         )
         self.add_loss(value)
         if stats is None:
             return per_step
-        by_name = dict(zip(("correct", "nll", "weight"), stats, strict=True))
-        by_name["loss"] = per_step
+        by_name = dict(stats, loss=per_step)
         return ops.stack([by_name[stat] for stat in HEAD_STATS], axis=-1)
+
+    def score(
+        self,
+        hidden: Any,
+        labels: Any,
+        mask: Any = None,
+        sample_weight: Any = None,
+        per_token: bool = False,
+    ) -> Tensor:
+        """The log-probability of `labels` under the head, at its
+        `temperature`, computed in chunks (the logits are never held).
+
+        Args:
+            hidden: `[batch, ..., hidden_size]` features.
+            labels: Integer labels, `hidden`'s shape without its last axis;
+                the head's `mask_value` marks padding.
+            mask: Optional boolean mask, `True` on real steps.
+            sample_weight: Optional weights; a weight of 0 marks padding.
+            per_token: Whether to return the per-token log-probabilities
+                (0 on padding) rather than their sum per sequence.
+
+        Returns:
+            float32 `[batch]`: each sequence's summed log-probability over
+            its real tokens (0 for a sequence of padding); with
+            `per_token`, `labels`' shape.
+
+        Example:
+
+        >>> import kmask
+        >>> import numpy as np
+        >>> head = kmask.FusedLinearCrossentropy(4, mask_value=-100)
+        >>> hidden = np.zeros((2, 3, 5), "float32")
+        >>> scores = head.score(hidden, [[1, 2, -100], [3, -100, -100]])
+        >>> np.round(np.asarray(scores), 4)  # log(1/4) per real token
+        array([-2.7726, -1.3863], dtype=float32)
+        """
+        hidden, labels = ops.convert_to_tensor(hidden), ops.convert_to_tensor(labels)
+        if not self.built:
+            self.build([tuple(hidden.shape), tuple(labels.shape)])
+        _, _, stats = _head(
+            hidden,
+            self.projection(),
+            labels,
+            self.bias,
+            (self.mask_value, "sum", self._linear_options),
+            mask,
+            sample_weight,
+            return_stats=True,
+        )
+        log_prob = stats["log_prob"]
+        if per_token:
+            return log_prob
+        return ops.sum(ops.reshape(log_prob, (ops.shape(log_prob)[0], -1)), axis=-1)
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         if _is_pair(input_shape):
@@ -351,6 +463,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             "label_smoothing": self.label_smoothing,
             "z_loss": self.z_loss,
             "return_stats": self.return_stats,
+            "class_weight": self.class_weight,
+            "temperature": self.temperature,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }
@@ -412,13 +526,14 @@ def _head(
     mask=None,
     sample_weight=None,
     return_stats=False,
+    class_weight=None,
 ):
     """`(per_step, value, stats)` of the head: the pipeline's real steps
-    (pad label, mask, zero weights), then the chunked op, reduced by
-    `masked_reduce`; `stats` is `None` unless asked for, else `(correct,
-    nll, weight)` per step: the argmax is the label (1/0), the label's
-    negative log-likelihood, and the step's weight (0 on padding), all NaN
-    at a real step whose label is out of range."""
+    (pad label, mask, zero weights, class weights), then the chunked op,
+    reduced by `masked_reduce`; `stats` is `None` unless asked for, else a
+    dict of per-step values by name: the op's `LINEAR_STATS` and the step's
+    `weight` (0 on padding), all NaN at a real step whose label is out of
+    range."""
     mask_value, reduction, linear_options = options
     labels = ops.convert_to_tensor(labels)
     if mask is not None:
@@ -434,6 +549,7 @@ def _head(
         target_mask=None if mask_value is None else _pad_mask(mask_value),
         mask=mask,
         sample_weight=sample_weight,
+        class_weight=class_weight,
     )
     labels, valid, masked = steps.y_true, steps.valid, steps.masked
     sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
@@ -459,10 +575,14 @@ def _head(
         value = _pipeline.poison(value, out_of_range)
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
+    named = None
     if stats is not None:
         weight = _shapes.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
-        stats = tuple(_pipeline.poison(stat, out_of_range) for stat in (*stats, weight))
-    return _pipeline.poison(per_step, out_of_range), value, stats
+        by_name = dict(zip(LINEAR_STATS, stats, strict=True), weight=weight)
+        named = {
+            name: _pipeline.poison(stat, out_of_range) for name, stat in by_name.items()
+        }
+    return _pipeline.poison(per_step, out_of_range), value, named
 
 
 def _pad_mask(mask_value):
@@ -476,6 +596,7 @@ def _linear_options(
     z_loss: float,
     softcap: Any,
     transpose_kernel: bool,
+    temperature: Any = 1.0,
 ) -> LinearOptions:
     """The checked `LinearOptions` of the head."""
     if (
@@ -501,12 +622,22 @@ def _linear_options(
             "Invalid value for argument `softcap`. Expected `None` or a "
             f"positive number. Received: softcap={softcap!r}"
         )
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
+        raise ValueError(
+            "Invalid value for argument `temperature`. Expected a positive "
+            f"number. Received: temperature={temperature!r}"
+        )
     return LinearOptions(
         chunk_size,
         float(label_smoothing),
         float(z_loss),
         None if softcap is None else float(softcap),
         bool(transpose_kernel),
+        float(temperature),
     )
 
 

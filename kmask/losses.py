@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kmask import _pipeline, _resolve
+from kmask import _pipeline, _resolve, class_weights
 from kmask.masks import target_padding
 from kmask.ops import (
     binary_crossentropy,
@@ -78,6 +78,8 @@ class MaskedLoss(keras.losses.Loss):
 
     # The dtype the targets are cast to; `None`: the predictions'.
     _target_dtype: str | None = None
+    # The standardized class weights of a cross-entropy (`kmask.class_weights`).
+    class_weight: Any = None
 
     def __init__(
         self,
@@ -148,6 +150,7 @@ class MaskedLoss(keras.losses.Loss):
                 segment_ids=segment_ids,
                 sparse_labels=self._sparse_labels,
                 target_kind=self._target_kind,
+                class_weight=self.class_weight,
             )
             result = reduce_steps(
                 steps.values,
@@ -281,6 +284,10 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         axis: The class axis.
         mask_value: Pad value of `y_true`, e.g. the one-hot pad `[0, 0, 1]`.
         reduction, name, dtype: As in `kmask.MaskedLoss`.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs `sum_k w_k y_k` (its label's weight for
+            one-hot targets) on top of `sample_weight`; see
+            "Class weights" in the reductions' concepts page.
 
     Returns:
         The masked cross-entropy between `[batch, time, classes]` targets and
@@ -298,6 +305,25 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
 
     _wraps = "categorical_crossentropy"
     _loss_name = "masked_categorical_crossentropy"
+
+    def __init__(
+        self,
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+        axis: int = -1,
+        mask_value: Any = None,
+        reduction: str | None = "token_mean",
+        name: str | None = None,
+        dtype: Any = None,
+        class_weight: Any = None,
+    ):
+        super().__init__(
+            from_logits, label_smoothing, axis, mask_value, reduction, name, dtype
+        )
+        self.class_weight = class_weights.standardize(class_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weight": self.class_weight}
 
     def _fused_op(self, y_true, y_pred):
         """From logits with the class axis last and targets of the logits'
@@ -330,6 +356,11 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step, which
             keeps logits from drifting; needs `from_logits=True`.
         reduction, name, dtype: As in `kmask.MaskedLoss`.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs its label's class weight on top of
+            `sample_weight`, and `"token_mean"` divides by their sum
+            (PyTorch's `weight=`); see
+            "Class weights" in the reductions' concepts page.
 
     Returns:
         The masked cross-entropy between `[batch, time]` labels and
@@ -361,6 +392,7 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         reduction: str | None = "token_mean",
         name: str = "masked_sparse_categorical_crossentropy",
         dtype: Any = None,
+        class_weight: Any = None,
     ) -> None:
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(
@@ -385,6 +417,10 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         )
         self._sparse_labels = True
         self._target_kind = "labels"
+        self.class_weight = class_weights.standardize(class_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weight": self.class_weight}
 
     def _fused_op(self, y_true, y_pred):
         """The per-step loss, `kmask.ops.sparse_crossentropy`: from logits it

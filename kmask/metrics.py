@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _pipeline, _resolve
+from kmask import _pipeline, _resolve, class_weights
 from kmask._shapes import squeeze_trailing
 from kmask.fused import HEAD_STATS
 from kmask.masks import combine_masks, target_padding
@@ -100,6 +100,9 @@ class MaskedMeanMetricWrapper(_TokenMean):
     1.3333333730697632
     """
 
+    # The standardized class weights of an accuracy (`kmask.class_weights`).
+    class_weight: Any = None
+
     def __init__(
         self,
         fn: str | keras.losses.Loss | Callable,
@@ -143,6 +146,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
                 weight of 0 marks padding.
         """
         steps = self._through_pipeline(y_true, y_pred, sample_weight)
+        # `steps.sample_weight`: the weights, class weights included.
         self._add(*sum_and_count(steps.values, steps.valid, steps.sample_weight))
 
     def _through_pipeline(
@@ -162,6 +166,7 @@ class MaskedMeanMetricWrapper(_TokenMean):
             sparse_labels=self._sparse_labels,
             target_kind=self._target_kind,
             family="metric",
+            class_weight=self.class_weight,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -202,14 +207,36 @@ class _NamedMaskedMetric(MaskedMeanMetricWrapper):
         return cls(**config)
 
 
+class _ClassWeightedMetric(_NamedMaskedMetric):
+    """A named metric that takes `class_weight`: each real step weighs its
+    label's class weight on top of `sample_weight`."""
+
+    def __init__(
+        self,
+        mask_value: Any = None,
+        name: str | None = None,
+        dtype: Any = None,
+        class_weight: Any = None,
+    ):
+        super().__init__(mask_value, name, dtype)
+        self.class_weight = class_weights.standardize(class_weight)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weight": self.class_weight}
+
+
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
+class MaskedSparseCategoricalAccuracy(_ClassWeightedMetric):
     """Accuracy of integer labels over the real steps of every batch.
 
     Args:
         mask_value: Optional pad label, e.g. `0` or `-100`.
         name: Name of the metric.
         dtype: Dtype of the result.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs its label's class weight, so the result is
+            `sum(c[y] * right) / sum(c[y])`; with `kmask.class_weight_for`'s
+            weights of the same data, the mean of the per-class recalls.
 
     Returns:
         `result()` is the fraction of real steps whose label is the arg max of
@@ -230,7 +257,7 @@ class MaskedSparseCategoricalAccuracy(_NamedMaskedMetric):
 
 
 @keras.saving.register_keras_serializable(package="kmask")
-class MaskedCategoricalAccuracy(_NamedMaskedMetric):
+class MaskedCategoricalAccuracy(_ClassWeightedMetric):
     """Accuracy of one-hot targets over the real steps of every batch.
 
     Args:
@@ -238,6 +265,9 @@ class MaskedCategoricalAccuracy(_NamedMaskedMetric):
             `[0, 0, 1]`.
         name: Name of the metric.
         dtype: Dtype of the result.
+        class_weight: Optional `{class: weight}` dict or `[classes]` vector:
+            each real step weighs `sum_k c[k] * y_true[k]` (its label's
+            class weight).
 
     Returns:
         `result()` is the fraction of real steps where the arg max of `y_true`
@@ -384,7 +414,7 @@ class _HeadMetric(_TokenMean):
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Adds a batch. `y_true` is ignored (the head saw the labels);
-        `y_pred` is the head's `[..., 4]` statistics; `sample_weight`
+        `y_pred` is the head's `[..., 8]` statistics; `sample_weight`
         multiplies the head's step weights."""
         del y_true
         steps = _pipeline.prepare_stats(
@@ -421,9 +451,11 @@ class HeadAccuracy(_HeadMetric):
 
     >>> import kmask
     >>> metric = kmask.HeadAccuracy()
-    >>> # (loss, nll, correct, weight) per step; the last step is padding.
-    >>> metric.update_state(None, [[[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
-    >>> metric.update_state(None, [[[2.0, 2.0, 0.0, 1.0], [0.1, 0.1, 1.0, 1.0]]])
+    >>> # HEAD_STATS per step: loss, nll, correct, weight, then four more.
+    >>> metric.update_state(None, [[[0.5, 0.5, 1, 1, 0, 0, 0, 0], [0.0] * 8]])
+    >>> metric.update_state(
+    ...     None, [[[2.0, 2.0, 0, 1, 0, 0, 0, 0], [0.1, 0.1, 1, 1, 0, 0, 0, 0]]]
+    ... )
     >>> round(float(metric.result()), 4)  # 2 right of 3 real tokens
     0.6667
     """
@@ -452,7 +484,7 @@ class HeadPerplexity(_HeadMetric):
 
     >>> import kmask
     >>> metric = kmask.HeadPerplexity()
-    >>> metric.update_state(None, [[[1.1, 1.0986, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    >>> metric.update_state(None, [[[1.1, 1.0986, 0, 1, 0, 0, 0, 0], [0.0] * 8]])
     >>> round(float(metric.result()), 2)  # exp(log(3))
     3.0
     """
@@ -462,6 +494,63 @@ class HeadPerplexity(_HeadMetric):
 
     def result(self) -> Tensor:
         return self._exp_mean()
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadZLoss(_HeadMetric):
+    """The mean z-loss term `z_loss * logsumexp(logits) ** 2` of a
+    `kmask.FusedLinearCrossentropy` head over the real tokens, exact across
+    batches, so that it can be logged apart from the loss (0 when the head
+    has no `z_loss`); see `HeadAccuracy` for the setup.
+
+    Args:
+        name: Name of the metric; defaults to `"z_loss"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()` is the token-weighted mean of the z-loss term since the
+        last reset; 0 when there were no real tokens.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadZLoss()
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0.3, 0, 0, 0], [0.0] * 8]])
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0.1, 0, 0, 0]]])
+    >>> round(float(metric.result()), 4)
+    0.2
+    """
+
+    _stat = "z_loss"
+    _metric_name = "z_loss"
+
+
+@keras.saving.register_keras_serializable(package="kmask")
+class HeadEntropy(_HeadMetric):
+    """The mean entropy of a `kmask.FusedLinearCrossentropy` head's softmax
+    (at the head's `temperature`) over the real tokens, exact across
+    batches; see `HeadAccuracy` for the setup.
+
+    Args:
+        name: Name of the metric; defaults to `"entropy"`.
+        dtype: Dtype of the result. The state is float32 whatever it is.
+
+    Returns:
+        `result()` is the token-weighted mean entropy (in nats) since the
+        last reset; 0 when there were no real tokens.
+
+    Example:
+
+    >>> import kmask
+    >>> metric = kmask.HeadEntropy()
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0, 0, 0, 1.5], [0.0] * 8]])
+    >>> metric.update_state(None, [[[0, 0, 0, 1, 0, 0, 0, 0.5]]])
+    >>> float(metric.result())
+    1.0
+    """
+
+    _stat = "entropy"
+    _metric_name = "entropy"
 
 
 def _metric_by_name(name: str) -> Callable | None:

@@ -135,6 +135,31 @@ FORMS = {
         transpose_kernel=True,
         softcap=3.0,
     ),
+    "MaskedSparseCategoricalCrossentropy_class_weight": lambda x: (
+        kmask.MaskedSparseCategoricalCrossentropy(
+            from_logits=True,
+            mask_value=0,
+            label_smoothing=0.1,
+            class_weight={1: 2.0, 3: 0.0, 5: 0.5},
+        )(_t(LABELS), x)
+    ),
+    "MaskedCategoricalCrossentropy_class_weight": lambda x: (
+        kmask.MaskedCategoricalCrossentropy(
+            from_logits=True, class_weight=[1.0, 2.0, 0.5, 0.0, 3.0, 1.0, 1.5]
+        )(_t(ONE_HOT), x, sample_weight=_t(WEIGHTS))
+    ),
+    "fused_linear_crossentropy_class_weight_stats": lambda x: (
+        kmask.fused_linear_crossentropy(
+            x[..., :H],
+            _t(KERNEL),
+            _t(LABELS),
+            mask_value=0,
+            chunk_size=4,
+            class_weight={2: 3.0, 4: 0.0},
+            return_stats=True,
+            temperature=0.5,
+        )[0]
+    ),
     "masked_distillation": lambda x: kmask.masked_distillation(
         _t(TEACHER), x, _t(VALID), divergence="jsd", temperature=2.0
     ),

@@ -12,7 +12,7 @@ from keras import ops
 import kmask
 from kmask.fused import HEAD_STATS
 from tests._numeric import close, linear_data
-from tools.parity.references import np_sparse_ce
+from tools.parity.references import np_head_statistics, np_sparse_ce
 
 B, T, H, V = 3, 7, 5, 11
 LENGTHS = np.array([7, 3, 1])
@@ -23,8 +23,11 @@ def _valid(lengths=LENGTHS):
     return np.arange(T)[None, :] < np.asarray(lengths)[:, None]
 
 
-def np_stats(logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.0):
-    """float64 `(loss, nll, correct, weight)` per step, 0 on padding."""
+def np_stats(
+    logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.0,
+    temperature=1.0,
+):  # fmt: skip
+    """float64 `HEAD_STATS` per step, 0 on padding."""
     logits = np.asarray(logits, "float64")
     if softcap is not None:
         logits = softcap * np.tanh(logits / softcap)
@@ -34,6 +37,7 @@ def np_stats(logits, labels, valid, softcap=None, label_smoothing=0.0, z_loss=0.
         "nll": np_sparse_ce(labels, logits),
         "correct": (logits.argmax(-1) == labels).astype("float64"),
         "weight": valid.astype("float64"),
+        **np_head_statistics(logits, labels, z_loss, temperature),
     }
     return np.stack([np.where(valid, columns[k], 0.0) for k in HEAD_STATS], -1)
 
@@ -55,8 +59,9 @@ def _data(seed=0):
         {"softcap": 2.0},
         {"label_smoothing": 0.2, "z_loss": 0.01},
         {"softcap": 2.0, "label_smoothing": 0.1, "z_loss": 0.001},
+        {"z_loss": 0.01, "temperature": 0.7},
     ],
-    ids=["plain", "softcap", "smoothing-z", "all"],
+    ids=["plain", "softcap", "smoothing-z", "all", "temperature"],
 )
 def test_head_stats_match_numpy(options):
     head = kmask.FusedLinearCrossentropy(
@@ -117,7 +122,7 @@ def test_head_metrics_reject_other_outputs_and_round_trip():
     with pytest.raises(ValueError, match=r"`y_pred`.*\(2, 7, 11\)"):
         kmask.HeadPerplexity().update_state(None, np.zeros((2, 7, 11), "float32"))
     stats = np.zeros((2, 7, len(HEAD_STATS)), "float32")
-    with pytest.raises(ValueError, match=r"`sample_weight`.*\(3,\).*\(2, 7, 4\)"):
+    with pytest.raises(ValueError, match=r"`sample_weight`.*\(3,\).*\(2, 7, 8\)"):
         kmask.HeadAccuracy().update_state(None, stats, sample_weight=np.ones(3))
     metric = kmask.HeadPerplexity(name="ppl")
     restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
@@ -226,3 +231,78 @@ def test_a_partial_last_batch_of_unknown_size():
     logits = matrix[x] @ matrix.T
     right = (logits.argmax(-1) == y)[_valid()]
     np.testing.assert_allclose(accuracy, right.mean(), rtol=1e-6)
+
+
+def _head_with(data, **kwargs):
+    head = kmask.FusedLinearCrossentropy(V, mask_value=PAD, chunk_size=4, **kwargs)
+    head.build([(None, T, H), (None, T)])
+    head.set_weights([data["kernel"], data["bias"]])
+    return head
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_sums_the_label_log_probabilities_of_real_tokens(temperature):
+    data = _data(8)
+    head = _head_with(data, softcap=3.0, temperature=temperature)
+    lengths = np.array([7, 3, 0])  # the last sequence is all padding
+    valid = _valid(lengths)
+    labels = np.where(valid, data["labels"], PAD)
+    hidden = np.where(valid[..., None], data["hidden"], np.nan).astype("float32")
+    logits = data["hidden"].astype("float64") @ data["kernel"] + data["bias"]
+    capped = 3.0 * np.tanh(logits / 3.0)
+    expected = np_head_statistics(capped, np.where(valid, labels, 0), 0.0, temperature)
+    per_token = np.where(valid, expected["log_prob"], 0.0)
+    _close(head.score(hidden, labels), per_token.sum(-1))
+    _close(head.score(hidden, labels, per_token=True), per_token)
+    # Masked equals gathered: the first row alone, cut to its real tokens.
+    alone = head.score(data["hidden"][1:2, :3], labels[1:2, :3])
+    _close(alone, per_token[1:2].sum(-1))
+
+
+def test_head_stats_through_the_function_and_a_class_weighted_accuracy():
+    data = _data(9)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    class_weight = np.linspace(0.5, 2.0, V).astype("float32")
+    _, stats = kmask.fused_linear_crossentropy(
+        data["hidden"], data["kernel"], labels, data["bias"], mask_value=PAD,
+        chunk_size=4, z_loss=0.01, temperature=1.5, return_stats=True,
+        class_weight=class_weight,
+    )  # fmt: skip
+    logits = data["hidden"].astype("float64") @ data["kernel"] + data["bias"]
+    expected = np_stats(logits, labels, valid, z_loss=0.01, temperature=1.5)
+    safe = np.where(valid, labels, 0)
+    expected[..., HEAD_STATS.index("weight")] = np.where(valid, class_weight[safe], 0)
+    assert set(stats) == set(HEAD_STATS)
+    for index, name in enumerate(HEAD_STATS):
+        _close(stats[name], expected[..., index], rtol=2e-5)
+
+
+def test_z_loss_and_entropy_metrics_in_fit_and_evaluate(tmp_path):
+    keras.utils.set_random_seed(4)
+    model = _model(z_loss=0.01, temperature=0.8)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=None,
+        metrics=[kmask.HeadZLoss(), kmask.HeadEntropy()],
+    )
+    tokens, labels, valid = _tokens_and_labels()
+    history = model.fit([tokens, labels], epochs=1, batch_size=1, verbose=0)
+    assert {"z_loss", "entropy"} <= set(history.history)
+    logs = model.evaluate([tokens, labels], batch_size=1, verbose=0, return_dict=True)
+    features = keras.Model(model.inputs[0], model.get_layer("mix").output)
+    hidden = ops.convert_to_numpy(features(tokens)).astype("float64")
+    matrix = ops.convert_to_numpy(model.get_layer("tokens").embeddings)
+    bias = ops.convert_to_numpy(model.get_layer("head").bias)
+    logits = hidden @ matrix.T.astype("float64") + bias
+    expected = np_head_statistics(logits, np.where(valid, labels, 0), 0.01, 0.8)
+    _close(logs["z_loss"], expected["z_loss"][valid].mean(), rtol=1e-4)
+    _close(logs["entropy"], expected["entropy"][valid].mean(), rtol=1e-4)
+    path = tmp_path / "stats.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert restored.get_layer("head").temperature == 0.8
+    again = restored.evaluate(
+        [tokens, labels], batch_size=1, verbose=0, return_dict=True
+    )
+    _close(again["entropy"], logs["entropy"], rtol=1e-6)

@@ -1,9 +1,9 @@
 """The two implementations of the cross-entropy agree: the portable
 `keras.ops` form (`kmask.ops._rows`, called here directly rather than through
 the dispatch) and the PyTorch kernel (`kmask.ops._torch`), on the same inputs,
-forward and gradient (and the chunked form's statistics, whether the argmax
-is the label and the negative log-likelihood), with label smoothing, z-loss
-and the soft cap; both
+forward and gradient (and the chunked form's statistics `LINEAR_STATS`, at a
+temperature too, and a class-weighted reduction), with label smoothing,
+z-loss and the soft cap; both
 against the float64 NumPy references of `tools.parity.references`.
 
 The inputs hold NaN at padded steps (the labels 0 there, as the ops pass
@@ -20,15 +20,22 @@ import pytest
 from keras import ops
 
 from tests._numeric import close
-from tools.parity.references import np_categorical, np_linear, np_sparse_categorical
+from tools.parity.references import (
+    np_categorical,
+    np_class_step_weight,
+    np_linear,
+    np_sparse_categorical,
+)
 
 if keras.backend.backend() != "torch":
     pytest.skip("the kernels are PyTorch's", allow_module_level=True)
 
 import torch
 
+import kmask
 from kmask.ops import _torch
 from kmask.ops.crossentropy import (
+    LINEAR_STATS,
     LinearOptions,
     categorical_crossentropy_portable,
     linear_crossentropy_portable,
@@ -173,6 +180,80 @@ def test_chunked_linear_kernel_and_portable_form_agree(
         _both(portable, hidden, weights, bias),
         expected,
     )
-    for correct, nll in stats.values():
-        close(ops.reshape(correct, (B, T)), found["correct"])
-        close(ops.reshape(nll, (B, T)), found["nll"])
+    for found_stats in stats.values():
+        for name, stat in zip(LINEAR_STATS, found_stats, strict=True):
+            close(ops.reshape(stat, (B, T)), found[name])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_chunked_linear_statistics_agree_at_a_temperature(temperature):
+    """The statistics of `LINEAR_STATS` from both forms, with z-loss and
+    the soft cap, against NumPy at `temperature`."""
+    width = 4
+    hidden = np.where(VALID[..., None], RNG.normal(size=(B, T, width)), 0.0)
+    hidden = hidden.astype("float32")
+    weights = RNG.normal(size=(width, C)).astype("float32")
+    options = LinearOptions(2, 0.0, 0.01, 3.0, False, temperature)
+    flat = [torch.from_numpy(x.reshape(-1)) for x in (LABELS, VALID)]
+    inputs = (torch.from_numpy(hidden.reshape(-1, width)), torch.from_numpy(weights))
+    _, _, from_kernel = _torch.linear_crossentropy(
+        *inputs, None, *flat, None, (B, T), options, None, True
+    )
+    _, _, from_portable = linear_crossentropy_portable(
+        *inputs, None, *flat, None, (B, T), options, True
+    )
+    found = np_linear(
+        hidden, weights, None, LABELS, VALID, None, "sum", 3.0,
+        temperature=temperature, z_loss=0.01,
+    )  # fmt: skip
+    for kernel_stat, portable_stat, name in zip(
+        from_kernel, from_portable, LINEAR_STATS, strict=True
+    ):
+        close(ops.reshape(kernel_stat, (B, T)), found[name])
+        close(ops.reshape(portable_stat, (B, T)), found[name])
+
+
+def test_chunked_linear_class_weighted_reduction_agrees():
+    """Class weights reach the op as step weights of the reduction: the
+    kernel, which computes the value's gradient ahead from the reduction,
+    and the portable form agree on it, value and gradients."""
+    width = 4
+    hidden = np.where(VALID[..., None], RNG.normal(size=(B, T, width)), 0.0)
+    hidden = hidden.astype("float32")
+    weights = RNG.normal(size=(width, C)).astype("float32")
+    bias = RNG.normal(size=C).astype("float32")
+    class_steps = np_class_step_weight([0.5, 2.0, 0.0, 1.0, 3.0, 1.5, 0.25], LABELS, C)
+    step_weight = torch.tensor(np.where(VALID, class_steps, 0.0), dtype=torch.float32)
+    options = LinearOptions(3, 0.1, 0.0, None, False)
+    flat = [torch.from_numpy(x.reshape(-1)) for x in (LABELS, VALID)]
+
+    def reduce(per_step):
+        return kmask.masked_reduce(per_step, VALID, "token_mean", step_weight)
+
+    def kernel(hidden, weights, bias):
+        _, value, _ = _torch.linear_crossentropy(
+            hidden.reshape(-1, width), weights, bias, *flat, reduce, (B, T),
+            options, step_weight, False,
+        )  # fmt: skip
+        return value
+
+    def portable(hidden, weights, bias):
+        _, value, _ = linear_crossentropy_portable(
+            hidden.reshape(-1, width), weights, bias, *flat, reduce, (B, T),
+            options, False,
+        )  # fmt: skip
+        return value
+
+    found = np_linear(
+        hidden, weights, bias, LABELS, VALID, np.where(VALID, class_steps, 0.0),
+        "token_mean", label_smoothing=0.1,
+    )  # fmt: skip
+    expected = [found["value"], found["grad_hidden"], found["grad_kernel"]]
+    expected += [found["grad_bias"]]
+    for form in (kernel, portable):
+        leaves = [torch.tensor(x, requires_grad=True) for x in (hidden, weights, bias)]
+        value = form(*leaves)
+        grads = torch.autograd.grad(value, leaves)
+        results = [value.detach().numpy()] + [g.numpy() for g in grads]
+        for result, wanted in zip(results, expected, strict=True):
+            close(np.float64(result), wanted)

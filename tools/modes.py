@@ -13,7 +13,8 @@ tools/modes_tasks.py.
 
 A new public class joins the matrix by joining `REGISTRY` (or `EXCLUDED`,
 with a reason): tests/test_modes.py fails for a public loss, metric or layer
-of `kmask.__all__` in neither.
+of `kmask.__all__` in neither. An option worth a row of its own is an entry
+named `Class[option]` (e.g. `class_weight`, saved and reloaded by `resume`).
 
     python -m tools.modes_table --backend jax     # the Markdown table
 """
@@ -30,16 +31,19 @@ import numpy as np
 
 from tools.modes_tasks import (
     BATCH,
+    CLASS_WEIGHT,
     SEED,
     Task,
     binary_loss,
     categorical_loss,
     categorical_metric,
+    class_weighted_sparse_loss,
     ctc_loss,
     distiller_task,
     head_task,
     mask_layer_task,
     np_accuracy,
+    np_class_weighted_accuracy,
     np_sequence_accuracy,
     perplexity_metric,
     regression_loss,
@@ -106,6 +110,10 @@ REGISTRY = (
         "MaskedSparseCategoricalCrossentropy",
         sparse_loss("MaskedSparseCategoricalCrossentropy"),
     ),
+    Entry(
+        "MaskedSparseCategoricalCrossentropy[class_weight]",
+        class_weighted_sparse_loss,
+    ),
     Entry("MaskedCategoricalCrossentropy", categorical_loss),
     Entry("MaskedBinaryCrossentropy", binary_loss),
     *(
@@ -122,6 +130,15 @@ REGISTRY = (
         "MaskedSparseCategoricalAccuracy",
         sparse_metric("MaskedSparseCategoricalAccuracy", np_accuracy, copy_argmax=True),
     ),
+    Entry(
+        "MaskedSparseCategoricalAccuracy[class_weight]",
+        sparse_metric(
+            "MaskedSparseCategoricalAccuracy",
+            np_class_weighted_accuracy,
+            copy_argmax=True,
+            class_weight=CLASS_WEIGHT,
+        ),
+    ),
     Entry("MaskedCategoricalAccuracy", categorical_metric),
     Entry(
         "MaskedSequenceAccuracy",
@@ -131,6 +148,8 @@ REGISTRY = (
     Entry("Perplexity", perplexity_metric),
     Entry("HeadAccuracy", lambda: head_task("HeadAccuracy")),
     Entry("HeadPerplexity", lambda: head_task("HeadPerplexity")),
+    Entry("HeadZLoss", lambda: head_task("HeadZLoss")),
+    Entry("HeadEntropy", lambda: head_task("HeadEntropy")),
     Entry("AttachMask", lambda: mask_layer_task("AttachMask")),
     Entry("LengthMask", lambda: mask_layer_task("LengthMask")),
     Entry("ValueMask", lambda: mask_layer_task("ValueMask")),

@@ -20,6 +20,7 @@ import numpy as np
 from tools.parity.references import (
     np_binary,
     np_categorical,
+    np_class_step_weight,
     np_distillation,
     np_linear,
     np_sparse_categorical,
@@ -36,6 +37,9 @@ PAD = -1
 LENGTHS = np.array([5, 3, 2, 4, 2, 5, 4, 3])
 SEED = 0
 CHECKED = "checked"  # the name every metric of the matrix is compiled with
+# The class weights of the `[class_weight]` rows: a dict (int keys, which a
+# `.keras` file writes as strings) that leaves classes out and weighs one 0.
+CLASS_WEIGHT = {0: 0.5, 1: 3.0, 2: 0.0, 5: 2.0}
 
 
 # ---------------------------------------------------------------- data
@@ -198,6 +202,35 @@ def sparse_loss(cls: str, **options) -> Callable[[], Task]:
         return loss_task(loss, CLASSES, labels(), reference)
 
     return build
+
+
+def _class_weights_at(labels, valid, classes: int) -> np.ndarray:
+    return np_class_step_weight(CLASS_WEIGHT, np.where(valid, labels, 0), classes)
+
+
+def class_weighted_sparse_loss() -> Task:
+    """`MaskedSparseCategoricalCrossentropy(class_weight=CLASS_WEIGHT)`: the
+    token mean weighted by each label's class weight."""
+    import kmask
+
+    loss = kmask.MaskedSparseCategoricalCrossentropy(
+        from_logits=True, mask_value=PAD, class_weight=CLASS_WEIGHT
+    )
+
+    def reference(y_true, y_pred, valid):
+        per_step = np.zeros(valid.shape)
+        per_step[valid] = np_sparse_categorical(
+            y_true[valid], y_pred[valid], from_logits=True
+        )[0]
+        weights = _class_weights_at(y_true, valid, CLASSES)
+        return np_token_mean(per_step, valid, weights)
+
+    return loss_task(loss, CLASSES, labels(), reference)
+
+
+def np_class_weighted_accuracy(labels, scores, valid) -> float:
+    weights = _class_weights_at(labels, valid, CLASSES)
+    return np_token_mean(scores.argmax(-1) == labels, valid, weights)
 
 
 def categorical_loss() -> Task:
@@ -374,12 +407,21 @@ def mask_layer_task(layer_name: str) -> Task:
     return Task(model, {"loss": loss}, (x, y, None), expected)
 
 
+# The head's options for the metrics of its newer statistics.
+HEAD_OPTIONS: dict[str, dict[str, Any]] = {
+    "HeadZLoss": {"z_loss": 0.01, "class_weight": CLASS_WEIGHT},
+    "HeadEntropy": {"temperature": 0.7},
+}
+
+
 def head_task(stats: str | None) -> Task:
     """A token model whose last layer is the fused head: tied to the
     embedding for the head itself, with a kernel of its own (and its
     statistics) for the head metrics. The reference takes the hidden states
     the head receives (`predict` of the model up to it) and the head's
-    weights, and computes the logits and the loss in NumPy."""
+    weights, and computes the logits and the loss in NumPy. `HeadZLoss`'s
+    head has a z-loss and class weights (which weigh its statistics),
+    `HeadEntropy`'s a temperature."""
     import kmask
 
     keras = _keras()
@@ -400,6 +442,7 @@ def head_task(stats: str | None) -> Task:
         chunk_size=8,
         return_stats=not tied,
         name="head",
+        **HEAD_OPTIONS.get(stats or "", {}),
     )
     model = keras.Model([token_input, label_input], head([hidden, label_input]))
     compiled: dict[str, Any] = {"loss": None}
@@ -420,9 +463,19 @@ def head_task(stats: str | None) -> Task:
             logits = states @ kernel + bias
             y_eval = copy_argmax_to_half_the_rows(y, logits, valid_steps())
 
+        options = dict(HEAD_OPTIONS.get(stats or "", {}))
+        class_weight = options.pop("class_weight", None)
+
         def reference(states, labels):
             valid = labels != PAD
-            return np_linear(states, kernel, bias, labels, valid, None, "token_mean")
+            weights = None
+            if class_weight is not None:
+                weights = np_class_step_weight(
+                    class_weight, np.where(valid, labels, 0), VOCABULARY
+                )
+            return np_linear(
+                states, kernel, bias, labels, valid, weights, "token_mean", **options
+            )
 
         inputs = ([tokens, y_eval], None, None)
         if stats is None:
@@ -432,6 +485,13 @@ def head_task(stats: str | None) -> Task:
         valid = y_eval != PAD
         if stats == "HeadAccuracy":
             return inputs, {CHECKED: whole["accuracy"]}
+        if stats == "HeadZLoss":
+            weights = np_class_step_weight(
+                CLASS_WEIGHT, np.where(valid, y_eval, 0), VOCABULARY
+            )
+            return inputs, {CHECKED: np_token_mean(whole["z_loss"], valid, weights)}
+        if stats == "HeadEntropy":
+            return inputs, {CHECKED: np_token_mean(whole["entropy"], valid)}
         return inputs, {CHECKED: float(np.exp(np_token_mean(whole["nll"], valid)))}
 
     return Task(model, compiled, ([tokens, y], None, None), expected)

@@ -112,6 +112,33 @@ def row_crossentropy(
     return Rows(top, log_sum, target_sum, per_step, nll, exponentials)
 
 
+def row_statistics(logits: Any, labels: Any, temperature: float = 1.0) -> tuple:
+    """What a head reports of each row of `logits` besides its loss, at
+    `temperature` `T`: `(predicted, log_prob, entropy)`, the arg max (int32),
+    the label's log-probability `log softmax(logits / T)[label]` and the
+    entropy `-sum(p * log p)` of `p = softmax(logits / T)`.
+
+    With `q = logits / T`, `top` its maximum and `s = sum(exp(q - top))`:
+    `log_prob = q[label] - top - log s` and `entropy = log s - sum(exp(q -
+    top) * (q - top)) / s`, differences from the maximum as in
+    `row_crossentropy`.
+    """
+    predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    scaled = logits if temperature == 1.0 else logits / temperature
+    top = ops.max(scaled, axis=-1, keepdims=True)
+    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    shifted = scaled - top
+    exponentials = ops.exp(shifted)
+    total = ops.sum(exponentials, axis=-1)
+    log_total = ops.log(total)
+    label_shifted = ops.take_along_axis(shifted, ops.expand_dims(labels, -1), axis=-1)
+    log_prob = ops.squeeze(label_shifted, axis=-1) - log_total
+    # exp(-inf) * -inf is NaN: a class of probability 0 adds 0.
+    spread = ops.where(exponentials > 0, exponentials * shifted, 0.0)
+    entropy = log_total - ops.sum(spread, axis=-1) / total
+    return predicted, log_prob, entropy
+
+
 def log_softmax(logits: Any, rows: Rows) -> Any:
     """`log_softmax(logits)` from the row's normalizer."""
     shifted = logits - ops.expand_dims(rows.top, -1)

@@ -185,7 +185,7 @@ def linear_crossentropy(
     options: tuple,
     sample_weight: torch.Tensor | None = None,
     return_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
     """The chunked linear cross-entropy; see `kmask.ops.linear_crossentropy`.
 
     Args:
@@ -202,16 +202,15 @@ def linear_crossentropy(
             smoothing, z-loss, soft cap, transposed kernel.
         sample_weight: The weights `reduce` uses; when they need a gradient
             of their own (a Keras variable), the value is left to the caller.
-        return_stats: Whether to return, per token, whether the argmax of
-            the (capped) logits is the label, and the label's negative
-            log-likelihood.
+        return_stats: Whether to return, per token, the statistics
+            `kmask.ops.crossentropy.LINEAR_STATS`.
 
     Returns:
-        `(per_step, value, correct)`: float32 per-step losses `[tokens]` (0
+        `(per_step, value, stats)`: float32 per-step losses `[tokens]` (0
         where not `valid`), `reduce(per_step)` or `None` where the reduction
         is left to the caller (no `reduce`, or no gradient to compute in
-        advance), and `(correct, nll)`, float32 `[tokens]` (0 where not
-        `valid`), or `None`.
+        advance), and the statistics, a tuple of float32 `[tokens]` (0 where
+        not `valid`), or `None`.
         The first two are differentiable: the value's gradient is computed
         in the forward pass, the per-step losses' by recomputing the logits.
     """
@@ -243,16 +242,16 @@ def linear_crossentropy(
         )
         if coefficient is not None:
             coefficient = coefficient.index_select(0, real)
-    stats = hidden.new_zeros((2, *labels.shape)) if return_stats else None
+    stats = hidden.new_zeros((_STATS, *labels.shape)) if return_stats else None
     per_step, value = _LinearCrossentropy.apply(
         hidden, kernel, bias, labels.long(), valid, coefficient, stats, *options
     )
     if gathered:
         per_step = per_step.new_zeros(tokens).index_copy(0, real, per_step)
         if stats is not None:
-            stats = stats.new_zeros((2, tokens)).index_copy(1, real, stats)
+            stats = stats.new_zeros((_STATS, tokens)).index_copy(1, real, stats)
     value = None if coefficient is None else value
-    return per_step, value, (None if stats is None else (stats[0], stats[1]))
+    return per_step, value, (None if stats is None else tuple(stats))
 
 
 def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
@@ -324,14 +323,14 @@ class _LinearCrossentropy(torch.autograd.Function):
 
 def _linear_chunks(
     hidden, kernel, bias, labels, valid, coefficient, needs, stats,
-    chunk_size, ls, z_loss, softcap, transpose_kernel,
+    chunk_size, ls, z_loss, softcap, transpose_kernel, temperature,
 ):  # fmt: skip
     """One pass over the chunks: `(grads, per_step)`, the gradients of
     `sum(coefficient * per_step)` with respect to `(hidden, kernel, bias)`
     (`None` where not `needs`, all `None` without `coefficient`) and the
     per-step losses, 0 where not `valid`; writes into `stats` (if given)
-    whether each row's argmax is its label and the label's negative
-    log-likelihood, 0 where not `valid`.
+    the statistics `LINEAR_STATS` (`_chunk_statistics`), 0 where not
+    `valid`.
 
     Each chunk's logits go into one preallocated `[chunk_size, vocabulary]`
     buffer, which turns into their gradient in place (with `softcap`, a
@@ -345,6 +344,11 @@ def _linear_chunks(
     if softcap is not None and coefficient is not None:
         slopes = hidden.new_empty((chunk_size, vocabulary))
     per_step = hidden.new_empty((tokens,))
+    stat_buffers = (buffer, buffer)
+    if stats is not None and not torch.compiler.is_compiling():
+        stat_buffers = tuple(
+            hidden.new_empty((chunk_size, vocabulary)) for _ in range(2)
+        )
     d_hidden = d_kernel = d_bias = None
     if coefficient is not None:
         if needs[0]:
@@ -373,13 +377,18 @@ def _linear_chunks(
         chunk_labels = labels[rows, None]
         chunk_valid = valid[rows]
         if stats is not None:
-            found = logits.argmax(dim=1) == chunk_labels[:, 0]
-            stats[0, rows] = (found & chunk_valid).to(stats.dtype)
+            # Before `_block_crossentropy` writes over the logits.
+            _chunk_statistics(
+                stats[:, rows], logits, chunk_labels, temperature, stat_buffers
+            )
         loss, block, nll = _block_crossentropy(
             logits, chunk_labels, ls, z_loss, in_place=True, nll=stats is not None
         )
         if stats is not None:
-            stats[1, rows] = torch.where(chunk_valid, nll, 0.0)
+            stats[1, rows] = nll
+            if block.log_normalizer is not None:  # with z-loss
+                stats[2, rows] = z_loss * block.log_normalizer.square()
+            stats[:, rows] = torch.where(chunk_valid, stats[:, rows], 0.0)
         per_step[rows] = torch.where(chunk_valid, loss, 0.0)
         if coefficient is None:
             continue
@@ -399,6 +408,44 @@ def _linear_chunks(
         if d_bias is not None:
             d_bias.add_(grad.sum(dim=0))
     return [d_hidden, d_kernel, d_bias], per_step
+
+
+# The rows of `LINEAR_STATS`: correct, nll, z_loss, predicted, log_prob, entropy.
+_STATS = 6
+
+
+def _chunk_statistics(
+    stats: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    buffers: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Writes into `stats` (`[_STATS, rows]`) what `kmask.ops._rows.
+    row_statistics` computes: whether the arg max is the label, the arg max,
+    and at `temperature` the label's log-probability and the entropy. The
+    log-softmax of the logits over `temperature` and its exponential go
+    into `buffers`, two `[chunk_size, classes]` arrays reused by every chunk
+    (under `torch.compile`, which fuses anyway, new arrays)."""
+    predicted = logits.argmax(dim=1)
+    stats[0] = (predicted == labels[:, 0]).to(stats.dtype)
+    stats[3] = predicted.to(stats.dtype)
+    if torch.compiler.is_compiling():
+        scaled = logits if temperature == 1.0 else logits / temperature
+        log_probs = torch.log_softmax(scaled, dim=1)
+        probs = log_probs.exp()
+    else:
+        log_probs, probs = (buffer[: logits.shape[0]] for buffer in buffers)
+        if temperature == 1.0:
+            torch.log_softmax(logits, dim=1, out=log_probs)
+        else:
+            torch.div(logits, temperature, out=log_probs)
+            torch.log_softmax(log_probs, dim=1, out=log_probs)
+        torch.exp(log_probs, out=probs)
+    stats[4] = log_probs.gather(1, labels).squeeze(1)
+    # exp(-inf) * -inf is NaN: a class of probability 0 adds 0.
+    log_probs.masked_fill_(probs == 0, 0.0)
+    stats[5] = -_row_dot(probs, log_probs)
 
 
 # ----------------------------------------------------------------------------

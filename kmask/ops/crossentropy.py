@@ -26,6 +26,7 @@ from kmask.ops._rows import (
     log_softmax,
     row_crossentropy,
     row_crossentropy_grad,
+    row_statistics,
     softcap,
     softcap_slope,
 )
@@ -305,6 +306,15 @@ def binary_crossentropy(
     return ops.mean(per_feature, axis=axis)
 
 
+LINEAR_STATS = ("correct", "nll", "z_loss", "predicted", "log_prob", "entropy")
+"""The per-step statistics of `linear_crossentropy(return_stats=True)`, in
+this order: 1 where the arg max of the (capped) logits is the label, the
+label's negative log-likelihood (without label smoothing or z-loss), the
+z-loss term `z_loss * logsumexp(logits) ** 2`, the arg max itself (a float32
+class id, exact below 2 ** 24), and at `temperature` the label's
+log-probability and the entropy of the softmax."""
+
+
 class LinearOptions(NamedTuple):
     """How `linear_crossentropy` computes: every argument after the arrays.
 
@@ -315,6 +325,8 @@ class LinearOptions(NamedTuple):
         softcap: `c` to compute on `c * tanh(logits / c)`, or `None`.
         transpose_kernel: Whether the kernel is `[vocabulary, width]` (an
             embedding matrix), used as it is, never transposed in memory.
+        temperature: The temperature of the statistics `log_prob` and
+            `entropy` (`LINEAR_STATS`); the loss is at temperature 1.
     """
 
     chunk_size: int = 256
@@ -322,6 +334,7 @@ class LinearOptions(NamedTuple):
     z_loss: float = 0.0
     softcap: float | None = None
     transpose_kernel: bool = False
+    temperature: float = 1.0
 
 
 def linear_crossentropy(
@@ -334,7 +347,7 @@ def linear_crossentropy(
     options: LinearOptions,
     sample_weight: Any = None,
     return_stats: bool = False,
-) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | None]:
     """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
 
     The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,
@@ -358,16 +371,15 @@ def linear_crossentropy(
         sample_weight: The weights `reduce` uses, if any: a kernel that
             computes the reduction's gradient in advance must know whether
             they need one of their own.
-        return_stats: Whether to return, per step, whether the argmax of
-            the (capped) logits is the label, and the negative
-            log-likelihood of the label (the cross-entropy without label
-            smoothing or z-loss).
+        return_stats: Whether to return the per-step statistics
+            `LINEAR_STATS`, computed inside the chunks.
 
     Returns:
         `(per_step, value, stats)`: float32 per-step losses of `labels`'
         shape (0 where not `valid`), `reduce(per_step)` (`None` without
-        `reduce`), and `(correct, nll)`, float32 of `labels`' shape (0 where
-        not `valid`; `None` without `return_stats`), which have no gradient.
+        `reduce`), and the statistics `LINEAR_STATS`, a tuple of float32
+        arrays of `labels`' shape (0 where not `valid`; `None` without
+        `return_stats`), which have no gradient.
     """
     steps_shape = ops.shape(labels)
     hidden = ops.cast(hidden, "float32")
@@ -420,7 +432,7 @@ def linear_crossentropy_portable(
     steps_shape: Any,
     options: LinearOptions,
     return_stats: bool = False,
-) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | None]:
     """The chunk loop of `linear_crossentropy` in `keras.ops`, whatever the
     backend, on the flat inputs its PyTorch kernel takes: float32 `hidden`
     `[tokens, width]` (rows that are not `valid` zeroed), float32 `kernel`
@@ -478,15 +490,16 @@ def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
 def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params):
     """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
     bias])`: per-step losses `[chunks, chunk]` and, with `return_stats`,
-    whether each step's argmax is its label and its negative log-likelihood
-    (stacked on the losses as one output, of which only the losses have a
-    gradient); both passes loop over chunks and the backward pass recomputes
-    each chunk's logits. `chunks` is `(all, active)`: the loops run over the
-    first `active` chunks (the others are padding: 0, with a 0 gradient)."""
+    the statistics `LINEAR_STATS` (stacked on the losses as one output, of
+    which only the losses have a gradient); both passes loop over chunks and
+    the backward pass recomputes each chunk's logits. `chunks` is `(all,
+    active)`: the loops run over the first `active` chunks (the others are
+    padding: 0, with a 0 gradient)."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
     chunks, active = chunks
     empty = ops.zeros((chunks, params[0].shape[1]), "float32")
-    buffers = (empty,) * (5 if return_stats else 3)
+    # tops, log sums, losses; then correct, nll, predicted, log_prob, entropy.
+    buffers = (empty,) * (8 if return_stats else 3)
 
     @ops.custom_gradient
     def crossentropy(*params):
@@ -499,10 +512,15 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
             rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
             values = [rows.top, rows.log_sum, rows.per_step]
             if return_stats:
-                predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+                predicted, log_prob, entropy = row_statistics(
+                    logits, chunk_labels, options.temperature
+                )
                 values += [
                     ops.cast(ops.equal(predicted, chunk_labels), "float32"),
                     rows.nll,
+                    ops.cast(predicted, "float32"),
+                    log_prob,
+                    entropy,
                 ]
             return tuple(
                 ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
@@ -510,6 +528,9 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
             )
 
         tops, log_sums, *outputs = ops.fori_loop(0, active, forward_chunk, buffers)
+        if return_stats:
+            z_term = z_loss * ops.square(tops + log_sums)
+            outputs = [*outputs[:3], z_term, *outputs[3:]]
         outputs = [ops.where(valid, found, ops.zeros_like(found)) for found in outputs]
         output = ops.stack(outputs) if return_stats else outputs[0]
 
@@ -567,5 +588,6 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
 
     output = crossentropy(*params)
     if return_stats:
-        return output[0], (output[1], output[2])
+        # Indexed one by one: a traced TensorFlow tensor cannot be iterated.
+        return output[0], tuple(output[row] for row in range(1, len(LINEAR_STATS) + 1))
     return output, None

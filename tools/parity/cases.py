@@ -12,6 +12,7 @@ import numpy as np
 
 from tools.parity.losses import Loss
 from tools.parity.references import (
+    np_class_weight_at,
     np_distillation,
     np_linear,
     np_masked_loss,
@@ -121,11 +122,13 @@ def metric_case(
     source: str,
     dtype: str = "float32",
     perplexity: bool = False,
+    class_weight: Any = None,
 ) -> Case:
     """A metric updated with two batches of different shapes, each padded by
     `source`: its result after each. `per_step(y_true_rows, y_pred_rows)` is
     the reference of the metric's per-step values; `perplexity` takes the
-    exponential of the mean."""
+    exponential of the mean; `class_weight` (given in `spec` too) weighs
+    each step by its target's class weight."""
     name = "/".join(["metric", name] + ([dtype] if dtype != "float32" else []))
     rng = case_rng(name)
     inputs, expected = {}, {}
@@ -138,6 +141,11 @@ def metric_case(
         if padded.weight is not None:
             inputs[f"sample_weight_{batch}"] = padded.weight
         weights = np_step_weight(padded.weight, padded.valid.shape)
+        if class_weight is not None:
+            real = padded.valid & (weights != 0)
+            classes = padded.y_pred.shape[-1]
+            class_steps = np_class_weight_at(class_weight, padded.y_true, real, classes)
+            weights = np.where(real, weights * class_steps, 0.0)
         used = padded.valid & (weights != 0)
         if used.any():
             rows = per_step(padded.y_true[used], np.asarray(padded.y_pred[used], float))
@@ -172,6 +180,10 @@ def head_metric_case(metric: str, stat: str, weighted: bool = False) -> Case:
             "loss": rng.uniform(0.0, 4.0, (size, steps)),
             "nll": rng.uniform(0.0, 4.0, (size, steps)),
             "correct": (rng.random((size, steps)) < 0.4) * 1.0,
+            "z_loss": rng.uniform(0.0, 0.5, (size, steps)),
+            "predicted": rng.integers(0, 9, (size, steps)) * 1.0,
+            "log_prob": rng.uniform(-4.0, 0.0, (size, steps)),
+            "entropy": rng.uniform(0.0, 2.0, (size, steps)),
         }
         stats = np.stack(
             [
@@ -276,7 +288,16 @@ def layer_case(
 FUSED_WIDTH, FUSED_VOCABULARY, FUSED_CHUNK = 6, 9, 5
 # The layer's per-step statistics with `return_stats=True`, as documented
 # (`kmask.fused.HEAD_STATS`), spelled out here so that a change of order fails.
-LAYER_STATS = ("loss", "nll", "correct", "weight")
+LAYER_STATS = (
+    "loss",
+    "nll",
+    "correct",
+    "weight",
+    "z_loss",
+    "predicted",
+    "log_prob",
+    "entropy",
+)
 
 
 def fused_case(
@@ -291,6 +312,8 @@ def fused_case(
     softcap: float | None = None,
     transpose_kernel: bool = False,
     accuracy: bool = False,
+    class_weight: bool = False,
+    temperature: float = 1.0,
 ) -> Case:
     """A case of the `"fused"` runner. `api`: `"crossentropy"`
     (`kmask.sparse_crossentropy_with_logits` with an explicit mask: the
@@ -303,15 +326,22 @@ def fused_case(
     `step_weights` / `sequence_weights` (`sample_weight`), `propagated`
     (`Masking(0.0)` on the hidden states), `all_padding`. The function's
     options: `softcap`, `transpose_kernel` (the kernel given as `[vocabulary,
-    width]`) and `accuracy` (`return_token_accuracy`, compared too; for the
-    layer, `return_stats`: its per-step statistics are compared)."""
+    width]`), `accuracy` (`return_token_accuracy`, compared too; for the
+    layer, `return_stats`: its per-step statistics are compared, at
+    `temperature`) and `class_weight` (a weight per class, one of them 0)."""
     options: dict[str, Any] = {"label_smoothing": label_smoothing, "z_loss": z_loss}
     if softcap is not None:
         options["softcap"] = softcap
+    # The head's own options, beside the reference's.
+    head_options: dict[str, Any] = {}
+    if temperature != 1.0:
+        head_options["temperature"] = temperature
     parts = ["fused", api, source, reduction]
     parts += ["smoothing"] * bool(label_smoothing) + ["z_loss"] * bool(z_loss)
     parts += ["softcap"] * (softcap is not None) + ["tied"] * transpose_kernel
     parts += ["accuracy"] * accuracy
+    parts += ["class_weight"] * class_weight
+    parts += [f"temperature_{temperature}"] * (temperature != 1.0)
     parts += ["no_bias"] * (not use_bias)
     parts += [dtype] if dtype != "float32" else []
     parts += ["jit"] if compiled else []
@@ -343,9 +373,19 @@ def fused_case(
         call["mask_value"] = -100
     if weight is not None:
         arrays["sample_weight"] = weight
+    # Labels of steps that are padding by the mask or the weights; a class
+    # weight of 0 leaves its label as it is.
+    unmasked = valid & (np_step_weight(weight, valid.shape) != 0)
+    if class_weight:
+        vector = np.round(rng.uniform(0.25, 3.0, FUSED_VOCABULARY), 2)
+        vector[rng.integers(FUSED_VOCABULARY)] = 0.0
+        head_options["class_weight"] = vector.tolist()
+        real = valid & (np_step_weight(weight, valid.shape) != 0)
+        class_steps = np_class_weight_at(vector, labels, real, FUSED_VOCABULARY)
+        weight = np.where(real, np_step_weight(weight, valid.shape) * class_steps, 0.0)
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     if call["mask_value"] is None:
-        labels = np.where(used, labels, -1).astype("int32")
+        labels = np.where(unmasked, labels, -1).astype("int32")
     pad = 0.0 if source == "propagated" else NAN
     hidden = np.where(used[..., None], hidden, pad).astype("float32")
     inputs = {"labels": labels, **arrays}
@@ -379,6 +419,7 @@ def fused_case(
             valid,
             weight,
             reduction,
+            temperature=temperature,
             **options,
         )
         names = ["value", "grad_hidden"]
@@ -389,7 +430,12 @@ def fused_case(
         names += ["accuracy"] * (accuracy and api == "function")
         expected = {key: reference[key] for key in names}
         if accuracy and api == "layer":
-            columns = {**reference, "loss": reference["per_step"], "weight": used}
+            step_weight = np.where(used, np_step_weight(weight, used.shape), 0.0)
+            columns = {
+                **reference,
+                "loss": reference["per_step"],
+                "weight": step_weight,
+            }
             expected["stats"] = np.stack(
                 [np.asarray(columns[stat], "float64") for stat in LAYER_STATS], -1
             )
@@ -402,7 +448,7 @@ def fused_case(
         "masking": 0.0 if source == "propagated" else None,
         "reduction": reduction,
         "chunk_size": FUSED_CHUNK,
-        "options": options,
+        "options": {**options, **head_options},
         "transpose_kernel": transpose_kernel,
         "accuracy": accuracy,
         "compiled": compiled,

@@ -25,7 +25,8 @@ class Loss:
     `cls` is a class of `kmask`; `keras_loss` the Keras loss name that
     `MaskedLoss` and `kmask.masked_loss` take (`None`: no Keras twin).
     `reference(y_true_rows, y_pred_rows)` gives the per-step loss and its
-    gradient.
+    gradient; a `class_weight` among `kwargs` is not the reference's: the
+    cases fold it into the step weights (`np_class_step_weight`).
     """
 
     name: str
@@ -35,6 +36,10 @@ class Loss:
     target: str  # "labels", "one_hot", "binary" or "regression"
     prediction: str  # "logits", "probs" or "values"
     reference: Callable
+
+    @property
+    def class_weight(self) -> Any:
+        return self.kwargs.get("class_weight")
 
     def spec(self) -> dict[str, Any]:
         return {"cls": self.cls, "keras_loss": self.keras_loss, "kwargs": self.kwargs}
@@ -74,7 +79,7 @@ def _loss(name: str, cls: str, keras_twin: bool = True, **kwargs: Any) -> Loss:
         kwargs,
         target,
         prediction,
-        partial(reference, **kwargs),
+        partial(reference, **{k: v for k, v in kwargs.items() if k != "class_weight"}),
     )
 
 
@@ -98,6 +103,21 @@ LOSSES = (
         from_logits=True,
         label_smoothing=0.1,
         z_loss=0.05,
+    ),
+    # Class weights: a vector with a zero, and a dict that leaves class 2 out.
+    _loss(
+        "scce_logits_ls_cw",
+        _SCCE,
+        keras_twin=False,
+        from_logits=True,
+        label_smoothing=0.1,
+        class_weight=[0.5, 2.0, 1.0, 0.0, 1.5],
+    ),
+    _loss(
+        "cce_probs_cw",
+        "MaskedCategoricalCrossentropy",
+        keras_twin=False,
+        class_weight={0: 3.0, 1: 0.25, 3: 1.5},
     ),
     _loss("bce_probs", "MaskedBinaryCrossentropy"),
     _loss(

@@ -8,7 +8,10 @@ returns the per-step loss and its gradient with respect to `y_pred`;
 `np_reduce`, `np_token_mean` and `np_masked_loss` reduce per-step values as
 `kmask.reduce` does; `np_linear` is the fused linear cross-entropy; `np_divergence` and
 `np_distillation` the distillation divergences;
-`numpy_sgd` the full-batch SGD of the device cases.
+`numpy_sgd` the full-batch SGD of the device cases. `np_class_step_weight`
+is the per-step class weight (multiplied into the step weights, it gives
+PyTorch's `cross_entropy(weight=)` rule) and `np_class_weight_for` the
+inverse-frequency class weights.
 """
 
 from __future__ import annotations
@@ -162,6 +165,14 @@ def np_masked_loss(loss, y_true, y_pred, valid, weight, reduction):
     """The value and gradient of a masked loss, from the real steps only."""
     as_float = partial(np.asarray, dtype="float64")
     y_pred = as_float(y_pred)
+    class_weight = getattr(loss, "class_weight", None)
+    if class_weight is not None:
+        # Read at the steps that are real and weighted only: the others may
+        # hold NaN targets.
+        weight = np_step_weight(weight, valid.shape)
+        real = valid & (weight != 0)
+        class_steps = np_class_weight_at(class_weight, y_true, real, y_pred.shape[-1])
+        weight = np.where(real, weight * class_steps, 0.0)
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     per_step = np.zeros(valid.shape)
     step_grad = np.zeros(y_pred.shape)
@@ -175,13 +186,31 @@ def np_masked_loss(loss, y_true, y_pred, valid, weight, reduction):
     return value, grad
 
 
+def np_head_statistics(logits, labels, z_loss=0.0, temperature=1.0) -> dict:
+    """Per row of `logits` (`[..., classes]`, float64): the z-loss term
+    `z_loss * logsumexp(logits) ** 2`, the arg max, and at `temperature` the
+    label's log-probability and the entropy of the softmax."""
+    logits = np.asarray(logits, "float64")
+    log_normalizer = (logits - np_log_softmax(logits))[..., 0]
+    log_probs = np_log_softmax(logits / temperature)
+    label_log_prob = np.take_along_axis(log_probs, np.asarray(labels)[..., None], -1)
+    return {
+        "z_loss": z_loss * log_normalizer**2,
+        "predicted": logits.argmax(-1).astype("float64"),
+        "log_prob": label_log_prob[..., 0],
+        "entropy": -(np.exp(log_probs) * log_probs).sum(-1),
+    }
+
+
 def np_linear(
-    hidden, kernel, bias, labels, valid, weight, reduction, softcap=None, **options
-):
+    hidden, kernel, bias, labels, valid, weight, reduction, softcap=None,
+    temperature=1.0, **options,
+):  # fmt: skip
     """The linear cross-entropy's value, its per-step losses (0 on padding),
     the gradients with respect to `hidden`, `kernel` (`[hidden, vocabulary]`)
-    and `bias`, and the token accuracy of the argmax; with `softcap`, all of
-    the logits `softcap * tanh(logits / softcap)`."""
+    and `bias`, the token accuracy of the argmax, and per step (0 on padding)
+    the statistics of `np_head_statistics`; with `softcap`, all of the
+    logits `softcap * tanh(logits / softcap)`."""
     used = valid & (np_step_weight(weight, valid.shape) != 0)
     hidden = np.where(used[..., None], np.asarray(hidden, "float64"), 0.0)
     kernel = np.asarray(kernel, "float64")
@@ -208,7 +237,11 @@ def np_linear(
         log_sum = np.log(np.exp(logits[used] - top).sum(-1)) + top[:, 0]
         label_logit = np.take_along_axis(logits[used], labels[used][:, None], -1)
         nll[used] = log_sum - label_logit[:, 0]
+    statistics = np_head_statistics(
+        logits, np.where(used, labels, 0), options.get("z_loss", 0.0), temperature
+    )
     return {
+        **{name: np.where(used, value, 0.0) for name, value in statistics.items()},
         "nll": nll,
         "correct": correct.astype("float64"),
         "value": value,
@@ -217,6 +250,51 @@ def np_linear(
         "grad_kernel": np.einsum("bth,btv->hv", hidden, d_logits),
         "grad_bias": d_logits.sum((0, 1)),
         "accuracy": accuracy,
+    }
+
+
+def np_class_vector(class_weight, classes: int) -> np.ndarray:
+    """`class_weight` (a dict, where a missing class weighs 1, or a vector)
+    as a float64 `[classes]` vector."""
+    if isinstance(class_weight, dict):
+        vector = np.ones(classes)
+        for class_id, weight in class_weight.items():
+            vector[int(class_id)] = weight
+        return vector
+    return np.asarray(class_weight, "float64")
+
+
+def np_class_step_weight(class_weight, targets, classes: int) -> np.ndarray:
+    """Each step's class weight: `w[label]` for integer labels, `sum_k w_k
+    y_k` for dense targets `[..., classes]` (the label's for one-hot)."""
+    vector = np_class_vector(class_weight, classes)
+    targets = np.asarray(targets)
+    if targets.dtype.kind in "iu":
+        return vector[targets]
+    return np.asarray(targets, "float64") @ vector
+
+
+def np_class_weight_at(class_weight, y_true, valid, classes: int) -> np.ndarray:
+    """`np_class_step_weight` of targets whatever their padding holds: the
+    padded steps read class 0 (their weight is never used)."""
+    y_true = np.asarray(y_true)
+    if y_true.dtype.kind in "iu":
+        return np_class_step_weight(class_weight, np.where(valid, y_true, 0), classes)
+    safe = np.where(valid[..., None], y_true, 0.0)
+    return np_class_step_weight(class_weight, safe, classes)
+
+
+def np_class_weight_for(labels, mask_value=None, power=1.0) -> dict:
+    """`(real tokens / (classes that occur * count_c)) ** power` per class
+    that occurs, the padding (`mask_value`) left out."""
+    labels = np.asarray(labels).ravel()
+    if mask_value is not None:
+        labels = labels[labels != mask_value]
+    classes, counts = np.unique(labels, return_counts=True)
+    total = counts.sum()
+    return {
+        int(c): float((total / (len(classes) * n)) ** power)
+        for c, n in zip(classes, counts, strict=True)
     }
 
 

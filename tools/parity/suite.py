@@ -184,6 +184,33 @@ def _metrics() -> list[Case]:
         perplexity_of_labels("perplexity/labels", "weights", dtype="bfloat16"),
         head_metric_case("HeadAccuracy", "correct"),
         head_metric_case("HeadPerplexity", "nll", weighted=True),
+        head_metric_case("HeadZLoss", "z_loss"),
+        head_metric_case("HeadEntropy", "entropy", weighted=True),
+        metric_case(
+            "sparse_accuracy/class_weight",
+            {
+                "metric": "MaskedSparseCategoricalAccuracy",
+                "kwargs": {
+                    "mask_value": -100,
+                    "class_weight": [2.0, 0.5, 1.0, 0.0, 3.0],
+                },
+            },
+            losses["scce_logits"],
+            lambda t, p: (p.argmax(-1) == t).astype(float),
+            "weights",
+            class_weight=[2.0, 0.5, 1.0, 0.0, 3.0],
+        ),
+        metric_case(
+            "categorical_accuracy/class_weight",
+            {
+                "metric": "MaskedCategoricalAccuracy",
+                "kwargs": {"mask_value": ONE_HOT_PAD, "class_weight": {1: 4.0, 3: 0.5}},
+            },
+            losses["cce_probs"],
+            lambda t, p: (p.argmax(-1) == t.argmax(-1)).astype(float),
+            "pad",
+            class_weight={1: 4.0, 3: 0.5},
+        ),
     ]
 
 
@@ -271,6 +298,26 @@ def _fused() -> list[Case]:
             dtype="bfloat16",
             softcap=0.8,
             transpose_kernel=True,
+        ),
+        fused_case("function", "step_weights", "token_mean", class_weight=True),
+        fused_case(
+            "function",
+            "pad_negative",
+            "sequence_mean",
+            label_smoothing=0.1,
+            class_weight=True,
+            accuracy=True,
+            compiled=True,
+        ),
+        fused_case(
+            "layer",
+            "pad_negative",
+            "token_mean",
+            z_loss=0.05,
+            softcap=0.8,
+            accuracy=True,
+            class_weight=True,
+            temperature=0.7,
         ),
     ]
 
