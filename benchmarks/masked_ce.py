@@ -23,6 +23,13 @@ eager on PyTorch (`torch.autograd.grad`):
   `tf.nn.sparse_softmax_cross_entropy_with_logits` (one-hot: the
   probability-target forms; regression: `mean((x - y) ** 2, -1)`).
 
+The compiled columns compare `kmask` with `native`, both compiled: on
+PyTorch two more variants, `kmask compiled` and `native compiled`, the same
+losses under `torch.compile(dynamic=False)` (autograd through the compiled
+loss, as a compiled train step differentiates it), timed in the same
+interleaved rounds; on JAX and TensorFlow the steps above are compiled
+already (`jax.jit`, `jit_compile=True`), so those columns are theirs.
+
 Sequence lengths are uniform in `[T/4, T]`; labels are 1..V-1 on real steps
 and 0 on padding. The variants run in interleaved rounds (the order rotating),
 and the table reports the median of the rounds after the warm-up and the
@@ -51,6 +58,8 @@ from _common import (
 )
 
 VARIANTS = ("kmask", "keras", "native")
+# PyTorch only: the two variants again under `torch.compile`.
+COMPILED = {"kmask compiled": "kmask", "native compiled": "native"}
 # name: (loss, [batch, time, classes or features])
 FULL_CASES = {
     "sparse_ce/16x256x4096": ("sparse", (16, 256, 4096)),
@@ -170,9 +179,14 @@ def _native(backend: str, loss: str):
     return tf_loss
 
 
-def value_and_grad_step(loss_fn, backend: str):
+def value_and_grad_step(loss_fn, backend: str, torch_compile: bool = False):
     """`step(x, y, valid) -> (loss, d loss / d x)`, compiled as the module
-    docstring says, returning once both are computed."""
+    docstring says, returning once both are computed; with `torch_compile`
+    (PyTorch), the loss compiled by `torch.compile`."""
+    if torch_compile:
+        import torch
+
+        loss_fn = torch.compile(loss_fn, dynamic=False)
     compiled = value_and_grad(loss_fn, jit=True, xla=True)
 
     def step(x, y, valid):
@@ -198,10 +212,14 @@ def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
     for name, (loss, shape) in cases.items():
         arrays = make_inputs(loss, shape)
         inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
+        losses = _losses(loss)
         steps = {
             variant: value_and_grad_step(fn, backend)
-            for variant, fn in _losses(loss).items()
+            for variant, fn in losses.items()
         }
+        if backend == "torch":
+            for variant, eager in COMPILED.items():
+                steps[variant] = value_and_grad_step(losses[eager], backend, True)
         values = {}
         for variant, step in steps.items():
             loss_value, grad = step(*inputs)
@@ -240,7 +258,9 @@ def _rows(reports: dict[str, dict]) -> list[list[str]]:
     rows = []
     for backend, report in reports.items():
         for name, result in report["results"].items():
-            medians = {v: result["timings"][v]["median_ms"] for v in VARIANTS}
+            medians = {v: t["median_ms"] for v, t in result["timings"].items()}
+            # On JAX and TensorFlow the steps are compiled already.
+            compiled = [medians.get(v, medians[e]) for v, e in COMPILED.items()]
             temp = result["jax_temp_bytes"]
             rows.append(
                 [
@@ -249,6 +269,8 @@ def _rows(reports: dict[str, dict]) -> list[list[str]]:
                     *(f"{medians[v]:.1f}" for v in VARIANTS),
                     f"{medians['kmask'] / medians['native']:.2f}",
                     f"{medians['kmask'] / medians['keras']:.2f}",
+                    *(f"{value:.1f}" for value in compiled),
+                    f"{compiled[0] / compiled[1]:.2f}",
                     (
                         f"{temp['kmask'] / 2**20:.1f} / {temp['native'] / 2**20:.1f}"
                         if temp
@@ -299,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "native ms",
         "kmask/native",
         "kmask/Keras",
+        "kmask compiled ms",
+        "native compiled ms",
+        "compiled kmask/native",
         "JAX temp MiB kmask / native",
     ]
     print(markdown_table(headers, _rows(reports)))
