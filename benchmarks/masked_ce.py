@@ -110,7 +110,7 @@ def _losses(loss: str):
         return {
             "kmask": lambda x, y, valid: masked(y, x),
             "keras": lambda x, y, valid: builtin(y, x),
-            "native": _native(backend, loss),
+            "native": native_loss(backend, loss),
         }
     if loss == "one_hot":
         masked = kmask.MaskedCategoricalCrossentropy(from_logits=True)
@@ -121,11 +121,11 @@ def _losses(loss: str):
     return {
         "kmask": lambda x, y, valid: masked(y, x, sample_weight=valid),
         "keras": lambda x, y, valid: builtin(y, x, sample_weight=valid),
-        "native": _native(backend, loss),
+        "native": native_loss(backend, loss),
     }
 
 
-def _native(backend: str, loss: str):
+def native_loss(backend: str, loss: str):
     """The backend's own masked loss: its per-step loss, masked with `where`
     and divided by the number of real steps (torch's sparse cross-entropy
     does both itself, through `ignore_index`)."""
@@ -214,8 +214,7 @@ def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
         inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
         losses = _losses(loss)
         steps = {
-            variant: value_and_grad_step(fn, backend)
-            for variant, fn in losses.items()
+            variant: value_and_grad_step(fn, backend) for variant, fn in losses.items()
         }
         if backend == "torch":
             for variant, eager in COMPILED.items():
