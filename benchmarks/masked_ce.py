@@ -23,6 +23,11 @@ eager on PyTorch (`torch.autograd.grad`):
   `tf.nn.sparse_softmax_cross_entropy_with_logits` (one-hot: the
   probability-target forms; regression: `mean((x - y) ** 2, -1)`).
 
+`floor` is the least a fused forward + backward must do: one elementwise
+pass that reads the predictions and writes a new array of their size,
+`keras.ops.exp(predictions)`, compiled as the steps are (eager on PyTorch),
+timed in the same rounds; `kmask/floor` is kmask's time over it.
+
 The compiled columns compare `kmask` with `native`, both compiled: on
 PyTorch two more variants, `kmask compiled` and `native compiled`, the same
 losses under `torch.compile(dynamic=False)` (autograd through the compiled
@@ -203,11 +208,30 @@ def value_and_grad_step(loss_fn, backend: str, torch_compile: bool = False):
     return step
 
 
+def floor_step(backend: str):
+    """`step(x, y, valid)`: `exp(x)`, a new array the size of `x`, compiled
+    as the losses are, returning once it is computed."""
+    from keras import ops
+
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(ops.exp)
+        return lambda x, y, valid: jax.block_until_ready(compiled(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(ops.exp, jit_compile=True)
+        return lambda x, y, valid: float(compiled(x)[0, 0, 0])  # ready
+    return lambda x, y, valid: ops.exp(x)
+
+
 def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
     import keras
     from keras import ops
 
     backend = keras.backend.backend()
+    floor = floor_step(backend)
     results = {}
     for name, (loss, shape) in cases.items():
         arrays = make_inputs(loss, shape)
@@ -226,8 +250,11 @@ def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
             del loss_value, grad
         timed = interleaved_medians(
             {
-                variant: (lambda s=step, i=inputs: s(*i))
-                for variant, step in steps.items()
+                **{
+                    variant: (lambda s=step, i=inputs: s(*i))
+                    for variant, step in steps.items()
+                },
+                "floor": lambda i=inputs: floor(*i),
             },
             warmup,
             repeats,
@@ -268,6 +295,8 @@ def _rows(reports: dict[str, dict]) -> list[list[str]]:
                     *(f"{medians[v]:.1f}" for v in VARIANTS),
                     f"{medians['kmask'] / medians['native']:.2f}",
                     f"{medians['kmask'] / medians['keras']:.2f}",
+                    f"{medians['floor']:.1f}",
+                    f"{medians['kmask'] / medians['floor']:.2f}",
                     *(f"{value:.1f}" for value in compiled),
                     f"{compiled[0] / compiled[1]:.2f}",
                     (
@@ -320,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "native ms",
         "kmask/native",
         "kmask/Keras",
+        "floor ms",
+        "kmask/floor",
         "kmask compiled ms",
         "native compiled ms",
         "compiled kmask/native",
