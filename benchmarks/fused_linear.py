@@ -46,7 +46,8 @@ the same machine at the same moment: `chunked`, `materialised`, `native`
 `torch`, plus the compiled columns: on PyTorch `chunked`, `materialised` and
 `native` again under `torch.compile(dynamic=False)`; on JAX and TensorFlow
 every step is compiled already (XLA). It reports the medians and each
-variant's time over the `materialised` one's.
+variant's median over the `materialised` one's (the compiled ones over
+`materialised compiled`), and the range of that ratio over the rounds.
 
 `--mesh 2x4` (JAX only) compiles the step on 8 logical CPU devices
 (`--xla_force_host_platform_device_count`), never running it: a
@@ -282,14 +283,22 @@ def _side_by_side_rows(reports: dict[str, dict]) -> list[list[str]]:
         for variant, median in medians.items():
             # Compiled against compiled: on JAX and TensorFlow every step is.
             reference = "materialised" + (COMPILED if COMPILED in variant else "")
-            ranges = report["timings"][variant]["times_ms"]
+            times = report["timings"][variant]["times_ms"]
+            # The same round's times: a ratio of one moment of the machine.
+            ratios = [
+                t / r
+                for t, r in zip(
+                    times, report["timings"][reference]["times_ms"], strict=True
+                )
+            ]
             rows.append(
                 [
                     backend,
                     variant,
                     f"{median:.1f}",
-                    f"{min(ranges):.1f}-{max(ranges):.1f}",
+                    f"{min(times):.1f}-{max(times):.1f}",
                     f"{median / medians[reference]:.2f}",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
                 ]
             )
     return rows
@@ -506,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"warm-up, one process per backend ({machine()}; {versions})\n"
         )
         headers = ["backend", "variant", "ms", "range ms", "/ materialised"]
+        headers += ["per round"]
         print(markdown_table(headers, _side_by_side_rows(reports)))
         write_json(args.json, {"machine": machine(), "argv": sys.argv, **reports})
         return 0
