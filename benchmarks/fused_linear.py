@@ -463,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--vocabulary", type=int, help=f"default {FULL['vocabulary']}")
+    parser.add_argument("--batch", type=int, help=f"sequences (default {FULL['batch']})")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps")
     parser.add_argument(
         "--no-padding", action="store_true", help="every token real (no -100)"
@@ -482,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = dict(QUICK if args.quick else FULL)
     if args.vocabulary:
         shape["vocabulary"] = args.vocabulary
+    if args.batch:
+        shape["batch"] = args.batch
     if args.no_padding:
         shape["padding"] = False
     chunk_size = min(args.chunk_size, 64) if args.quick else args.chunk_size
@@ -497,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     forwarded = ["--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
     forwarded += ["--quick"] if args.quick else []
     forwarded += ["--vocabulary", str(args.vocabulary)] if args.vocabulary else []
+    forwarded += ["--batch", str(args.batch)] if args.batch else []
     forwarded += ["--no-padding"] if args.no_padding else []
     title = _title(shape, chunk_size)
     if mesh_shape:
