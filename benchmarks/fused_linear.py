@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--vocabulary", type=int, help=f"default {FULL['vocabulary']}")
-    parser.add_argument("--batch", type=int, help=f"sequences (default {FULL['batch']})")
+    parser.add_argument("--batch", type=int, help=f"default {FULL['batch']}")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps")
     parser.add_argument(
         "--no-padding", action="store_true", help="every token real (no -100)"
