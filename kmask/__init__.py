@@ -2,6 +2,12 @@
 
 from kmask import distribute
 from kmask.ctc import MaskedCTC, masked_ctc
+from kmask.distillation import (
+    MaskedDistiller,
+    MaskedLogitsDistillation,
+    fused_linear_distillation,
+    masked_distillation,
+)
 from kmask.fused import (
     FusedLinearCrossentropy,
     fused_linear_crossentropy,
@@ -53,7 +59,9 @@ __all__ = [
     "MaskedCTC",
     "MaskedCategoricalAccuracy",
     "MaskedCategoricalCrossentropy",
+    "MaskedDistiller",
     "MaskedHuber",
+    "MaskedLogitsDistillation",
     "MaskedLoss",
     "MaskedMeanAbsoluteError",
     "MaskedMeanMetricWrapper",
@@ -71,9 +79,11 @@ __all__ = [
     "combine_masks",
     "distribute",
     "fused_linear_crossentropy",
+    "fused_linear_distillation",
     "keras_mask",
     "mask_report",
     "masked_ctc",
+    "masked_distillation",
     "masked_loss",
     "masked_reduce",
     "segment_weights",

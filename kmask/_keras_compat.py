@@ -35,6 +35,24 @@ import keras
 
 KERAS_VERSION = keras.__version__
 
+
+class DistillerMissing(keras.Model):
+    """Stands for `keras.distillation.Distiller` on a Keras without it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "kmask.MaskedDistiller needs keras.distillation (Keras 3.12 or "
+            f"newer). Received: Keras {KERAS_VERSION}"
+        )
+
+
+# `keras.distillation` (public since Keras 3.12): the bases of
+# `kmask.MaskedLogitsDistillation` and `kmask.MaskedDistiller`, or stand-ins
+# on an older Keras (the loss still works as a plain object).
+_DISTILLATION = getattr(keras, "distillation", None)
+DISTILLATION_LOSS_BASE: type = getattr(_DISTILLATION, "DistillationLoss", object)
+DISTILLER_BASE: type = getattr(_DISTILLATION, "Distiller", DistillerMissing)
+
 # Where `get_keras_mask` has lived, newest first.
 GET_KERAS_MASK_HOMES = (
     "keras.src.backend.common.masking",

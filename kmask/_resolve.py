@@ -1,15 +1,79 @@
-"""What a loss or metric wraps: a name, a `keras.losses.Loss` or a callable,
-resolved to `(y_true, y_pred) -> per-step values`."""
+"""A wrapper's arguments, resolved once when it is built: what a loss or
+metric wraps (a name, a `keras.losses.Loss` or a callable, resolved to
+`(y_true, y_pred) -> per-step values`) and its pad value."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 
 from kmask.ops.crossentropy import crossentropy, sparse_crossentropy
+
+
+class Wrapped(NamedTuple):
+    """What a loss or metric wraps, resolved once when it is built."""
+
+    fn: Any  # the function, name or instance (a class is instantiated)
+    kwargs: dict  # its keyword arguments (an instantiated class owns them)
+    name: str  # the default name of the wrapper
+    class_axis: int  # the axis of `y_pred` the function reduces
+    per_step: Callable  # `(y_true, y_pred) -> per-step values`, class axis last
+    sparse_labels: bool  # whether it takes integer labels (see `takes_sparse_labels`)
+    target_kind: str | None  # see `target_kind`
+    ignore_class: int | None  # see `ignore_class`
+
+
+def wrapped(
+    fn: Any,
+    fn_kwargs: dict,
+    argument: str = "loss",
+    by_name: Callable[[str], Any] | None = None,
+) -> Wrapped:
+    """Everything a wrapper needs to know about `fn` and its keyword
+    arguments (see `per_step_function` for `argument` and `by_name`). The
+    per-step function takes its class axis last: the pipeline moves it
+    there."""
+    fn, fn_kwargs = instantiate_class(fn, fn_kwargs)
+    return Wrapped(
+        fn,
+        fn_kwargs,
+        default_name(fn),
+        class_axis(fn, fn_kwargs),
+        per_step_function(
+            class_last(fn), class_last_kwargs(fn_kwargs), argument, by_name
+        ),
+        takes_sparse_labels(fn),
+        target_kind(fn),
+        ignore_class(fn, fn_kwargs),
+    )
+
+
+def pad_values(mask_value: Any) -> float | tuple[float, ...]:
+    """`mask_value` as a Python float, or a tuple of floats for a vector.
+
+    Plain Python rather than NumPy: `torch.compile` traces NumPy calls as
+    tensor operations, and a branch on one would break its graph.
+
+    Raises:
+        ValueError: naming `mask_value`, for anything but a number or a
+            vector of numbers (a string, a nested list, a dict...).
+    """
+    values = mask_value.tolist() if hasattr(mask_value, "tolist") else mask_value
+    try:
+        if isinstance(values, str):
+            raise TypeError(values)
+        if isinstance(values, (list, tuple)):
+            return tuple(float(value) for value in values)
+        return float(values)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "Invalid value for argument `mask_value`. Expected a number, "
+            "float('nan') or a vector of numbers (a one-hot pad such as "
+            f"[0, 0, 1]). Received: mask_value={mask_value!r}"
+        ) from None
 
 
 def default_name(fn: Any) -> str:

@@ -1,4 +1,5 @@
-"""The one place that checks shapes, with one wording.
+"""The per-step shapes: the one place that checks them, with one wording,
+and the helpers that squeeze, align and broadcast to them.
 
 Every shape error of kmask is a `ValueError` worded as Keras words them: the
 argument, what was expected, and every shape involved:
@@ -8,11 +9,19 @@ argument, what was expected, and every shape involved:
 
 Unknown dimensions (`None`, under `tf.function` or a symbolic model) match
 anything: what cannot be known while tracing is not checked.
+
+The per-step shape is the predictions' shape without their class axis; a mask
+or a weight is `[batch]` or any leading part of it, and gains trailing axes,
+never leading ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from keras import ops
+
+from kmask.typing import Tensor
 
 
 def invalid_shape(argument: str, expected: str, **shapes: Any) -> ValueError:
@@ -179,10 +188,12 @@ def check_steps(
         raise error
 
 
-def check_frames(y_true: Any, y_pred: Any, mask: Any = None) -> None:
+def check_frames(
+    y_true: Any, y_pred: Any, mask: Any = None, sample_weight: Any = None
+) -> None:
     """A CTC call's shapes: labels `[batch, max_label_length]`, logits
-    `[batch, frames, classes]`, and the frame `mask` `[batch]` or `[batch,
-    frames]`."""
+    `[batch, frames, classes]`, the frame `mask` `[batch]` or `[batch,
+    frames]`, and `sample_weight` `[batch]` (one per sequence)."""
     true_shape, pred_shape = tuple(y_true.shape), tuple(y_pred.shape)
     if len(pred_shape) != 3:
         raise invalid_shape(
@@ -199,6 +210,54 @@ def check_frames(y_true: Any, y_pred: Any, mask: Any = None) -> None:
         error = fits_steps_error("mask", tuple(mask.shape), pred_shape[:2], pred_shape)
         if error is not None:
             raise error
+    if sample_weight is not None:
+        error = fits_steps_error(
+            "sample_weight", tuple(sample_weight.shape), pred_shape[:1], pred_shape
+        )
+        if error is not None:
+            raise error
+
+
+def check_sequence_ranks(logits: Any, targets: Any, weights: Any) -> None:
+    """`kmask.sequence_loss`'s shapes: TF Addons' rank rules, in kmask's
+    wording."""
+    if len(logits.shape) != 3:
+        raise invalid_shape(
+            "logits", "[batch_size, sequence_length, num_classes]", logits=logits.shape
+        )
+    if len(targets.shape) not in (2, 3):
+        raise invalid_shape(
+            "targets",
+            "[batch_size, sequence_length] labels or [batch_size, "
+            "sequence_length, num_classes] one-hot targets",
+            targets=targets.shape,
+            logits=logits.shape,
+        )
+    if len(weights.shape) != 2:
+        raise invalid_shape(
+            "weights",
+            "[batch_size, sequence_length]",
+            weights=weights.shape,
+            logits=logits.shape,
+        )
+
+
+def check_stats(stats: Any, names: tuple, sample_weight: Any = None) -> None:
+    """Per-step statistics a layer computed (the head's `return_stats=True`
+    output): a last axis of `len(names)`, and `sample_weight` `[batch]` or a
+    leading part of the per-step shape."""
+    shape = tuple(stats.shape)
+    if not shape or not same_dim(shape[-1], len(names)):
+        raise ValueError(
+            "Invalid value for argument `y_pred`. Expected the per-step "
+            f"statistics {names} of a kmask.FusedLinearCrossentropy built with "
+            f"`return_stats=True`, a last axis of {len(names)}. Received: "
+            f"y_pred.shape={shape}"
+        )
+    if sample_weight is not None:
+        check_fits_steps(
+            "sample_weight", tuple(sample_weight.shape), shape[:-1], y_pred=shape
+        )
 
 
 def check_same_shape(targets: Any, predictions: Any) -> None:
@@ -212,6 +271,40 @@ def check_same_shape(targets: Any, predictions: Any) -> None:
         )
 
 
+def check_linear_head(
+    hidden: Any, kernel: Any, bias: Any, transpose_kernel: bool, prefix: str = ""
+) -> Any:
+    """A linear head's shapes: `kernel` `[hidden_size, vocabulary]` (or
+    `[vocabulary, hidden_size]` with `transpose_kernel`) with `hidden`'s last
+    axis as its hidden size, and `bias` `[vocabulary]`. The arguments are
+    named with `prefix` (`"student_"`, ...).
+
+    Returns:
+        The vocabulary (an int, or `None` when unknown).
+    """
+    hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
+    width_axis = 1 if transpose_kernel else 0
+    if len(kernel_shape) != 2 or not same_dim(
+        hidden_shape[-1], kernel_shape[width_axis]
+    ):
+        expected = "[hidden_size, vocabulary]"
+        if transpose_kernel:
+            expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
+        raise invalid_shape(
+            f"{prefix}kernel",
+            f"{expected} with hidden_size the last axis of `{prefix}hidden`",
+            **{f"{prefix}kernel": kernel_shape, f"{prefix}hidden": hidden_shape},
+        )
+    vocabulary = kernel_shape[1 - width_axis]
+    if bias is not None and not same_shape(tuple(bias.shape), (vocabulary,)):
+        raise invalid_shape(
+            f"{prefix}bias",
+            f"[vocabulary] = ({vocabulary},)",
+            **{f"{prefix}bias": tuple(bias.shape), f"{prefix}kernel": kernel_shape},
+        )
+    return vocabulary
+
+
 def check_linear(
     hidden: Any,
     kernel: Any,
@@ -223,35 +316,14 @@ def check_linear(
 ) -> None:
     """The shapes of `fused_linear_crossentropy`'s arguments: the linear
     head's, then `mask` and `sample_weight` against the labels' steps."""
-    hidden_shape, kernel_shape = tuple(hidden.shape), tuple(kernel.shape)
-    labels_shape = tuple(labels.shape)
-    width_axis = 1 if transpose_kernel else 0
-    if len(kernel_shape) != 2 or not same_dim(
-        hidden_shape[-1], kernel_shape[width_axis]
-    ):
-        expected = "[hidden_size, vocabulary]"
-        if transpose_kernel:
-            expected = "[vocabulary, hidden_size] (transpose_kernel=True)"
-        raise invalid_shape(
-            "kernel",
-            f"{expected} with hidden_size the last axis of `hidden`",
-            kernel=kernel_shape,
-            hidden=hidden_shape,
-        )
+    hidden_shape, labels_shape = tuple(hidden.shape), tuple(labels.shape)
+    check_linear_head(hidden, kernel, bias, transpose_kernel)
     if not same_shape(labels_shape, hidden_shape[:-1]):
         raise invalid_shape(
             "labels",
             "the shape of `hidden` without its last axis",
             labels=labels_shape,
             hidden=hidden_shape,
-        )
-    vocabulary = kernel_shape[1 - width_axis : 2 - width_axis]
-    if bias is not None and not same_shape(tuple(bias.shape), vocabulary):
-        raise invalid_shape(
-            "bias",
-            f"[vocabulary] = {vocabulary}",
-            bias=bias.shape,
-            kernel=kernel_shape,
         )
     for argument, tensor in (("mask", mask), ("sample_weight", sample_weight)):
         if tensor is None:
@@ -266,3 +338,141 @@ def check_linear(
                 **{argument: shape},
                 labels=labels_shape,
             )
+
+
+def check_distillation(teacher: Any, student: Any, labels: Any = None) -> None:
+    """A distillation call's shapes: teacher and student logits alike,
+    `[batch, ..., classes]`, and `labels` `[batch]` or a leading part of
+    their per-step shape."""
+    teacher_shape, student_shape = tuple(teacher.shape), tuple(student.shape)
+    if len(student_shape) < 2:
+        raise invalid_shape(
+            "student_logits",
+            "[batch, ..., classes]",
+            student_logits=student_shape,
+            teacher_logits=teacher_shape,
+        )
+    if not same_shape(teacher_shape, student_shape):
+        raise invalid_shape(
+            "teacher_logits",
+            "the shape of `student_logits`",
+            teacher_logits=teacher_shape,
+            student_logits=student_shape,
+        )
+    if labels is not None:
+        check_fits_steps(
+            "labels",
+            tuple(labels.shape),
+            step_shape(student),
+            student_logits=student_shape,
+        )
+
+
+def check_linear_distillation(
+    student: tuple[Any, Any, Any],
+    teacher: tuple[Any, Any, Any],
+    transpose_kernel: bool,
+    **per_step: Any,
+) -> None:
+    """The shapes of `fused_linear_distillation`'s arguments: each model's
+    `(hidden, kernel, bias)` a linear head (as `check_linear`), the same
+    vocabulary and steps for both, then `per_step` (`labels`, `mask`,
+    `sample_weight`: a tensor or `None`) against the steps."""
+    vocabularies = [
+        check_linear_head(hidden, kernel, bias, transpose_kernel, f"{who}_")
+        for who, (hidden, kernel, bias) in (("student", student), ("teacher", teacher))
+    ]
+    student_shape, teacher_shape = tuple(student[0].shape), tuple(teacher[0].shape)
+    if not same_dim(*vocabularies):
+        raise invalid_shape(
+            "teacher_kernel",
+            "the student's vocabulary",
+            teacher_kernel=tuple(teacher[1].shape),
+            student_kernel=tuple(student[1].shape),
+        )
+    steps = student_shape[:-1]
+    if not same_shape(teacher_shape[:-1], steps):
+        raise invalid_shape(
+            "teacher_hidden",
+            f"the steps of `student_hidden` {steps} and a hidden size",
+            teacher_hidden=teacher_shape,
+            student_hidden=student_shape,
+        )
+    for argument, tensor in per_step.items():
+        if tensor is not None:
+            check_fits_steps(
+                argument, tuple(tensor.shape), steps, student_hidden=student_shape
+            )
+
+
+def accumulation_dtype(dtype: Any) -> str:
+    """float32 for half precision and integers, else the dtype itself."""
+    # str() of a TensorFlow dtype is "<dtype: 'float64'>", of torch's "torch.float64".
+    return "float64" if "float64" in str(dtype) else "float32"
+
+
+def align_rank(mask: Any, rank: int):
+    """Appends trailing axes to `mask` until it has `rank` dimensions."""
+    while len(mask.shape) < rank:
+        mask = ops.expand_dims(mask, -1)
+    return mask
+
+
+def squeeze_trailing(tensor: Any, rank: int) -> Tensor:
+    """Drops trailing axes of size 1 beyond `rank` (Keras's `[batch, time, 1]`
+    weights)."""
+    while len(tensor.shape) > rank and tensor.shape[-1] == 1:
+        tensor = ops.squeeze(tensor, axis=-1)
+    return tensor
+
+
+def broadcast_to_steps(mask: Any, steps: tuple) -> Tensor:
+    """`mask` (`[batch]` or a leading part of `steps`) broadcast to `steps`."""
+    mask = ops.convert_to_tensor(mask)
+    return ops.broadcast_to(align_rank(mask, len(steps)), steps)
+
+
+def step_weights(steps: tuple, valid: Any = None, sample_weight: Any = None) -> Tensor:
+    """float32 weights of `steps`: 1 where `valid` (0 elsewhere), times
+    `sample_weight` (`[batch]` or a leading part of `steps`, trailing axes of
+    size 1 dropped)."""
+    weight = ops.ones(steps, "float32")
+    if valid is not None:
+        weight = ops.cast(broadcast_to_steps(valid, steps), "float32")
+    if sample_weight is not None:
+        sample_weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+        sample_weight = squeeze_trailing(sample_weight, len(steps))
+        weight = weight * broadcast_to_steps(sample_weight, steps)
+    return weight
+
+
+def where_valid(valid: Any, values: Any):
+    """`values` (per-step, or with a trailing class axis) with the steps that
+    are not `valid` selected to 0; `values` itself when `valid` is `None`."""
+    if valid is None:
+        return values
+    if len(values.shape) > len(valid.shape):
+        valid = ops.expand_dims(valid, -1)
+    return ops.where(valid, values, ops.zeros_like(values))
+
+
+def last_size(tensor: Any):
+    """The size of the last axis: an int where it is static, else a tensor of
+    `tensor`'s dtype (a `None` dimension under `tf.function`)."""
+    size = tensor.shape[-1]
+    if size is None:
+        size = ops.cast(ops.shape(tensor)[-1], tensor.dtype)
+    return size
+
+
+def dense_inputs(targets: Any, predictions: Any, valid: Any):
+    """`(targets, predictions, valid)` as tensors: both values in float32 (or
+    float64), `valid` boolean (or `None`); raises unless the shapes match."""
+    predictions = ops.convert_to_tensor(predictions)
+    dtype = accumulation_dtype(predictions.dtype)
+    predictions = ops.cast(predictions, dtype)
+    targets = ops.cast(ops.convert_to_tensor(targets), dtype)
+    check_same_shape(targets, predictions)
+    if valid is not None:
+        valid = ops.cast(ops.convert_to_tensor(valid), "bool")
+    return targets, predictions, valid

@@ -16,7 +16,7 @@ under JAX), called only on inputs made safe first:
   without labels, then set to inf (`zero_infinity=False`, as PyTorch does)
   or to 0 with a zero gradient (`zero_infinity=True`).
 
-The per-sequence losses are reduced by `kmask.masked_reduce` over the
+The per-sequence losses are reduced by `kmask.reduce` over the
 sequences with at least one real frame: `"token_mean"` is
 `sum(loss_i) / sum(label_length_i)` (the denominator global across replicas),
 `"sequence_mean"` the mean over sequences, `"sum"`, `"sum_over_batch_size"`
@@ -32,7 +32,7 @@ from keras import ops
 
 from kmask import _pipeline
 from kmask.ops._dispatch import backend_kernel
-from kmask.reduce import masked_reduce, standardize_reduction
+from kmask.reduce import reduce_steps, standardize_reduction
 from kmask.typing import Tensor
 
 __all__ = ["MaskedCTC", "masked_ctc"]
@@ -80,7 +80,12 @@ def masked_ctc(
     """
     reduction = standardize_reduction(reduction)
     frames = _pipeline.prepare_frames(
-        y_true, y_pred, mask=mask, mask_value=mask_value, blank_index=blank_index
+        y_true,
+        y_pred,
+        mask=mask,
+        mask_value=mask_value,
+        blank_index=blank_index,
+        sample_weight=sample_weight,
     )
     labels, y_pred, real_frames = frames.labels, frames.logits, frames.real_frames
     frame_lengths, label_lengths = frames.frame_lengths, frames.label_lengths
@@ -106,11 +111,11 @@ def masked_ctc(
         per_sequence,
         ops.cast(infeasible_loss, per_sequence.dtype),
     )
-    return masked_reduce(
+    return reduce_steps(
         per_sequence,
         has_frames,
         reduction,
-        sample_weight,
+        frames.sample_weight,
         token_counts=label_lengths,
     )
 
@@ -184,14 +189,19 @@ class MaskedCTC(keras.losses.Loss):
         """An overridden `call()`'s `[batch]` losses, reduced over the
         sequences with real frames, a sequence's tokens its real labels."""
         frames = _pipeline.prepare_frames(
-            y_true, y_pred, mask_value=self.mask_value, blank_index=self.blank_index
+            y_true,
+            y_pred,
+            mask_value=self.mask_value,
+            blank_index=self.blank_index,
+            sample_weight=sample_weight,
         )
-        per_sequence = ops.where(frames.has_frames, self.call(y_true, y_pred), 0.0)
-        return masked_reduce(
+        per_sequence = ops.cast(self.call(y_true, y_pred), frames.logits.dtype)
+        per_sequence = ops.where(frames.has_frames, per_sequence, 0.0)
+        return reduce_steps(
             per_sequence,
             frames.has_frames,
             self.reduction,
-            sample_weight,
+            frames.sample_weight,
             token_counts=frames.label_lengths,
         )
 

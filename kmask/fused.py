@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _labels, _pipeline, _shapes, _steps
+from kmask import _pipeline, _shapes
 from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
@@ -465,13 +465,13 @@ def _head(
     )
     value = reduce(per_step) if value is None else value
     if reduction == "none":
-        value = _labels.poison(value, out_of_range)
+        value = _pipeline.poison(value, out_of_range)
     else:
         value = ops.where(ops.any(out_of_range), float("nan"), value)
     if stats is not None:
-        weight = _steps.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
-        stats = tuple(_labels.poison(stat, out_of_range) for stat in (*stats, weight))
-    return _labels.poison(per_step, out_of_range), value, stats
+        weight = _shapes.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
+        stats = tuple(_pipeline.poison(stat, out_of_range) for stat in (*stats, weight))
+    return _pipeline.poison(per_step, out_of_range), value, stats
 
 
 def _pad_mask(mask_value):

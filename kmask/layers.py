@@ -14,8 +14,8 @@ import keras
 from keras import ops
 
 from kmask import _shapes
-from kmask._resolve import plain
-from kmask.masks import PADDINGS, keras_mask, pad_array, sequence_mask, value_mask
+from kmask._resolve import pad_values, plain
+from kmask.masks import PADDINGS, keras_mask, sequence_mask, value_mask
 from kmask.typing import Tensor
 
 
@@ -192,7 +192,7 @@ class ValueMask(keras.layers.Layer):
     def __init__(self, mask_value: Any = 0.0, **kwargs: Any) -> None:
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        pad_array(mask_value)
+        pad_values(mask_value)
         self.mask_value = mask_value
         self.supports_masking = True
 

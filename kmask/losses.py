@@ -16,14 +16,16 @@ same op).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from kmask import _pipeline, _resolve
-from kmask.masks import pad_array, target_padding
+from kmask.masks import target_padding
 from kmask.ops import (
     binary_crossentropy,
     categorical_crossentropy_with_logits,
@@ -87,24 +89,23 @@ class MaskedLoss(keras.losses.Loss):
         **loss_kwargs: Any,
     ) -> None:
         reduction = standardize_reduction(reduction)
-        if mask_value is not None:
-            pad_array(mask_value)
-        loss, loss_kwargs = _resolve.instantiate_class(loss, loss_kwargs)
-        super().__init__(
-            name=name or _resolve.default_name(loss), reduction=None, dtype=dtype
-        )
+        # Checked and made plain Python once, here.
+        self._pads = None if mask_value is None else _resolve.pad_values(mask_value)
+        wrapped = _resolve.wrapped(loss, loss_kwargs)
+        super().__init__(name=name or wrapped.name, reduction=None, dtype=dtype)
         self.reduction = reduction
-        self.loss, self.loss_kwargs = loss, loss_kwargs
+        self.loss, self.loss_kwargs = wrapped.fn, wrapped.kwargs
         self.mask_value = mask_value
         self.dtype_arg = dtype
-        self._class_axis = _resolve.class_axis(self.loss, self.loss_kwargs)
-        # The pipeline moves the class axis last before `call()` sees it.
-        self._per_step = _resolve.per_step_function(
-            _resolve.class_last(self.loss), _resolve.class_last_kwargs(self.loss_kwargs)
+        self._class_axis = wrapped.class_axis
+        self._per_step = wrapped.per_step
+        self._sparse_labels = wrapped.sparse_labels
+        self._target_kind = wrapped.target_kind
+        self._ignore_class = wrapped.ignore_class
+        # The padding the targets mark: `target_mask`, unless overridden.
+        self._padding = functools.partial(
+            target_padding, pads=(self._pads,), ignore_class=self._ignore_class
         )
-        self._sparse_labels = _resolve.takes_sparse_labels(self.loss)
-        self._target_kind = _resolve.target_kind(self.loss)
-        self._ignore_class = _resolve.ignore_class(self.loss, self.loss_kwargs)
 
     def __call__(
         self,
@@ -130,12 +131,16 @@ class MaskedLoss(keras.losses.Loss):
             reduction = self.reduction
         else:
             reduction = standardize_reduction(reduction)
+        masked_op = self._masked_op(y_true, y_pred)
+        target_mask = self._padding_with(mask_value)
         with keras.name_scope(self.name):
-            steps = _pipeline.prepare(
+            steps = _pipeline.per_step_values(
                 y_true,
                 y_pred,
+                self.call,
+                masked_op,
                 dtype=self.dtype,
-                target_mask=self._padding_with(mask_value),
+                target_mask=target_mask,
                 target_dtype=self._target_dtype,
                 class_axis=self._class_axis,
                 mask=mask,
@@ -144,11 +149,8 @@ class MaskedLoss(keras.losses.Loss):
                 sparse_labels=self._sparse_labels,
                 target_kind=self._target_kind,
             )
-            per_step = _pipeline.per_step_values(
-                steps, self.call, self._masked_op(steps.y_true, steps.y_pred)
-            )
             result = reduce_steps(
-                per_step,
+                steps.values,
                 steps.masked,
                 reduction,
                 steps.sample_weight,
@@ -182,17 +184,23 @@ class MaskedLoss(keras.losses.Loss):
         returns a mask of the per-step shape. Override it to add a source of
         padding (docs/development.md).
         """
-        return target_padding(y_true, (self.mask_value,), self._ignore_class)
+        return self._padding(y_true)
 
     def _padding_with(self, mask_value: Any) -> Callable[[Tensor], Tensor | None]:
         """`target_mask`, and the padding a further `mask_value` marks."""
-        if mask_value is None:
+        if mask_value is not None:
+            return functools.partial(
+                target_padding,
+                pads=(self._pads, _resolve.pad_values(mask_value)),
+                ignore_class=self._ignore_class,
+            )
+        if type(self).target_mask is not MaskedLoss.target_mask:
             return self.target_mask
-        pads = (self.mask_value, mask_value)
-        return lambda y_true: target_padding(y_true, pads, self._ignore_class)
+        return self._padding
 
     def _fused_op(self, y_true, y_pred) -> _pipeline.MaskedCall | None:
-        """The op computing `call()` that takes the mask itself, or `None`."""
+        """The op computing `call()` that takes the mask itself, or `None`;
+        `y_true` and `y_pred` as given, or with the class axis last."""
         del y_true, y_pred
         return None
 
@@ -295,16 +303,12 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         """From logits with the class axis last and targets of the logits'
         shape, `kmask.ops.categorical_crossentropy_with_logits`."""
         kwargs = self.loss_kwargs
-        if not kwargs["from_logits"] or not _is_class_axis_last(y_true, y_pred, -1):
+        if not kwargs["from_logits"] or not _same_steps(y_true, y_pred):
             return None
-        smoothing = kwargs["label_smoothing"]
-
-        def fused(y_true, y_pred, valid):
-            return categorical_crossentropy_with_logits(
-                y_true, y_pred, valid, smoothing
-            )
-
-        return fused
+        return functools.partial(
+            categorical_crossentropy_with_logits,
+            label_smoothing=kwargs["label_smoothing"],
+        )
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -387,11 +391,9 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         takes the mask itself."""
         kwargs = dict(self.loss_kwargs, axis=-1)
         del kwargs["ignore_class"]
-
-        def fused(y_true, y_pred, valid):
-            return sparse_crossentropy(y_true, y_pred, valid, **kwargs)
-
-        return fused if kwargs["from_logits"] else None
+        if not kwargs["from_logits"]:
+            return None
+        return functools.partial(sparse_crossentropy, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -453,7 +455,7 @@ class MaskedMeanSquaredError(_NamedMaskedLoss):
 
     def _fused_op(self, y_true, y_pred):
         """With targets of the predictions' shape, `kmask.ops.mean_squared_error`."""
-        if not _is_class_axis_last(y_true, y_pred, -1):
+        if not _same_steps(y_true, y_pred):
             return None
         return mean_squared_error
 
@@ -581,12 +583,12 @@ def masked_loss(
     )
 
 
-def _is_class_axis_last(y_true, y_pred, axis: int) -> bool:
+def _same_steps(y_true, y_pred) -> bool:
     """Whether a dense loss can take the fused path: `y_true` of `y_pred`'s
-    shape (no broadcasting), rank 2 or more, reduced over the last axis."""
-    rank = len(y_pred.shape)
-    return (
-        rank >= 2
-        and axis in (-1, rank - 1)
-        and tuple(y_true.shape) == tuple(y_pred.shape)
-    )
+    shape (no broadcasting), rank 2 or more. Asked of the inputs as given:
+    moving the class axis of both keeps them equal."""
+    try:
+        shape = tuple(np.shape(y_pred))
+        return len(shape) >= 2 and tuple(np.shape(y_true)) == shape
+    except ValueError:  # ragged nested lists: the pipeline says what is wrong
+        return False

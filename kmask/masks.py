@@ -1,7 +1,17 @@
-"""Where masks come from: lengths, pad values, segments, the propagated mask.
+"""Where masks come from: lengths, pad values, segments, the propagated mask,
+and the real steps whose label is out of range.
 
 A mask here is a boolean tensor that is `True` on real steps and `False` on
 padding. Masks stay boolean until `kmask.reduce` casts them.
+
+A sparse label outside `[0, classes)` at a real step is an error. Where the
+labels have a value (eager execution), kmask raises a `ValueError` naming the
+label, its position and the number of classes. Inside a traced or compiled
+function (`jax.jit`, `tf.function`, XLA, `torch.compile`) nothing can be
+raised, so the label is replaced by 0 before any gather (no backend error, no
+read out of bounds) and the step's value becomes NaN (`kmask._pipeline.poison`):
+the loss or metric is NaN, never a finite wrong number. Labels at padded steps
+may hold anything.
 """
 
 from __future__ import annotations
@@ -12,8 +22,10 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from kmask import _labels, _shapes, _steps
+from kmask import _shapes
 from kmask._keras_compat import get_keras_mask
+from kmask._resolve import pad_values
+from kmask.ops._dispatch import concrete
 from kmask.typing import Tensor
 
 __all__ = [
@@ -65,23 +77,23 @@ def sequence_mask(
             "Invalid value for argument `maxlen`. Expected a non-negative "
             f"integer or None. Received: maxlen={maxlen!r}"
         )
-    concrete = _labels.concrete(lengths)
-    if concrete is not None:
-        if concrete.ndim != 1:
-            raise _shapes.invalid_shape("lengths", "[batch]", lengths=concrete.shape)
-        if concrete.dtype.kind not in "iu":
+    given = concrete(lengths)
+    if given is not None:
+        if given.ndim != 1:
+            raise _shapes.invalid_shape("lengths", "[batch]", lengths=given.shape)
+        if given.dtype.kind not in "iu":
             raise ValueError(
                 "Invalid value for argument `lengths`. Expected integers "
                 f"(the number of real steps of each sequence). Received: "
-                f"lengths={concrete.tolist()} of dtype {concrete.dtype}"
+                f"lengths={given.tolist()} of dtype {given.dtype}"
             )
         if maxlen is None:
-            maxlen = int(concrete.max()) if concrete.size else 0
-        out_of_range = (concrete < 0) | (concrete > maxlen)
+            maxlen = int(given.max()) if given.size else 0
+        out_of_range = (given < 0) | (given > maxlen)
         if np.any(out_of_range):
             raise ValueError(
                 f"Invalid value for argument `lengths`: every length must be in "
-                f"[0, maxlen={maxlen}]. Received: lengths={concrete.tolist()}"
+                f"[0, maxlen={maxlen}]. Received: lengths={given.tolist()}"
             )
     elif "int" not in str(lengths.dtype):
         raise ValueError(
@@ -129,8 +141,12 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
     array([[False,  True],
            [ True, False]])
     """
-    y = ops.convert_to_tensor(y)
-    pad = pad_values(mask_value)
+    return _not_pad(ops.convert_to_tensor(y), pad_values(mask_value))
+
+
+def _not_pad(y, pad: float | tuple[float, ...]):
+    """`value_mask` of a tensor `y`, `pad` as `kmask._resolve.pad_values`
+    returns it."""
     has_feature_axis = isinstance(pad, tuple) or len(y.shape) >= 3
     if isinstance(pad, tuple) and y.shape[-1] not in (None, len(pad)):
         raise ValueError(
@@ -146,12 +162,13 @@ def value_mask(y: Any, mask_value: Any) -> Tensor:
 
 
 def target_padding(
-    y: Any, mask_values: tuple = (), ignore_class: int | None = None
+    y: Any, pads: tuple = (), ignore_class: int | None = None
 ) -> Tensor | None:
-    """The real steps the targets `y` mark: not any of `mask_values` (see
-    `value_mask`; `None`s are skipped) and not `ignore_class`; `None` when
-    there is neither."""
-    masks = [value_mask(y, pad) for pad in mask_values if pad is not None]
+    """The real steps the targets `y` (a tensor) mark: not any of `pads` (pad
+    values as `kmask._resolve.pad_values` returns them, see `value_mask`;
+    `None`s are skipped) and not `ignore_class`; `None` when there is
+    neither."""
+    masks = [_not_pad(y, pad) for pad in pads if pad is not None]
     return combine_masks(*masks, ignore_class_mask(y, ignore_class))
 
 
@@ -164,41 +181,13 @@ def ignore_class_mask(y: Any, ignore_class: int | None) -> Tensor | None:
     return ops.not_equal(y, ops.cast(ignore_class, y.dtype))
 
 
-def pad_values(mask_value: Any) -> float | tuple[float, ...]:
-    """`mask_value` as a Python float, or a tuple of floats for a vector.
-
-    Plain Python rather than NumPy: `torch.compile` traces NumPy calls as
-    tensor operations, and a branch on one would break its graph.
-
-    Raises:
-        ValueError: naming `mask_value`, for anything but a number or a
-            vector of numbers (a string, a nested list, a dict...).
-    """
-    values = mask_value.tolist() if hasattr(mask_value, "tolist") else mask_value
-    try:
-        if isinstance(values, str):
-            raise TypeError(values)
-        if isinstance(values, (list, tuple)):
-            return tuple(float(value) for value in values)
-        return float(values)
-    except (TypeError, ValueError):
-        raise ValueError(
-            "Invalid value for argument `mask_value`. Expected a number, "
-            "float('nan') or a vector of numbers (a one-hot pad such as "
-            f"[0, 0, 1]). Received: mask_value={mask_value!r}"
-        ) from None
-
-
-def pad_array(mask_value: Any) -> np.ndarray:
-    """`mask_value` as a float64 NumPy scalar or vector (see `pad_values`)."""
-    return np.asarray(pad_values(mask_value), dtype="float64")
-
-
-def combine_masks(*masks: Any) -> Tensor | None:
+def combine_masks(*masks: Any, shape: Any = None) -> Tensor | None:
     """ANDs the masks that are not `None`; `None` when all are.
 
     Masks of rank `[batch]` combine with per-step masks by broadcasting over
-    the trailing axes.
+    the trailing axes; with `shape` (the per-step shape) the result is
+    broadcast to it (a mask of its rank has it already: masks are `[batch]`
+    or a leading part of the per-step shape).
     """
     present = [ops.cast(mask, "bool") for mask in masks if mask is not None]
     if not present:
@@ -207,9 +196,93 @@ def combine_masks(*masks: Any) -> Tensor | None:
     for mask in present[1:]:
         rank = max(len(combined.shape), len(mask.shape))
         combined = ops.logical_and(
-            _steps.align_rank(combined, rank), _steps.align_rank(mask, rank)
+            _shapes.align_rank(combined, rank), _shapes.align_rank(mask, rank)
         )
+    if shape is not None and len(combined.shape) < len(shape):
+        combined = _shapes.broadcast_to_steps(combined, shape)
     return combined
+
+
+def targets_padding(
+    target_mask: Any, y_true: Any, sparse: bool, dense: bool
+) -> Tensor | None:
+    """The padding `target_mask` (`y_true -> mask or None`) finds in `y_true`.
+
+    `value_mask` guesses from the rank whether the last axis holds features
+    (rank 3 or more) or labels; the caller knows. Sparse labels get a unit
+    feature axis, so that a pad value is compared label by label whatever
+    their rank; `dense` targets (of the predictions' rank) of rank 1 or 2 get
+    leading unit axes, so that their last axis is read as features. The mask
+    loses the added axes again.
+    """
+    if sparse:
+        padding = target_mask(ops.expand_dims(y_true, -1))
+        while padding is not None and len(padding.shape) > len(y_true.shape):
+            padding = ops.squeeze(padding, axis=-1)
+        return padding
+    if not dense:
+        return target_mask(y_true)
+    added = max(3 - len(y_true.shape), 0)
+    for _ in range(added):
+        y_true = ops.expand_dims(y_true, 0)
+    padding = target_mask(y_true)
+    for _ in range(added if padding is not None else 0):
+        padding = ops.squeeze(padding, axis=0)
+    return padding
+
+
+def labels_out_of_range(
+    labels: Any, classes: Any, valid: Any, argument: str = "y_true"
+) -> tuple[Tensor, Tensor]:
+    """The real steps whose label is outside `[0, classes)`, and the labels
+    with 0 there (so that no gather reads out of range).
+
+    Args:
+        labels: Integer labels.
+        classes: The number of classes, an int or a scalar tensor.
+        valid: `None`, or the real steps (`[batch]` or a leading part of
+            `labels`' shape).
+        argument: The labels' argument, named by the error.
+
+    Returns:
+        `(safe_labels, out_of_range)`: `labels` with 0 at the steps out of
+        range, and a boolean tensor of `labels`' shape marking them.
+
+    Raises:
+        ValueError: in eager execution, when there is such a step.
+    """
+    classes = ops.cast(classes, labels.dtype)
+    bad = ops.logical_or(
+        ops.less(labels, ops.zeros_like(labels)), ops.greater_equal(labels, classes)
+    )
+    if valid is not None:
+        if len(valid.shape) < len(labels.shape):
+            valid = _shapes.align_rank(valid, len(labels.shape))
+        bad = ops.logical_and(bad, ops.cast(valid, "bool"))
+    found = concrete(ops.any(bad))
+    if found is not None and bool(found):
+        _raise_out_of_range(
+            concrete(bad), concrete(labels), concrete(classes), argument
+        )
+    return ops.where(bad, ops.zeros_like(labels), labels), bad
+
+
+def _raise_out_of_range(bad, labels, classes, argument: str) -> None:
+    positions = np.argwhere(np.broadcast_to(bad, labels.shape))
+    first = tuple(int(i) for i in positions[0])
+    value = labels[first].item()
+    position = f"{argument}[{', '.join(str(i) for i in first)}]" if first else argument
+    hint = ""
+    if value < 0:
+        hint = (
+            f". If {value} marks padding, pass mask_value={value} to the loss or metric"
+        )
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected labels in "
+        f"[0, {int(classes)}) ({int(classes)} classes) at every real step (a "
+        f"padded step may hold any label). Received: {position}={value}, "
+        f"{len(positions)} label(s) out of range at real steps{hint}"
+    )
 
 
 def keras_mask(y_pred: Any) -> Tensor | None:
@@ -229,13 +302,13 @@ def post_padded_lengths(mask: Any, argument: str = "mask") -> Tensor:
     and a real step follows a padded one; inside a compiled function the
     order cannot be checked and the real steps are counted.
     """
-    concrete = _labels.concrete(mask)
-    if concrete is not None:
-        if concrete.ndim != 2:
+    values = concrete(mask)
+    if values is not None:
+        if values.ndim != 2:
             raise _shapes.invalid_shape(
-                argument, "[batch, time]", **{argument: concrete.shape}
+                argument, "[batch, time]", **{argument: values.shape}
             )
-        real = concrete.astype(bool)
+        real = values.astype(bool)
         after_padding = real[:, 1:] & ~real[:, :-1]
         if np.any(after_padding):
             rows = np.flatnonzero(after_padding.any(axis=1))

@@ -2,7 +2,7 @@
 
 Each metric keeps two float32 variables, the sum of its per-step values over
 the real steps and the number of real steps (weighted by `sample_weight`),
-both from `kmask.reduce.masked_sum_and_count`. Its result is their quotient,
+both from `kmask.reduce.sum_and_count`. Its result is their quotient,
 so two batches with 16 and 1 real tokens give the mean over 17 tokens, not the
 mean of two batch means. The steps come from the pipeline every kmask loss
 runs: the mask Keras propagated onto `y_pred`, AND the
@@ -21,11 +21,11 @@ import keras
 from keras import ops
 
 from kmask import _pipeline, _resolve
-from kmask._steps import broadcast_to_steps, squeeze_trailing, step_weights
+from kmask._shapes import squeeze_trailing
 from kmask.fused import HEAD_STATS
-from kmask.masks import combine_masks, ignore_class_mask, pad_array, value_mask
+from kmask.masks import combine_masks, target_padding
 from kmask.ops import crossentropy
-from kmask.reduce import divide_or_zero, masked_sum_and_count
+from kmask.reduce import divide_or_zero, masked_sum_and_count, sum_and_count
 from kmask.typing import Tensor, TensorLike
 
 
@@ -108,34 +108,24 @@ class MaskedMeanMetricWrapper(_TokenMean):
         dtype: Any = None,
         **fn_kwargs: Any,
     ) -> None:
-        fn, fn_kwargs = _resolve.instantiate_class(fn, fn_kwargs)
-        super().__init__(name=name or _resolve.default_name(fn), dtype=dtype)
-        self.fn, self.fn_kwargs = fn, fn_kwargs
-        if mask_value is not None:
-            pad_array(mask_value)
+        wrapped = _resolve.wrapped(fn, fn_kwargs, "fn", _metric_by_name)
+        super().__init__(name=name or wrapped.name, dtype=dtype)
+        self.fn, self.fn_kwargs = wrapped.fn, wrapped.kwargs
+        self._pads = None if mask_value is None else _resolve.pad_values(mask_value)
         self.mask_value = mask_value
-        # The pipeline moves the class axis last before `fn` sees it.
-        self._per_step = _resolve.per_step_function(
-            _resolve.class_last(self.fn),
-            _resolve.class_last_kwargs(self.fn_kwargs),
-            argument="fn",
-            by_name=_metric_by_name,
-        )
-        self._class_axis = _resolve.class_axis(self.fn, self.fn_kwargs)
-        self._sparse_labels = _resolve.takes_sparse_labels(self.fn)
-        self._target_kind = _resolve.target_kind(self.fn)
+        self._per_step = wrapped.per_step
+        self._class_axis = wrapped.class_axis
+        self._sparse_labels = wrapped.sparse_labels
+        self._target_kind = wrapped.target_kind
+        self._ignore_class = wrapped.ignore_class
 
     def target_mask(self, y_true: Tensor) -> Tensor | None:
         """The padding found in `y_true` (`mask_value`, an `ignore_class`,
         and a wrapped kmask loss's own), or `None`."""
-        masks = [
-            ignore_class_mask(y_true, _resolve.ignore_class(self.fn, self.fn_kwargs))
-        ]
-        if self.mask_value is not None:
-            masks.append(value_mask(y_true, self.mask_value))
+        padding = target_padding(y_true, (self._pads,), self._ignore_class)
         if hasattr(self.fn, "target_mask"):
-            masks.append(self.fn.target_mask(y_true))
-        return combine_masks(*masks)
+            padding = combine_masks(padding, self.fn.target_mask(y_true))
+        return padding
 
     def update_state(
         self,
@@ -152,18 +142,19 @@ class MaskedMeanMetricWrapper(_TokenMean):
             sample_weight: Optional weights, `[batch]` or `[batch, time]`; a
                 weight of 0 marks padding.
         """
-        steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
-        self._add(*masked_sum_and_count(per_step, steps.valid, sample_weight))
+        steps = self._through_pipeline(y_true, y_pred, sample_weight)
+        self._add(*sum_and_count(steps.values, steps.valid, steps.sample_weight))
 
     def _through_pipeline(
         self, y_true: Any, y_pred: Any, sample_weight: Any
-    ) -> tuple[_pipeline.Steps, Tensor]:
-        """One batch through the masking pipeline: its `Steps` and the
-        per-step values of `fn`, padding neutralised (the class axis is last
-        by then)."""
-        steps = _pipeline.prepare(
+    ) -> _pipeline.Steps:
+        """One batch through the masking pipeline: its `Steps`, with the
+        per-step values of `fn` (padding neutralised, the class axis last by
+        then)."""
+        return _pipeline.per_step_values(
             y_true,
             y_pred,
+            self._per_step,
             dtype=self.dtype,
             target_mask=self.target_mask,
             class_axis=self._class_axis,
@@ -172,7 +163,6 @@ class MaskedMeanMetricWrapper(_TokenMean):
             target_kind=self._target_kind,
             family="metric",
         )
-        return steps, _pipeline.per_step_values(steps, self._per_step)
 
     def get_config(self) -> dict[str, Any]:
         fields = {"mask_value": self.mask_value, "name": self.name}
@@ -316,12 +306,11 @@ class MaskedSequenceAccuracy(_NamedMaskedMetric):
             sample_weight: Optional weights: `[batch]` weights the rows,
                 `[batch, time]` marks padding where it is 0.
         """
-        steps, per_step = self._through_pipeline(y_true, y_pred, sample_weight)
+        steps = self._through_pipeline(y_true, y_pred, sample_weight)
+        per_step = steps.values
         step_axes = tuple(range(1, len(per_step.shape)))
         right = ops.equal(per_step, ops.ones_like(per_step))
-        real = ops.ones_like(right)
-        if steps.valid is not None:
-            real = broadcast_to_steps(steps.valid, tuple(ops.shape(per_step)))
+        real = ops.ones_like(right) if steps.valid is None else steps.valid
         row_right = ops.all(
             ops.logical_or(right, ops.logical_not(real)), axis=step_axes
         )
@@ -398,22 +387,12 @@ class _HeadMetric(_TokenMean):
         `y_pred` is the head's `[..., 4]` statistics; `sample_weight`
         multiplies the head's step weights."""
         del y_true
-        stats = ops.convert_to_tensor(y_pred)
-        if not stats.shape or stats.shape[-1] != len(HEAD_STATS):
-            raise ValueError(
-                "Invalid value for argument `y_pred`. Expected the per-step "
-                f"statistics {HEAD_STATS} of a kmask.FusedLinearCrossentropy "
-                "built with `return_stats=True`, a last axis of "
-                f"{len(HEAD_STATS)}. Received: y_pred.shape={tuple(stats.shape)}"
-            )
-        stats = ops.cast(stats, "float32")
-        weight = stats[..., HEAD_STATS.index("weight")]
-        if sample_weight is not None:
-            steps = tuple(ops.shape(weight))
-            weight = weight * step_weights(steps, None, sample_weight)
-        # A weight of 0 marks padding: such a step adds nothing, even NaN.
-        values = stats[..., HEAD_STATS.index(self._stat)]
-        self._add(*masked_sum_and_count(values, None, weight))
+        steps = _pipeline.prepare_stats(
+            y_pred, names=HEAD_STATS, sample_weight=sample_weight
+        )
+        # A padded step adds nothing, even NaN.
+        values = steps.y_pred[..., HEAD_STATS.index(self._stat)]
+        self._add(*sum_and_count(values, steps.valid, steps.sample_weight))
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype}

@@ -42,19 +42,21 @@ is then the gradient of the window's token mean.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 from keras import ops
 
-from kmask import _shapes, _steps
+from kmask import _shapes
 from kmask.distribute import global_denominator
 from kmask.masks import segment_step_counts
 from kmask.typing import Tensor
 
 
-class _Sums(NamedTuple):
+@dataclasses.dataclass
+class _Sums:
     """What a reduction is made of, per value: `l*w*m` (`weighted`), `w*m`
     (`step_weight`), the mask alone (`real`: 1 on real steps, `None` without
     a mask), and the `axis` to sum over (`None`: every axis)."""
@@ -65,6 +67,15 @@ class _Sums(NamedTuple):
     axis: Any
     segment_ids: Any
     token_counts: Any
+    _sequence_steps: Any = dataclasses.field(default=None, init=False)
+
+    def sequence_steps(self) -> Any:
+        """At every value, the real values of its sequence (computed once,
+        for the numerator and the denominator; not `functools.cached_property`,
+        whose lock `torch.compile` cannot trace)."""
+        if self._sequence_steps is None:
+            self._sequence_steps = _sequence_steps(self.step_weight, self.segment_ids)
+        return self._sequence_steps
 
 
 class Reduction(NamedTuple):
@@ -96,7 +107,7 @@ def _real_steps(sums: _Sums):
 
 
 def _per_sequence(sums: _Sums, values):
-    real_steps = _sequence_steps(sums.step_weight, sums.segment_ids)
+    real_steps = sums.sequence_steps()
     return ops.sum(values * divide_or_zero(ops.ones_like(real_steps), real_steps))
 
 
@@ -182,6 +193,7 @@ def masked_reduce(
     """
     reduction = standardize_reduction(reduction)
     values = ops.convert_to_tensor(values)
+    result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
     if segment_ids is not None:
         segment_ids = _segment_ids(segment_ids, values)
     fit = {"mask": mask, "sample_weight": sample_weight, "token_counts": token_counts}
@@ -189,7 +201,9 @@ def masked_reduce(
         name: None if tensor is None else _fit_to_values(tensor, values, name)
         for name, tensor in fit.items()
     }
-    return reduce_steps(values, reduction=reduction, segment_ids=segment_ids, **fit)
+    values = ops.cast(values, _shapes.accumulation_dtype(values.dtype))
+    result = reduce_steps(values, reduction=reduction, segment_ids=segment_ids, **fit)
+    return ops.cast(result, result_dtype)
 
 
 def reduce_steps(
@@ -202,22 +216,23 @@ def reduce_steps(
     axis: int | None = None,
 ) -> Tensor:
     """`masked_reduce` for the pipeline, which checked every shape already:
+    `values` are float32 or float64 (the pipeline computes in them);
     `reduction` is a kmask name; `mask`, `sample_weight` and `token_counts`
     are `[batch]` or a leading part of `values`' shape, and `segment_ids`
     `[batch, time]`.
     `axis` keeps the other axes (TF Addons' per-axis means)."""
-    result_dtype = values.dtype if "float" in str(values.dtype) else "float32"
     rank = len(values.shape)
-    if mask is not None:
-        mask = _steps.align_rank(mask, rank)
-    if sample_weight is not None:
-        sample_weight = _steps.align_rank(sample_weight, rank)
-    if token_counts is not None:
-        token_counts = _steps.align_rank(token_counts, rank)
-    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
+    # The pipeline's masks have the per-step shape already: aligned here only
+    # when they are `[batch]` or a leading part of it.
+    if mask is not None and len(mask.shape) < rank:
+        mask = _shapes.align_rank(mask, rank)
+    if sample_weight is not None and len(sample_weight.shape) < rank:
+        sample_weight = _shapes.align_rank(sample_weight, rank)
+    if token_counts is not None and len(token_counts.shape) < rank:
+        token_counts = _shapes.align_rank(token_counts, rank)
     if segment_ids is not None:
         in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
-        in_segment = _steps.align_rank(in_segment, rank)
+        in_segment = _shapes.align_rank(in_segment, rank)
         mask = in_segment if mask is None else ops.logical_and(mask, in_segment)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
     real = None
@@ -230,13 +245,12 @@ def reduce_steps(
     entry = REGISTRY[reduction]
     result = entry.numerator(sums)
     if entry.denominator is not None:
-        denominator = entry.denominator(sums)
-        if axis is None:
-            # Along an axis each value is one replica's own (its sequences or
-            # steps): only a whole-batch denominator is summed across them.
-            denominator = global_denominator(denominator)
-        result = divide_or_zero(result, denominator)
-    return ops.cast(result, result_dtype)
+        # Along an axis each value is one replica's own (its sequences or
+        # steps): only a whole-batch denominator is summed across them.
+        result = divide_or_zero(
+            result, entry.denominator(sums), across_replicas=axis is None
+        )
+    return result
 
 
 def is_linear(reduction: str) -> bool:
@@ -260,14 +274,37 @@ def masked_sum_and_count(
         mask = _fit_to_values(mask, values, "mask")
     if sample_weight is not None:
         sample_weight = _fit_to_values(sample_weight, values, "sample_weight")
-    values = ops.cast(values, _steps.accumulation_dtype(values.dtype))
+    values = ops.cast(values, _shapes.accumulation_dtype(values.dtype))
+    return sum_and_count(values, mask, sample_weight)
+
+
+def sum_and_count(
+    values: Any, mask: Any = None, sample_weight: Any = None
+) -> tuple[Tensor, Tensor]:
+    """`masked_sum_and_count` for the pipeline, which checked every shape:
+    float32 (or float64) `values`, `mask` and `sample_weight` `[batch]` or a
+    leading part of their shape. The two sums are the registry's
+    `"token_mean"` numerator and (this replica's) denominator, the same
+    two functions."""
+    rank = len(values.shape)
+    if mask is not None and len(mask.shape) < rank:
+        mask = _shapes.align_rank(mask, rank)
+    if sample_weight is not None and len(sample_weight.shape) < rank:
+        sample_weight = _shapes.align_rank(sample_weight, rank)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
-    return ops.sum(weighted), ops.sum(step_weight)
+    sums = _Sums(weighted, step_weight, None, None, None, None)
+    return _weighted_sum(sums), _token_weight(sums)
 
 
-def divide_or_zero(numerator: Any, denominator: Any) -> Tensor:
+def divide_or_zero(
+    numerator: Any, denominator: Any, across_replicas: bool = False
+) -> Tensor:
     """`numerator / denominator`, exactly 0 (with a finite gradient) where the
-    denominator is 0."""
+    denominator is 0. `across_replicas`: the denominator is this replica's
+    share of a count, divided by as `kmask.distribute.global_denominator`
+    says."""
+    if across_replicas:
+        denominator = global_denominator(denominator)
     nonzero = ops.not_equal(denominator, 0)
     safe_denominator = ops.where(nonzero, denominator, ops.ones_like(denominator))
     return ops.where(nonzero, numerator / safe_denominator, ops.zeros_like(numerator))
@@ -387,7 +424,7 @@ def _sequence_steps(step_weight, segment_ids):
         return ops.sum(real, axis=tuple(range(1, rank)), keepdims=True)
     per_step = real if rank == 2 else ops.sum(real, axis=tuple(range(2, rank)))
     counts = segment_step_counts(segment_ids, per_step)
-    return _steps.align_rank(counts, rank)
+    return _shapes.align_rank(counts, rank)
 
 
 def _segment_ids(segment_ids: Any, values):
@@ -409,6 +446,6 @@ def _fit_to_values(tensor: Any, values, name: str):
     """Checks that `tensor` is `[batch]` or a leading part of `values.shape`
     (trailing axes of size 1 allowed) and appends axes to match its rank."""
     target = tuple(values.shape)
-    tensor = _steps.squeeze_trailing(ops.convert_to_tensor(tensor), len(target))
+    tensor = _shapes.squeeze_trailing(ops.convert_to_tensor(tensor), len(target))
     _shapes.check_fits_steps(name, tuple(tensor.shape), target, values=target)
-    return _steps.align_rank(tensor, len(target))
+    return _shapes.align_rank(tensor, len(target))

@@ -34,7 +34,7 @@ import keras
 from keras import ops
 
 from kmask._pipeline import fill_padding
-from kmask._shapes import invalid_shape
+from kmask._shapes import check_sequence_ranks
 from kmask.losses import (
     MaskedCategoricalCrossentropy,
     MaskedLoss,
@@ -145,12 +145,7 @@ def _sequence_loss(
     logits, targets, weights, propagated, flags, softmax_loss_function, name
 ):
     """`sequence_loss` on tensors, `flags` TFA's four in their order."""
-    if weights is None:
-        weights = ops.ones(ops.shape(logits)[:2], "float32")
-    _check_ranks(logits, targets, weights)
-    weights = ops.cast(weights, "float32")
-    if propagated is not None:
-        weights = ops.where(propagated, weights, ops.zeros_like(weights))
+    weights = _checked_weights(logits, targets, weights, propagated)
     with keras.name_scope(name or "sequence_loss"):
         # Unweighted, padding (a zero weight) neutralised: the weights are
         # the reduction's.
@@ -256,17 +251,14 @@ class SequenceLoss(keras.losses.Loss):
         losses: padding (a zero weight, the mask Keras propagated onto
         `y_pred`) is selected away before the weights apply."""
         propagated = keras_mask(y_pred)
-        y_pred = ops.convert_to_tensor(y_pred)
-        if sample_weight is None:
-            weights = ops.ones(ops.shape(y_pred)[:2], "float32")
-        else:
-            weights = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-        if propagated is not None:
-            weights = ops.where(propagated, weights, ops.zeros_like(weights))
+        y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
+        if sample_weight is not None:
+            sample_weight = ops.convert_to_tensor(sample_weight)
+        weights = _checked_weights(y_pred, y_true, sample_weight, propagated)
         real = ops.not_equal(weights, 0)
         # The pipeline's fill: whatever a padded step holds reaches neither
         # the loss nor its gradient.
-        y_true, y_pred = fill_padding(ops.convert_to_tensor(y_true), y_pred, real)
+        y_true, y_pred = fill_padding(y_true, y_pred, real)
         per_step = ops.cast(self.call(y_true, y_pred), "float32")
         per_step = ops.where(real, per_step, 0.0)
         flags = (
@@ -303,27 +295,17 @@ class SequenceLoss(keras.losses.Loss):
         return cls(**config)
 
 
-def _check_ranks(logits, targets, weights) -> None:
-    """TFA's rank rules, in kmask's wording."""
-    if len(logits.shape) != 3:
-        raise invalid_shape(
-            "logits", "[batch_size, sequence_length, num_classes]", logits=logits.shape
-        )
-    if len(targets.shape) not in (2, 3):
-        raise invalid_shape(
-            "targets",
-            "[batch_size, sequence_length] labels or [batch_size, "
-            "sequence_length, num_classes] one-hot targets",
-            targets=targets.shape,
-            logits=logits.shape,
-        )
-    if len(weights.shape) != 2:
-        raise invalid_shape(
-            "weights",
-            "[batch_size, sequence_length]",
-            weights=weights.shape,
-            logits=logits.shape,
-        )
+def _checked_weights(logits, targets, weights, propagated):
+    """TFA's `weights` as float32 `[batch, time]` (all ones when `None`), 0
+    where the mask Keras propagated onto the logits pads; the ranks of all
+    three checked first."""
+    if weights is None:
+        weights = ops.ones(ops.shape(logits)[:2], "float32")
+    check_sequence_ranks(logits, targets, weights)
+    weights = ops.cast(weights, "float32")
+    if propagated is None:
+        return weights
+    return ops.where(propagated, weights, ops.zeros_like(weights))
 
 
 def _per_step_loss(targets, softmax_loss_function) -> MaskedLoss:

@@ -62,8 +62,13 @@ def _t(array):
 BINARY = (DENSE > 0).astype("float32")
 KERNEL_T = KERNEL.T.copy()
 NAN_PADDED = np.where(VALID[..., None], DENSE, np.nan).astype("float32")
+_TEACHER = np.random.default_rng(1)
+TEACHER = _TEACHER.normal(size=(B, T, C)).astype("float32")
+TEACHER_HIDDEN = _TEACHER.normal(size=(B, T, 6)).astype("float32")
+TEACHER_KERNEL = _TEACHER.normal(size=(6, C)).astype("float32")
 for _array in (LABELS, ONE_HOT, DENSE, KERNEL, KERNEL_T, CTC_LABELS, WEIGHTS, VALID,
-               BINARY, NAN_PADDED):  # fmt: skip
+               BINARY, NAN_PADDED, TEACHER, TEACHER_HIDDEN,
+               TEACHER_KERNEL):  # fmt: skip
     _TENSORS[id(_array)] = torch.tensor(_array)
 
 FORMS = {
@@ -128,6 +133,19 @@ FORMS = {
         mask_value=0,
         chunk_size=4,
         transpose_kernel=True,
+        softcap=3.0,
+    ),
+    "masked_distillation": lambda x: kmask.masked_distillation(
+        _t(TEACHER), x, _t(VALID), divergence="jsd", temperature=2.0
+    ),
+    "fused_linear_distillation": lambda x: kmask.fused_linear_distillation(
+        x[..., :H],
+        _t(KERNEL),
+        _t(TEACHER_HIDDEN),
+        _t(TEACHER_KERNEL),
+        labels=_t(LABELS),
+        mask_value=0,
+        chunk_size=4,
         softcap=3.0,
     ),
     "masked_ctc": lambda x: kmask.masked_ctc(_t(CTC_LABELS), x, _t(VALID)),

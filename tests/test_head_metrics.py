@@ -116,9 +116,30 @@ def test_head_metrics_reject_other_outputs_and_round_trip():
         kmask.HeadAccuracy().update_state(None, np.zeros((2, 7), "float32"))
     with pytest.raises(ValueError, match=r"`y_pred`.*\(2, 7, 11\)"):
         kmask.HeadPerplexity().update_state(None, np.zeros((2, 7, 11), "float32"))
+    stats = np.zeros((2, 7, len(HEAD_STATS)), "float32")
+    with pytest.raises(ValueError, match=r"`sample_weight`.*\(3,\).*\(2, 7, 4\)"):
+        kmask.HeadAccuracy().update_state(None, stats, sample_weight=np.ones(3))
     metric = kmask.HeadPerplexity(name="ppl")
     restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
     assert type(restored) is kmask.HeadPerplexity and restored.name == "ppl"
+
+
+def test_head_metrics_read_the_mask_keras_propagated_onto_the_statistics():
+    """The statistics come through the pipeline: a step the propagated mask
+    pads adds nothing, whatever its weight column and values hold."""
+    rng = np.random.default_rng(3)
+    stats = np.zeros((2, 5, len(HEAD_STATS)), "float32")
+    stats[..., 1] = rng.uniform(0.1, 3.0, (2, 5))
+    stats[..., 3] = 1.0
+    propagated = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    stats[..., 1] = np.where(propagated, stats[..., 1], np.nan)
+    source = keras.layers.Masking()(
+        ops.convert_to_tensor(propagated[..., None].astype("float32"))
+    )
+    masked = kmask.AttachMask()([ops.convert_to_tensor(stats), source])
+    metric = kmask.HeadPerplexity()
+    metric.update_state(None, masked)
+    _close(metric.result(), np.exp(stats[..., 1][propagated].astype("float64").mean()))
 
 
 def _model(**kwargs):

@@ -170,3 +170,18 @@ def test_run_through_graph_is_intercepted_on_the_instance_only():
     seen.clear()
     model(np.ones((1, 3, 2), "float32"))
     assert seen == []
+
+
+def test_keras_distillation_is_found():
+    # Public since Keras 3.12, the oldest Keras kmask supports.
+    assert compat.DISTILLATION_LOSS_BASE is keras.distillation.DistillationLoss, _moved(
+        "keras.distillation.DistillationLoss"
+    )
+    assert compat.DISTILLER_BASE is keras.distillation.Distiller, _moved(
+        "keras.distillation.Distiller"
+    )
+
+
+def test_the_distiller_stand_in_says_what_is_missing():
+    with pytest.raises(ValueError, match=r"keras\.distillation"):
+        compat.DistillerMissing()

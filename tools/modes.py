@@ -36,6 +36,7 @@ from tools.modes_tasks import (
     categorical_loss,
     categorical_metric,
     ctc_loss,
+    distiller_task,
     head_task,
     mask_layer_task,
     np_accuracy,
@@ -134,6 +135,7 @@ REGISTRY = (
     Entry("LengthMask", lambda: mask_layer_task("LengthMask")),
     Entry("ValueMask", lambda: mask_layer_task("ValueMask")),
     Entry("FusedLinearCrossentropy", lambda: head_task(None)),
+    Entry("MaskedDistiller", distiller_task),
 )
 # Public Keras objects of kmask.__all__ that the matrix leaves out, and why.
 EXCLUDED: dict[str, str] = {}

@@ -20,6 +20,7 @@ import numpy as np
 from tools.parity.references import (
     np_binary,
     np_categorical,
+    np_distillation,
     np_linear,
     np_sparse_categorical,
     np_sparse_ce,
@@ -439,3 +440,59 @@ def head_task(stats: str | None) -> Task:
 def _numpy(variable) -> np.ndarray:
     keras = _keras()
     return np.asarray(keras.ops.convert_to_numpy(variable), "float64")
+
+
+def distiller_task() -> Task:
+    """`kmask.MaskedDistiller` with `kmask.MaskedLogitsDistillation`: a
+    token teacher and a smaller student, both masking the pad token 0
+    (`mask_zero`: the mask Keras propagates onto the student's logits), the
+    labels padded with `PAD` (`mask_value`, read from `y`); the whole loss is
+    the distillation (`student_loss_weight=0`), checked against the NumPy
+    masked KL of the two models' outputs."""
+    import kmask
+
+    keras = _keras()
+    drawn = _rng(7).integers(1, VOCABULARY, (SAMPLES, TIME))
+    # The tokens mark the first half of the padding, the labels the rest.
+    short = np.arange(TIME)[None, :] < (LENGTHS + (TIME - LENGTHS) // 2)[:, None]
+    tokens = np.where(short, drawn, 0).astype("int32")
+    y = labels(VOCABULARY)
+
+    def language_model(width: int, name: str):
+        token_input = keras.Input((TIME,), dtype="int32")
+        embedding = keras.layers.Embedding(
+            VOCABULARY, width, keras.initializers.RandomNormal(stddev=1.0),
+            mask_zero=True, name="embedding",
+        )  # fmt: skip
+        # Logits of order 1, so the KL is not a rounding error of float32.
+        dense = keras.layers.Dense(
+            VOCABULARY, kernel_initializer=keras.initializers.RandomNormal(stddev=1.0),
+            name="dense",
+        )  # fmt: skip
+        logits = dense(embedding(token_input))
+        return keras.Model(token_input, logits, name=name)
+
+    teacher = language_model(HIDDEN, "teacher")
+    distiller = kmask.MaskedDistiller(
+        teacher=teacher,
+        student=language_model(HIDDEN // 2, "student"),
+        distillation_losses=kmask.MaskedLogitsDistillation(
+            temperature=2.0, mask_value=PAD
+        ),
+        student_loss_weight=0.0,
+    )
+
+    def expected(model):
+        teacher_logits = predict(model.teacher, tokens)
+        student_logits = predict(model.student, tokens)
+
+        def per_batch(teacher_logits, student_logits, y):
+            value, _ = np_distillation(
+                teacher_logits, student_logits, y != PAD, temperature=2.0
+            )
+            return value
+
+        loss = batch_mean(per_batch, teacher_logits, student_logits, y)
+        return (tokens, y, None), {"loss": loss}
+
+    return Task(distiller, {"loss": "mse"}, (tokens, y, None), expected)

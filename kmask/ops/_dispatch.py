@@ -10,8 +10,11 @@ runs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import keras
+import numpy as np
+from keras import ops
 
 
 class _Kernels(dict):
@@ -47,16 +50,31 @@ def compiling() -> bool:
     """Whether `torch.compile` is tracing the current call.
 
     A traced tensor has no value, so nothing can be checked against it. JAX
-    and TensorFlow refuse to convert one to NumPy, which
-    `kmask._labels.concrete` catches; PyTorch's compiler instead breaks its
-    graph there (and on a GPU every such break is a host synchronisation), so
-    the kernels and the eager checks ask here first.
+    and TensorFlow refuse to convert one to NumPy, which `concrete` catches;
+    PyTorch's compiler instead breaks its graph there (and on a GPU every
+    such break is a host synchronisation), so the kernels and the eager
+    checks ask here first.
     """
     if keras.backend.backend() != "torch":
         return False
     import torch
 
     return torch.compiler.is_compiling()
+
+
+def concrete(value: Any) -> np.ndarray | None:
+    """`value` as a NumPy array when it is concrete, `None` when symbolic.
+
+    Inside a compiled function (tf.function, jax.jit, torch.compile) tensors
+    have no value yet; JAX and TensorFlow refuse the conversion, each with its
+    own exception type, and PyTorch's compiler is asked before trying.
+    """
+    if isinstance(value, keras.KerasTensor) or compiling():
+        return None
+    try:
+        return np.asarray(ops.convert_to_numpy(value))
+    except (TypeError, ValueError, NotImplementedError, RuntimeError, AttributeError):
+        return None
 
 
 def keeps_exponentials() -> bool:

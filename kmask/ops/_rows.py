@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
-from kmask._steps import where_valid
+from kmask._shapes import where_valid
 
 
 class Rows(NamedTuple):

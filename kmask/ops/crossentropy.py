@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
-from kmask._steps import broadcast_to_steps, dense_inputs, where_valid
+from kmask._shapes import broadcast_to_steps, dense_inputs, where_valid
 from kmask.ops._dispatch import KERNELS, keeps_exponentials
 from kmask.ops._rows import (
     Rows,
@@ -96,7 +96,10 @@ def sparse_crossentropy_portable(
                 logits, rows, labels, upstream, valid, label_smoothing, z_loss
             )
 
-        return where_valid(valid, rows.per_step), grad
+        # `where_valid`, written out (the forward pass's one `where`).
+        if valid is None:
+            return rows.per_step, grad
+        return ops.where(valid, rows.per_step, ops.zeros_like(rows.per_step)), grad
 
     return crossentropy(logits)
 
@@ -151,7 +154,7 @@ def categorical_crossentropy_portable(
     targets: Any, logits: Any, valid: Any, label_smoothing: float
 ) -> Tensor:
     """`categorical_crossentropy_with_logits` in `keras.ops`, whatever the
-    backend, on the outputs of `kmask._steps.dense_inputs`."""
+    backend, on the outputs of `kmask._shapes.dense_inputs`."""
     keep_exponentials = keeps_exponentials()
 
     @ops.custom_gradient

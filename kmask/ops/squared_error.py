@@ -8,7 +8,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask._steps import dense_inputs, last_size, where_valid
+from kmask._shapes import dense_inputs, last_size, where_valid
 from kmask.ops._dispatch import KERNELS
 from kmask.typing import Tensor
 

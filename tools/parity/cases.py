@@ -12,6 +12,7 @@ import numpy as np
 
 from tools.parity.losses import Loss
 from tools.parity.references import (
+    np_distillation,
     np_linear,
     np_masked_loss,
     np_sequence_mask,
@@ -408,3 +409,83 @@ def fused_case(
         "half": half if dtype != "float32" else [],
     }
     return Case(name, "fused", spec, inputs, expected, dtype)
+
+
+DISTILLATION_CLASSES = 7
+
+
+def distillation_case(
+    source: str,
+    reduction: str = "token_mean",
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 2.0,
+    compiled: bool = False,
+    fused: bool = False,
+) -> Case:
+    """`kmask.masked_distillation` on teacher and student logits padded by
+    `source` (NaN in both at padded steps): `explicit_mask` (`mask=`),
+    `pad_negative` (labels -100, `mask_value`), `step_weights`
+    (`sample_weight`), `propagated` (`kmask.LengthMask` on the student's
+    logits) or `all_padding`; the value and its gradient with respect to
+    the student's logits. With `fused`, `kmask.fused_linear_distillation`
+    of two linear heads (widths 4 and 6, chunks of 3 tokens) and the
+    gradient with respect to the student's hidden states."""
+    parts = ["fused_distillation" if fused else "distillation", divergence]
+    parts += [source, reduction, f"T{temperature:g}"]
+    parts += [f"beta{beta:g}"] * (divergence == "jsd")
+    parts += ["jit"] if compiled else []
+    name = "/".join(parts)
+    rng = case_rng(name)
+    shape = (BATCH, STEPS, DISTILLATION_CLASSES)
+    teacher, student = rng.normal(scale=2.0, size=shape), rng.normal(size=shape)
+    lengths = random_lengths(rng)
+    real = np_sequence_mask(lengths, STEPS, "post")
+    if source == "all_padding":
+        real = ~all_real()
+    inputs: dict[str, np.ndarray] = {"lengths": lengths}
+    valid, weight = real, None
+    if source == "explicit_mask" or source == "all_padding":
+        inputs["mask"] = real
+    elif source == "pad_negative":
+        inputs["labels"] = np.where(real, 1, -100).astype("int32")
+    elif source == "step_weights":
+        weight = (rng.uniform(0.5, 2.0, (BATCH, STEPS)) * real).astype("float32")
+        inputs["sample_weight"] = weight
+        valid = all_real()
+    options = {"divergence": divergence, "beta": beta, "temperature": temperature}
+    if fused:
+        student_hidden = rng.normal(size=(BATCH, STEPS, 4))
+        teacher_hidden = rng.normal(size=(BATCH, STEPS, 6))
+        student_kernel = rng.normal(size=(4, DISTILLATION_CLASSES)).astype("float32")
+        teacher_kernel = rng.normal(size=(6, DISTILLATION_CLASSES)).astype("float32")
+        teacher = teacher_hidden.astype("float32").astype("float64") @ teacher_kernel
+        student = student_hidden.astype("float32").astype("float64") @ student_kernel
+        inputs.update(
+            student_kernel=student_kernel,
+            teacher_kernel=teacher_kernel,
+            teacher_hidden=np.where(real[..., None], teacher_hidden, NAN),
+        )
+        inputs["student"] = np.where(real[..., None], student_hidden, NAN)
+        inputs = {key: _float32(array) for key, array in inputs.items()}
+    value, grad = np_distillation(teacher, student, valid, weight, reduction, **options)
+    if fused:
+        grad = grad @ student_kernel.T.astype("float64")
+    else:
+        teacher = np.where(real[..., None], teacher, NAN).astype("float32")
+        student = np.where(real[..., None], student, NAN).astype("float32")
+        inputs.update(teacher=teacher, student=student)
+    spec = {
+        "fused": fused,
+        "source": source,
+        "reduction": reduction,
+        **options,
+        "compiled": compiled,
+        "half": [],
+    }
+    return Case(name, "distillation", spec, inputs, {"value": value, "grad": grad})
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    """Float arrays in float32; integer and boolean ones as they are."""
+    return array.astype("float32") if array.dtype.kind == "f" else array

@@ -6,7 +6,8 @@ Nothing here imports kmask or Keras. A per-step reference takes `y_true` and
 returns the per-step loss and its gradient with respect to `y_pred`;
 `np_sparse_ce` is the per-step sparse cross-entropy from logits alone;
 `np_reduce`, `np_token_mean` and `np_masked_loss` reduce per-step values as
-`kmask.reduce` does; `np_linear` is the fused linear cross-entropy;
+`kmask.reduce` does; `np_linear` is the fused linear cross-entropy; `np_divergence` and
+`np_distillation` the distillation divergences;
 `numpy_sgd` the full-batch SGD of the device cases.
 """
 
@@ -217,6 +218,69 @@ def np_linear(
         "grad_bias": d_logits.sum((0, 1)),
         "accuracy": accuracy,
     }
+
+
+def np_divergence(teacher, student, divergence="kl", beta=0.5, temperature=1.0):
+    """The per-step divergence of the student's logits from the teacher's
+    (both divided by `temperature`) and its gradient with respect to the
+    student's logits. `"kl"` is KL(p || q) with `p` the teacher's softmax,
+    `"reverse_kl"` KL(q || p), `"jsd"` Liger-Kernel's generalized JSD
+    `beta KL(p || m) + (1 - beta) KL(q || m)`, `m = beta p + (1 - beta) q`,
+    whose ends `beta` 0 and 1 are the forward and reverse KL."""
+    if divergence == "jsd" and beta in (0, 1):
+        divergence = "kl" if beta == 0 else "reverse_kl"
+    log_p = np_log_softmax(np.asarray(teacher, "float64") / temperature)
+    log_q = np_log_softmax(np.asarray(student, "float64") / temperature)
+    p, q = np.exp(log_p), np.exp(log_q)
+    # The loss, and its derivative with respect to q (then through softmax).
+    if divergence == "kl":
+        loss, d_q = (p * (log_p - log_q)).sum(-1), -p / q
+    elif divergence == "reverse_kl":
+        loss, d_q = (q * (log_q - log_p)).sum(-1), log_q - log_p + 1.0
+    else:
+        log_m = np.log(beta * p + (1 - beta) * q)
+        loss = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (
+            q * (log_q - log_m)
+        ).sum(-1)
+        d_q = (1 - beta) * (log_q - log_m)
+    d_logits = q * (d_q - (q * d_q).sum(-1, keepdims=True)) / temperature
+    return loss, d_logits
+
+
+def np_distillation(
+    teacher,
+    student,
+    valid,
+    weight=None,
+    reduction="token_mean",
+    divergence="kl",
+    beta=0.5,
+    temperature=1.0,
+    scale_by_temperature_squared=True,
+):
+    """`kmask.masked_distillation`'s value and gradient with respect to the
+    student's logits, from the real steps only (padding is never read)."""
+    student = np.asarray(student, "float64")
+    valid = np.broadcast_to(
+        np.asarray(valid, bool).reshape(
+            np.shape(valid) + (1,) * (student.ndim - 1 - np.ndim(valid))
+        ),
+        student.shape[:-1],
+    )
+    used = valid & (np_step_weight(weight, valid.shape) != 0)
+    per_step, step_grad = np.zeros(valid.shape), np.zeros(student.shape)
+    if used.any():
+        per_step[used], step_grad[used] = np_divergence(
+            np.asarray(teacher, "float64")[used],
+            student[used],
+            divergence,
+            beta,
+            temperature,
+        )
+    scale = temperature**2 if scale_by_temperature_squared else 1.0
+    value, coefficient = np_reduce(per_step * scale, valid, weight, reduction)
+    grad = np.where(used[..., None], scale * coefficient[..., None] * step_grad, 0.0)
+    return value, grad
 
 
 def numpy_token_mean(weights, x, y, valid) -> float:

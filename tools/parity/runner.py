@@ -255,6 +255,38 @@ def _run_fused(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
     return _value_and_grads(linear, params, spec["compiled"])
 
 
+def _run_distillation(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
+    """`kmask.masked_distillation` (or `kmask.fused_linear_distillation`)
+    with the padding `spec["source"]` names; see `cases.distillation_case`."""
+    options = {
+        key: spec[key] for key in ("reduction", "divergence", "beta", "temperature")
+    }
+    padding: dict[str, Any] = {
+        key: inputs[key] for key in ("mask", "sample_weight") if key in inputs
+    }
+    if "labels" in inputs:
+        padding.update(labels=inputs["labels"], mask_value=-100)
+
+    def objective(student):
+        from keras import ops
+
+        if spec["source"] == "propagated":
+            student = kmask.LengthMask()([student, inputs["lengths"]])
+        if spec["fused"]:
+            value = kmask.fused_linear_distillation(
+                student, inputs["student_kernel"],
+                inputs["teacher_hidden"], inputs["teacher_kernel"],
+                chunk_size=3, **padding, **options,
+            )  # fmt: skip
+        else:
+            value = kmask.masked_distillation(
+                inputs["teacher"], student, **padding, **options
+            )
+        return ops.sum(value), {"value": value}
+
+    return _value_and_grad(objective, inputs["student"], spec["compiled"])
+
+
 def _run_ctc(spec: dict[str, Any], inputs: dict[str, Any]) -> dict:
     """`kmask.masked_ctc` with the frame mask from the lengths, or
     `kmask.MaskedCTC` behind `kmask.LengthMask`: the value and its gradient."""
@@ -345,6 +377,7 @@ RUNNERS: dict[str, Callable[[dict, dict], dict]] = {
     "metric": _run_metric,
     "layer": _run_layer,
     "fused": _run_fused,
+    "distillation": _run_distillation,
     "ctc": _run_ctc,
     "packed": _run_packed,
     "devices": _run_devices,

@@ -11,6 +11,7 @@ import numpy as np
 import kmask
 from tools.parity.cases import (
     Case,
+    distillation_case,
     fused_case,
     head_metric_case,
     layer_case,
@@ -271,6 +272,29 @@ def _fused() -> list[Case]:
             softcap=0.8,
             transpose_kernel=True,
         ),
+    ]
+
+
+@_family
+def _distillation() -> list[Case]:
+    """`kmask.masked_distillation` and `kmask.fused_linear_distillation`:
+    each divergence, each padding source and reduction, two temperatures,
+    compiled, all padding."""
+    return [
+        distillation_case("explicit_mask", "token_mean", "kl"),
+        distillation_case("pad_negative", "sequence_mean", "reverse_kl"),
+        distillation_case("step_weights", "sum", "jsd", beta=0.3, temperature=1.0),
+        distillation_case("propagated", "sum_over_batch_size", "kl", temperature=1.0),
+        distillation_case("propagated", "token_mean", "jsd", compiled=True),
+        distillation_case("explicit_mask", "none", "reverse_kl", compiled=True),
+        distillation_case("all_padding", "token_mean", "jsd"),
+        distillation_case("pad_negative", "token_mean", "kl", fused=True),
+        distillation_case("propagated", "sum", "jsd", beta=0.3, fused=True),
+        distillation_case("step_weights", "sequence_mean", "reverse_kl", fused=True),
+        distillation_case(
+            "explicit_mask", "token_mean", "jsd", compiled=True, fused=True
+        ),
+        distillation_case("all_padding", "token_mean", "kl", fused=True),
     ]
 
 

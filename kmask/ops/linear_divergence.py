@@ -1,0 +1,186 @@
+"""The divergence of `student_hidden @ student_kernel` from `teacher_hidden @
+teacher_kernel`, in chunks of tokens: neither `[tokens, vocabulary]` logits
+array is ever held.
+
+Both passes loop over chunks of `chunk_size` tokens; the backward pass
+recomputes each chunk's logits (the teacher's too) and takes the gradient
+of the divergence from `kmask.ops.divergence.row_divergence_grad`. The real
+tokens are put first, so the loops stop after the last chunk that holds one:
+padded tokens cost no matmul (under `torch.compile`, which cannot trace a
+loop bound held in a tensor, every chunk runs). The teacher gets no
+gradient. The soft cap is the head's (`kmask.ops._rows.softcap`).
+
+The chunking is that of the head's `linear_crossentropy_portable`
+(`kmask.ops.crossentropy`), whose steps are private there: `real_first` and
+`to_chunks` below are the public form that both could share.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from keras import ops
+
+from kmask.ops._dispatch import compiling
+from kmask.ops._rows import softcap, softcap_slope
+from kmask.ops.divergence import Divergence, row_divergence, row_divergence_grad
+
+
+class Chunking(NamedTuple):
+    """How the tokens are chunked: `chunk_size`, the soft cap applied to
+    both models' logits (`None`: none), and whether both kernels are
+    `[vocabulary, width]` (tied embeddings, used as stored)."""
+
+    chunk_size: int = 256
+    softcap: float | None = None
+    transpose_kernel: bool = False
+
+
+def real_first(valid: Any) -> Any:
+    """The order that puts the `valid` tokens (`[tokens]`) first, each group
+    in its own order."""
+    tokens = ops.shape(valid)[0]
+    return ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
+
+
+def to_chunks(tokens: Any, valid: Any, chunk_size: int, *rows: Any):
+    """`(chunks, active, chunked rows)`: `rows` (`[tokens, ...]`) padded to a
+    whole number of chunks and reshaped to `[chunks, chunk, ...]`, and the
+    number of chunks that hold a `valid` token (these come first). A batch
+    smaller than a chunk is one chunk of its own size; an empty one has one
+    chunk of padding, so the buffers have a shape."""
+    chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
+    chunks = (tokens + chunk - 1) // chunk
+    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
+    active = (ops.sum(ops.cast(valid, "int32")) + chunk - 1) // chunk
+    extra = chunks * chunk - tokens
+    chunked = []
+    for row in rows:
+        padding = [[0, extra]] + [[0, 0]] * (len(row.shape) - 1)
+        chunked.append(
+            ops.reshape(ops.pad(row, padding), (chunks, chunk, *row.shape[1:]))
+        )
+    return chunks, active, chunked
+
+
+def chunk_logits(hidden: Any, kernel: Any, bias: Any, chunking: Chunking) -> Any:
+    """A chunk's logits, capped; a `[vocabulary, width]` kernel is contracted
+    on its last axis, never transposed in memory."""
+    if chunking.transpose_kernel:
+        logits = ops.einsum("tw,vw->tv", hidden, kernel)
+    else:
+        logits = ops.matmul(hidden, kernel)
+    if bias is not None:
+        logits = logits + bias
+    return softcap(logits, chunking.softcap)
+
+
+def linear_divergence(
+    student: tuple[Any, Any, Any],
+    teacher: tuple[Any, Any, Any],
+    valid: Any,
+    options: Divergence,
+    chunking: Chunking,
+) -> Any:
+    """The per-token divergence of the two linear heads, in chunks.
+
+    Args:
+        student: `(hidden [tokens, width], kernel, bias or None)`, float32.
+        teacher: The same for the teacher (its own width); no gradient.
+        valid: Boolean `[tokens]`: the real tokens.
+        options: The divergence and temperature.
+        chunking: The `Chunking`.
+
+    Returns:
+        float32 `[tokens]`, 0 where not `valid`; its gradient reaches the
+        student's hidden states, kernel and bias (0 at padded tokens).
+    """
+    (student_hidden, student_kernel, student_bias) = student
+    teacher_hidden, teacher_kernel, teacher_bias = (
+        None if part is None else ops.stop_gradient(part) for part in teacher
+    )
+    tokens = ops.shape(valid)[0]
+    student_hidden = ops.where(valid[:, None], student_hidden, 0.0)
+    teacher_hidden = ops.where(valid[:, None], teacher_hidden, 0.0)
+    order = real_first(valid)
+    rows = (ops.take(x, order, axis=0) for x in (student_hidden, teacher_hidden, valid))
+    student_hidden, teacher_hidden, valid = rows
+    chunks, active, chunked = to_chunks(
+        tokens,
+        valid,
+        chunking.chunk_size,
+        student_hidden,
+        teacher_hidden,
+        ops.cast(valid, "int32"),
+    )
+    student_hidden, teacher_hidden, valid = chunked
+    valid = ops.cast(valid, "bool")
+    # torch.compile cannot trace a loop whose bound is a tensor: there every
+    # chunk runs, the padding's (last) ones on zeroed rows.
+    active = chunks if compiling() else active
+    per_chunk = ops.zeros(ops.shape(valid), "float32")
+
+    def teacher_logits(index):
+        hidden = ops.take(teacher_hidden, index, axis=0)
+        return chunk_logits(hidden, teacher_kernel, teacher_bias, chunking)
+
+    params = [student_hidden, student_kernel]
+    params += [] if student_bias is None else [student_bias]
+
+    @ops.custom_gradient
+    def divergence(*params):
+        hidden, kernel, bias = (*params, None)[:3]
+
+        def forward(index, per_step):
+            logits = chunk_logits(
+                ops.take(hidden, index, axis=0), kernel, bias, chunking
+            )
+            value = row_divergence(teacher_logits(index), logits, options)
+            return ops.slice_update(per_step, [index, 0], value[None])
+
+        per_step = ops.fori_loop(0, active, forward, per_chunk)
+        per_step = ops.where(valid, per_step, 0.0)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            upstream = ops.where(valid, upstream, 0.0)
+
+            def backward(index, grads):
+                d_hidden, d_kernel, d_bias = grads
+                chunk_hidden = ops.take(hidden, index, axis=0)
+                logits = chunk_logits(chunk_hidden, kernel, bias, chunking)
+                d_logits = row_divergence_grad(
+                    teacher_logits(index),
+                    logits,
+                    options,
+                    ops.take(upstream, index, axis=0),
+                )
+                if chunking.softcap is not None:
+                    d_logits = d_logits * softcap_slope(logits, chunking.softcap)
+                if chunking.transpose_kernel:
+                    chunk_d_hidden = ops.matmul(d_logits, kernel)
+                    chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, chunk_hidden)
+                else:
+                    chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
+                    chunk_d_kernel = ops.matmul(ops.transpose(chunk_hidden), d_logits)
+                return (
+                    ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
+                    d_kernel + chunk_d_kernel,
+                    d_bias + ops.sum(d_logits, axis=0),
+                )
+
+            vocabulary = kernel.shape[0 if chunking.transpose_kernel else 1]
+            zeros = (
+                ops.zeros_like(hidden),
+                ops.zeros_like(kernel),
+                ops.zeros((vocabulary,), "float32"),
+            )
+            found = ops.fori_loop(0, active, backward, zeros)
+            return found[: len(params)]
+
+        return per_step, grad
+
+    per_step = divergence(*params)
+    restore = ops.argsort(order)
+    return ops.take(ops.reshape(per_step, (-1,))[:tokens], restore, axis=0)
