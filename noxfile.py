@@ -97,6 +97,13 @@ def _tests(session: nox.Session, backend: str, line: str | None = None) -> None:
         session.install(*CONSTRAINTS, "optax")
     if line is None or KERAS_LINES[line][3]:
         session.install(*CONSTRAINTS, "--no-deps", *KERAS_HUB)
+        # keras-hub's fit(strings): on TensorFlow it tokenizes with
+        # tensorflow-text (which works beside tensorflow-cpu; its own
+        # requirement is the full wheel), elsewhere it batches with Grain.
+        if backend == "tensorflow":
+            session.install(*CONSTRAINTS, "--no-deps", "tensorflow-text")
+        else:
+            session.install(*CONSTRAINTS, "grain")
     if line is not None:
         _use_keras_line(session, line)
     env = {**QUIET_ENV, "KERAS_BACKEND": backend}
