@@ -6,6 +6,8 @@ masked cross-entropy on materialised logits, and whether they agree.
     python benchmarks/fused_linear.py --backends jax --json bench_fused_linear.json
     python benchmarks/fused_linear.py --vocabulary 262144   # Gemma's vocabulary
     python benchmarks/fused_linear.py --no-padding       # every token real
+    python benchmarks/fused_linear.py --side-by-side     # times in one process
+    python benchmarks/fused_linear.py --mesh 2x4         # JAX: memory per device
 
 The loss of the logits `hidden @ kernel + bias` (`tokens = batch * time =
 8192`, `hidden = 512`, `vocabulary = 32768` by default; lengths uniform in
@@ -42,11 +44,34 @@ compiled temporary memory (`memory_analysis().temp_size_in_bytes`). Then it
 times the step (median of the rounds after the first). The parent compares
 the loss and the gradients of the two variants: the largest deviation over
 the largest magnitude of the materialised one.
+
+`--side-by-side` times instead, in one process per backend, the variants in
+interleaved rounds (`benchmarks/_common.py`), so that every ratio is taken on
+the same machine at the same moment: `chunked`, `materialised`, `native`
+(`hidden @ kernel + bias` into the backend's own masked cross-entropy, as
+`benchmarks/masked_ce.py` defines it, padding labelled -100) and on PyTorch
+`torch`, plus the compiled columns: on PyTorch `chunked`, `materialised` and
+`native` again under `torch.compile(dynamic=False)`; on JAX and TensorFlow
+every step is compiled already (XLA). It reports the medians and each
+variant's median over the `materialised` one's (the compiled ones over
+`materialised compiled`), and the range of that ratio over the rounds.
+
+`--mesh 2x4` (JAX only) compiles the step on 8 logical CPU devices
+(`--xla_force_host_platform_device_count`), never running it: a
+`keras.distribution.ModelParallel` over a `DeviceMesh((2, 4), ("batch",
+"model"))` whose `LayoutMap` shards a tied `[vocabulary, hidden]` embedding
+over the vocabulary on the model axis (`transpose_kernel=True`, no bias), the
+hidden states and labels over the batch. It reports each device's compiled
+temporary memory (`memory_analysis()`) for the chunked head and the
+materialised step, against the same step on one device, the goal (one
+device's temporary memory over the model axis, plus one chunk of logits), and
+the all-gathers in the compiled program (whether XLA gathers the embedding).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +83,7 @@ import numpy as np
 from _common import (
     backend_info,
     installed_backends,
+    interleaved_medians,
     machine,
     markdown_table,
     peak_rss_mib,
@@ -99,6 +125,7 @@ def make_inputs(
 
 
 def _loss_fn(variant: str, chunk_size: int, vocabulary: int):
+    import keras
     from keras import ops
 
     import kmask
@@ -152,6 +179,18 @@ def _loss_fn(variant: str, chunk_size: int, vocabulary: int):
             )
 
         return chunked
+    if variant == "native":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from masked_ce import native_loss
+
+        native_sparse = native_loss(keras.backend.backend(), "sparse")
+
+        def native(hidden, kernel, bias, labels):
+            logits = ops.matmul(hidden, kernel) + bias
+            valid = ops.not_equal(labels, PAD_LABEL)
+            return native_sparse(logits, ops.where(valid, labels, 0), valid)
+
+        return native
     loss = kmask.MaskedSparseCategoricalCrossentropy(
         from_logits=True, mask_value=PAD_LABEL
     )
@@ -162,9 +201,14 @@ def _loss_fn(variant: str, chunk_size: int, vocabulary: int):
     return materialised
 
 
-def _step(loss_fn, backend: str):
+def _step(loss_fn, backend: str, torch_compile: bool = False):
     """`step(hidden, kernel, bias, labels) -> (loss, (d_hidden, d_kernel,
-    d_bias))`, compiled as the module docstring says."""
+    d_bias))`, compiled as the module docstring says; with `torch_compile`
+    (PyTorch), the loss compiled by `torch.compile`."""
+    if torch_compile:
+        import torch
+
+        loss_fn = torch.compile(loss_fn, dynamic=False)
     compiled = value_and_grad(loss_fn, argnums=(0, 1, 2), jit=True, xla=True)
 
     def step(*inputs):
@@ -228,6 +272,148 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
     )
 
 
+# `--side-by-side`: the variants timed in one process, and on PyTorch the
+# ones compiled again by `torch.compile` (named with this suffix).
+SIDE_BY_SIDE = ("chunked", "materialised", "native")
+COMPILED = " compiled"
+
+
+def _side_by_side_child(out: Path, shape: dict, chunk_size: int, repeats: int):
+    import keras
+    from keras import ops
+
+    backend = keras.backend.backend()
+    arrays = make_inputs(**shape)
+    inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
+    vocabulary = shape["vocabulary"]
+    steps = {
+        v: _step(_loss_fn(v, chunk_size, vocabulary), backend) for v in SIDE_BY_SIDE
+    }
+    if backend == "torch":
+        steps["torch"] = _step(_loss_fn("torch", chunk_size, vocabulary), backend)
+        for variant in SIDE_BY_SIDE:
+            loss_fn = _loss_fn(variant, chunk_size, vocabulary)
+            steps[variant + COMPILED] = _step(loss_fn, backend, torch_compile=True)
+
+    def run(step):
+        ops.convert_to_numpy(step(*inputs)[0])
+
+    timed = interleaved_medians(
+        {variant: (lambda s=step: run(s)) for variant, step in steps.items()},
+        warmup=1,
+        repeats=repeats,
+    )
+    write_json(out, {**backend_info(), "timings": timed})
+
+
+def _side_by_side_rows(reports: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for backend, report in reports.items():
+        medians = {v: t["median_ms"] for v, t in report["timings"].items()}
+        for variant, median in medians.items():
+            # Compiled against compiled: on JAX and TensorFlow every step is.
+            reference = "materialised" + (COMPILED if COMPILED in variant else "")
+            times = report["timings"][variant]["times_ms"]
+            # The same round's times: a ratio of one moment of the machine.
+            ratios = [
+                t / r
+                for t, r in zip(
+                    times, report["timings"][reference]["times_ms"], strict=True
+                )
+            ]
+            rows.append(
+                [
+                    backend,
+                    variant,
+                    f"{median:.1f}",
+                    f"{min(times):.1f}-{max(times):.1f}",
+                    f"{median / medians[reference]:.2f}",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
+                ]
+            )
+    return rows
+
+
+def _mesh_child(out: Path, shape: dict, chunk_size: int, mesh_shape: tuple):
+    """The compiled memory of the step on one device and on the mesh (see
+    the module docstring), never run."""
+    import re
+
+    import jax
+    import keras
+
+    import kmask
+
+    arrays = make_inputs(**shape)
+    hidden, labels = arrays["hidden"], arrays["labels"]
+    embedding = np.ascontiguousarray(arrays["kernel"].T)
+    loss = kmask.MaskedSparseCategoricalCrossentropy(
+        from_logits=True, mask_value=PAD_LABEL
+    )
+    steps = {
+        "chunked": lambda h, e, y: kmask.fused_linear_crossentropy(
+            h, e, y, mask_value=PAD_LABEL, chunk_size=chunk_size, transpose_kernel=True
+        ),
+        "materialised": lambda h, e, y: loss(y, keras.ops.einsum("btw,vw->btv", h, e)),
+    }
+    device_mesh = keras.distribution.DeviceMesh(
+        mesh_shape, ("batch", "model"), devices=jax.devices()
+    )
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map["embeddings"] = ("model", None)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    placed = [
+        keras.distribution.distribute_tensor(
+            hidden, distribution.get_data_layout(hidden.shape)
+        ),
+        keras.distribution.distribute_tensor(embedding, layout_map["embeddings"]),
+        keras.distribution.distribute_tensor(
+            labels, distribution.get_data_layout(labels.shape)
+        ),
+    ]
+    results = {}
+    for variant, fn in steps.items():
+        step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        for devices, args in (("1", (hidden, embedding, labels)), ("mesh", placed)):
+            compiled = step.lower(*args).compile()
+            analysis = compiled.memory_analysis()
+            text = compiled.as_text()
+            results[f"{variant}/{devices}"] = {
+                "temp_bytes": analysis.temp_size_in_bytes,
+                "argument_bytes": analysis.argument_size_in_bytes,
+                "output_bytes": analysis.output_size_in_bytes,
+                "all_gathers": re.findall(r"= (\S+) all-gather\(", text),
+                "all_reduces": re.findall(r"= (\S+) all-reduce\(", text),
+            }
+    write_json(out, {**backend_info(), "mesh": list(mesh_shape), **results})
+
+
+def _mesh_rows(report: dict, shape: dict, chunk_size: int) -> list[list[str]]:
+    model = report["mesh"][1]
+    chunk_bytes = 4 * chunk_size * shape["vocabulary"]
+    rows = []
+    for variant in ("chunked", "materialised"):
+        one, mesh = report[f"{variant}/1"], report[f"{variant}/mesh"]
+        goal = one["temp_bytes"] / model + chunk_bytes
+        gathers = mesh["all_gathers"]
+        rows.append(
+            [
+                variant,
+                f"{one['temp_bytes'] / 2**20:.1f}",
+                f"{mesh['temp_bytes'] / 2**20:.1f}",
+                f"{mesh['temp_bytes'] / one['temp_bytes']:.2f}",
+                f"{goal / 2**20:.1f}",
+                "yes" if mesh["temp_bytes"] <= goal else "no",
+                f"{one['argument_bytes'] / 2**20:.0f} / "
+                f"{mesh['argument_bytes'] / 2**20:.0f}",
+                ", ".join(gathers) if gathers else "none",
+            ]
+        )
+    return rows
+
+
 def _variants(backend: str, shape: dict) -> list[str]:
     """The variants run on `backend` at `shape` (see the module docstring)."""
     variants = ["chunked", "chunked+stats"]
@@ -259,15 +445,68 @@ def _relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(actual - reference).max(initial=0.0) / scale)
 
 
+def _mesh_shape(text: str) -> tuple[int, int]:
+    batch, _, model = text.partition("x")
+    if not (batch.isdigit() and model.isdigit()):
+        raise SystemExit(f"--mesh: expected BATCHxMODEL, e.g. 2x4. Received: {text}")
+    return int(batch), int(model)
+
+
+def _title(shape: dict, chunk_size: int) -> str:
+    sizes = ", ".join(f"{key} {value}" for key, value in shape.items())
+    labels = make_inputs(**shape)["labels"]
+    sizes += f", {int((labels != PAD_LABEL).sum())} real tokens of {labels.size}"
+    return f"Fused linear cross-entropy, {sizes}, chunk_size {chunk_size}"
+
+
+def _mesh_main(args, forwarded, mesh_shape, shape, chunk_size, title) -> int:
+    """`--mesh`: one JAX child on `batch * model` logical CPU devices."""
+    devices = mesh_shape[0] * mesh_shape[1]
+    os.environ["XLA_FLAGS"] = " ".join(
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            f"--xla_force_host_platform_device_count={devices}",
+        ]
+    ).strip()
+    report = run_child(Path(__file__), "jax", [*forwarded, "--mesh", args.mesh])
+    print(
+        f"\n{title}; tied [vocabulary, hidden] embedding sharded over the "
+        f"vocabulary on a {args.mesh} (batch x model) mesh of {devices} CPU "
+        f"devices ({machine()}; jax {report['version']})\n"
+    )
+    headers = [
+        "variant",
+        "temp MiB, 1 device",
+        "temp MiB per device, mesh",
+        "mesh / 1",
+        "goal MiB (1 device / model + chunk)",
+        "meets goal",
+        "argument MiB, 1 / mesh",
+        "all-gathers on the mesh",
+    ]
+    print(markdown_table(headers, _mesh_rows(report, shape, chunk_size)))
+    write_json(args.json, {"machine": machine(), "argv": sys.argv, **report})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", choices=installed_backends())
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--vocabulary", type=int, help=f"default {FULL['vocabulary']}")
+    parser.add_argument("--batch", type=int, help=f"default {FULL['batch']}")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps")
     parser.add_argument(
         "--no-padding", action="store_true", help="every token real (no -100)"
+    )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="time every variant in one process per backend (compiled columns)",
+    )
+    parser.add_argument(
+        "--mesh", metavar="BxM", help="JAX: memory per device on a batch x model mesh"
     )
     parser.add_argument("--json", type=Path, metavar="PATH")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -276,16 +515,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = dict(QUICK if args.quick else FULL)
     if args.vocabulary:
         shape["vocabulary"] = args.vocabulary
+    if args.batch:
+        shape["batch"] = args.batch
     if args.no_padding:
         shape["padding"] = False
     chunk_size = min(args.chunk_size, 64) if args.quick else args.chunk_size
+    mesh_shape = _mesh_shape(args.mesh) if args.mesh else None
     if args.child:
-        _child(args.child, args.variant, shape, chunk_size, args.repeats)
+        if mesh_shape:
+            _mesh_child(args.child, shape, chunk_size, mesh_shape)
+        elif args.side_by_side:
+            _side_by_side_child(args.child, shape, chunk_size, args.repeats)
+        else:
+            _child(args.child, args.variant, shape, chunk_size, args.repeats)
         return 0
     forwarded = ["--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
     forwarded += ["--quick"] if args.quick else []
     forwarded += ["--vocabulary", str(args.vocabulary)] if args.vocabulary else []
+    forwarded += ["--batch", str(args.batch)] if args.batch else []
     forwarded += ["--no-padding"] if args.no_padding else []
+    title = _title(shape, chunk_size)
+    if mesh_shape:
+        return _mesh_main(args, forwarded, mesh_shape, shape, chunk_size, title)
+    if args.side_by_side:
+        forwarded += ["--side-by-side"]
+        reports = {
+            backend: run_child(Path(__file__), backend, forwarded)
+            for backend in args.backends or installed_backends()
+        }
+        versions = ", ".join(
+            f"{b} {r['version']} on {r['device']}" for b, r in reports.items()
+        )
+        print(
+            f"\n{title}, median of {args.repeats} interleaved rounds after 1 "
+            f"warm-up, one process per backend ({machine()}; {versions})\n"
+        )
+        headers = ["backend", "variant", "ms", "range ms", "/ materialised"]
+        headers += ["per round"]
+        print(markdown_table(headers, _side_by_side_rows(reports)))
+        write_json(args.json, {"machine": machine(), "argv": sys.argv, **reports})
+        return 0
     reports: dict[str, dict[str, dict]] = {}
     for backend in args.backends or installed_backends():
         reports[backend] = {
@@ -338,12 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for report in variants.values():
             Path(report["outputs"]).unlink()
-    sizes = ", ".join(f"{key} {value}" for key, value in shape.items())
-    labels = make_inputs(**shape)["labels"]
-    sizes += f", {int((labels != PAD_LABEL).sum())} real tokens of {labels.size}"
     print(
-        f"\nFused linear cross-entropy, {sizes}, chunk_size {chunk_size} "
-        f"({machine()}; "
+        f"\n{title} ({machine()}; "
         + ", ".join(
             f"{b} {v['chunked']['version']} on {v['chunked']['device']}"
             for b, v in reports.items()

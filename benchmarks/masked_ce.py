@@ -23,6 +23,18 @@ eager on PyTorch (`torch.autograd.grad`):
   `tf.nn.sparse_softmax_cross_entropy_with_logits` (one-hot: the
   probability-target forms; regression: `mean((x - y) ** 2, -1)`).
 
+`floor` is the least a fused forward + backward must do: one elementwise
+pass that reads the predictions and writes a new array of their size,
+`keras.ops.exp(predictions)`, compiled as the steps are (eager on PyTorch),
+timed in the same rounds; `kmask/floor` is kmask's time over it.
+
+The compiled columns compare `kmask` with `native`, both compiled: on
+PyTorch two more variants, `kmask compiled` and `native compiled`, the same
+losses under `torch.compile(dynamic=False)` (autograd through the compiled
+loss, as a compiled train step differentiates it), timed in the same
+interleaved rounds; on JAX and TensorFlow the steps above are compiled
+already (`jax.jit`, `jit_compile=True`), so those columns are theirs.
+
 Sequence lengths are uniform in `[T/4, T]`; labels are 1..V-1 on real steps
 and 0 on padding. The variants run in interleaved rounds (the order rotating),
 and the table reports the median of the rounds after the warm-up and the
@@ -51,6 +63,8 @@ from _common import (
 )
 
 VARIANTS = ("kmask", "keras", "native")
+# PyTorch only: the two variants again under `torch.compile`.
+COMPILED = {"kmask compiled": "kmask", "native compiled": "native"}
 # name: (loss, [batch, time, classes or features])
 FULL_CASES = {
     "sparse_ce/16x256x4096": ("sparse", (16, 256, 4096)),
@@ -101,7 +115,7 @@ def _losses(loss: str):
         return {
             "kmask": lambda x, y, valid: masked(y, x),
             "keras": lambda x, y, valid: builtin(y, x),
-            "native": _native(backend, loss),
+            "native": native_loss(backend, loss),
         }
     if loss == "one_hot":
         masked = kmask.MaskedCategoricalCrossentropy(from_logits=True)
@@ -112,11 +126,11 @@ def _losses(loss: str):
     return {
         "kmask": lambda x, y, valid: masked(y, x, sample_weight=valid),
         "keras": lambda x, y, valid: builtin(y, x, sample_weight=valid),
-        "native": _native(backend, loss),
+        "native": native_loss(backend, loss),
     }
 
 
-def _native(backend: str, loss: str):
+def native_loss(backend: str, loss: str):
     """The backend's own masked loss: its per-step loss, masked with `where`
     and divided by the number of real steps (torch's sparse cross-entropy
     does both itself, through `ignore_index`)."""
@@ -170,9 +184,14 @@ def _native(backend: str, loss: str):
     return tf_loss
 
 
-def value_and_grad_step(loss_fn, backend: str):
+def value_and_grad_step(loss_fn, backend: str, torch_compile: bool = False):
     """`step(x, y, valid) -> (loss, d loss / d x)`, compiled as the module
-    docstring says, returning once both are computed."""
+    docstring says, returning once both are computed; with `torch_compile`
+    (PyTorch), the loss compiled by `torch.compile`."""
+    if torch_compile:
+        import torch
+
+        loss_fn = torch.compile(loss_fn, dynamic=False)
     compiled = value_and_grad(loss_fn, jit=True, xla=True)
 
     def step(x, y, valid):
@@ -189,19 +208,41 @@ def value_and_grad_step(loss_fn, backend: str):
     return step
 
 
+def floor_step(backend: str):
+    """`step(x, y, valid)`: `exp(x)`, a new array the size of `x`, compiled
+    as the losses are, returning once it is computed."""
+    from keras import ops
+
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(ops.exp)
+        return lambda x, y, valid: jax.block_until_ready(compiled(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(ops.exp, jit_compile=True)
+        return lambda x, y, valid: float(compiled(x)[0, 0, 0])  # ready
+    return lambda x, y, valid: ops.exp(x)
+
+
 def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
     import keras
     from keras import ops
 
     backend = keras.backend.backend()
+    floor = floor_step(backend)
     results = {}
     for name, (loss, shape) in cases.items():
         arrays = make_inputs(loss, shape)
         inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
+        losses = _losses(loss)
         steps = {
-            variant: value_and_grad_step(fn, backend)
-            for variant, fn in _losses(loss).items()
+            variant: value_and_grad_step(fn, backend) for variant, fn in losses.items()
         }
+        if backend == "torch":
+            for variant, eager in COMPILED.items():
+                steps[variant] = value_and_grad_step(losses[eager], backend, True)
         values = {}
         for variant, step in steps.items():
             loss_value, grad = step(*inputs)
@@ -209,8 +250,11 @@ def _child(out: Path, cases: dict, warmup: int, repeats: int) -> None:
             del loss_value, grad
         timed = interleaved_medians(
             {
-                variant: (lambda s=step, i=inputs: s(*i))
-                for variant, step in steps.items()
+                **{
+                    variant: (lambda s=step, i=inputs: s(*i))
+                    for variant, step in steps.items()
+                },
+                "floor": lambda i=inputs: floor(*i),
             },
             warmup,
             repeats,
@@ -240,7 +284,9 @@ def _rows(reports: dict[str, dict]) -> list[list[str]]:
     rows = []
     for backend, report in reports.items():
         for name, result in report["results"].items():
-            medians = {v: result["timings"][v]["median_ms"] for v in VARIANTS}
+            medians = {v: t["median_ms"] for v, t in result["timings"].items()}
+            # On JAX and TensorFlow the steps are compiled already.
+            compiled = [medians.get(v, medians[e]) for v, e in COMPILED.items()]
             temp = result["jax_temp_bytes"]
             rows.append(
                 [
@@ -249,6 +295,10 @@ def _rows(reports: dict[str, dict]) -> list[list[str]]:
                     *(f"{medians[v]:.1f}" for v in VARIANTS),
                     f"{medians['kmask'] / medians['native']:.2f}",
                     f"{medians['kmask'] / medians['keras']:.2f}",
+                    f"{medians['floor']:.1f}",
+                    f"{medians['kmask'] / medians['floor']:.2f}",
+                    *(f"{value:.1f}" for value in compiled),
+                    f"{compiled[0] / compiled[1]:.2f}",
                     (
                         f"{temp['kmask'] / 2**20:.1f} / {temp['native'] / 2**20:.1f}"
                         if temp
@@ -299,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "native ms",
         "kmask/native",
         "kmask/Keras",
+        "floor ms",
+        "kmask/floor",
+        "kmask compiled ms",
+        "native compiled ms",
+        "compiled kmask/native",
         "JAX temp MiB kmask / native",
     ]
     print(markdown_table(headers, _rows(reports)))

@@ -27,6 +27,7 @@ import keras
 from keras import ops
 
 from kmask import _pipeline, _shapes
+from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask._keras_compat import DISTILLATION_LOSS_BASE, DISTILLER_BASE
 from kmask._resolve import plain
 from kmask.ops.divergence import (
@@ -144,7 +145,7 @@ def fused_linear_distillation(
     beta: float = 0.5,
     reduction: str | None = "token_mean",
     scale_by_temperature_squared: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int | str = "auto",
     transpose_kernel: bool = False,
     softcap: float | None = None,
 ) -> Tensor:
@@ -178,7 +179,10 @@ def fused_linear_distillation(
         beta: As for `masked_distillation`.
         reduction: As for `masked_distillation`.
         scale_by_temperature_squared: As for `masked_distillation`.
-        chunk_size: Tokens per chunk.
+        chunk_size: Tokens per chunk, or `"auto"` (the default): the head's
+            rule (`kmask.FusedLinearCrossentropy`) with both models' hidden
+            sizes, so that a chunk's two rows of logits, their gradient and
+            the hidden rows fit its byte budget.
         transpose_kernel: Whether both kernels are `[vocabulary, width]`
             (tied embedding matrices), used as stored.
         softcap: Optional positive `c`: both models' logits are
@@ -224,6 +228,10 @@ def fused_linear_distillation(
         student, teacher, chunking.transpose_kernel, **per_step_arguments
     )
     vocabulary = student[1].shape[0 if chunking.transpose_kernel else 1]
+    hidden_sizes = student[0].shape[-1] + teacher[0].shape[-1]
+    chunking = chunking._replace(
+        chunk_size=resolve_chunk_size(chunking.chunk_size, hidden_sizes, vocabulary)
+    )
     # The mask Keras propagated is read from the caller's own tensor.
     steps = _pipeline.prepare_hidden(
         student_hidden if hasattr(student_hidden, "shape") else student[0],
@@ -271,16 +279,8 @@ def _head(hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
 
 
 def _chunking(chunk_size: Any, softcap: Any, transpose_kernel: bool) -> Chunking:
-    """The checked `Chunking`."""
-    if (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `chunk_size`. Expected a positive "
-            f"integer. Received: chunk_size={chunk_size!r}"
-        )
+    """The checked `Chunking` (`chunk_size` may still be `"auto"`)."""
+    check_chunk_size(chunk_size)
     cap = positive_number("softcap", softcap, none=True)
     return Chunking(chunk_size, cap, bool(transpose_kernel))
 

@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from kmask import _pipeline, _shapes, class_weights
+from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.masks import value_mask
@@ -78,7 +79,7 @@ def fused_linear_crossentropy(
     mask: Any = None,
     sample_weight: Any = None,
     reduction: str | None = "token_mean",
-    chunk_size: int = 256,
+    chunk_size: int | str = "auto",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     transpose_kernel: bool = False,
@@ -113,7 +114,11 @@ def fused_linear_crossentropy(
         sample_weight: Optional weights, `[batch]` or `labels`' shape.
         reduction: A kmask reduction name; see `kmask.reduce`.
         chunk_size: Tokens per chunk: memory holds `chunk_size * vocabulary`
-            logits (and their gradient) at a time.
+            logits (and their gradient) at a time. `"auto"` (the default)
+            picks the largest power of two whose float32 logits, their
+            gradient and the chunk's rows of `hidden` fit 128 MiB, from the
+            kernel's static shape (256 at a vocabulary of 32768 and a hidden
+            size of 512); see docs/guides/large-vocabulary.md.
         label_smoothing: Smoothing towards the uniform distribution over the
             vocabulary, in `[0, 1]`.
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
@@ -214,7 +219,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         use_bias: Whether the projection has a bias.
         mask_value: Optional pad label, e.g. `0` or `-100`.
         reduction: A kmask reduction other than `"none"`; see `kmask.reduce`.
-        chunk_size: Tokens per chunk; see `kmask.fused_linear_crossentropy`.
+        chunk_size: Tokens per chunk, or `"auto"` (the default) for one
+            from a memory budget; see `kmask.fused_linear_crossentropy`.
         label_smoothing: Smoothing towards the uniform distribution over the
             vocabulary, in `[0, 1]`.
         z_loss: Coefficient of `logsumexp(logits) ** 2` added per step.
@@ -273,7 +279,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         use_bias: bool = True,
         mask_value: Any = None,
         reduction: str = "token_mean",
-        chunk_size: int = 256,
+        chunk_size: int | str = "auto",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         return_stats: bool = False,
@@ -543,6 +549,9 @@ def _head(
         mask=mask, sample_weight=sample_weight,
     )  # fmt: skip
     vocabulary = kernel.shape[0 if linear_options.transpose_kernel else 1]
+    hidden_size = kernel.shape[1 if linear_options.transpose_kernel else 0]
+    chunk_size = resolve_chunk_size(linear_options.chunk_size, hidden_size, vocabulary)
+    linear_options = linear_options._replace(chunk_size=chunk_size)
     steps = _pipeline.prepare_labels(
         labels,
         classes=vocabulary,
@@ -599,15 +608,7 @@ def _linear_options(
     temperature: Any = 1.0,
 ) -> LinearOptions:
     """The checked `LinearOptions` of the head."""
-    if (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or chunk_size < 1
-    ):
-        raise ValueError(
-            "Invalid value for argument `chunk_size`. Expected a positive "
-            f"integer. Received: chunk_size={chunk_size!r}"
-        )
+    check_chunk_size(chunk_size)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(
             "Invalid value for argument `label_smoothing`. Expected a value in "

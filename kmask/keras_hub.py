@@ -30,7 +30,7 @@ LABELS = "kmask_labels"
 SAMPLE_WEIGHT = "kmask_sample_weight"
 
 
-def fused_causal_lm(causal_lm: Any, chunk_size: int = 256) -> FusedCausalLM:
+def fused_causal_lm(causal_lm: Any, chunk_size: int | str = "auto") -> FusedCausalLM:
     """An existing keras-hub `CausalLM`, trained through kmask's chunked head.
 
     The returned model trains with the task's own `fit(strings)` or
@@ -88,7 +88,8 @@ class FusedCausalLM(keras_hub.models.CausalLM):
 
     Args:
         causal_lm: The keras-hub `CausalLM` task to train.
-        chunk_size: Tokens per chunk of the head.
+        chunk_size: Tokens per chunk of the head, or `"auto"` (the default)
+            for one from a memory budget.
         **kwargs: Passed to `keras.Model` (`name`, ...).
 
     Returns:
@@ -108,7 +109,9 @@ class FusedCausalLM(keras_hub.models.CausalLM):
     True
     """
 
-    def __init__(self, causal_lm: Any, chunk_size: int = 256, **kwargs: Any) -> None:
+    def __init__(
+        self, causal_lm: Any, chunk_size: int | str = "auto", **kwargs: Any
+    ) -> None:
         if not isinstance(causal_lm, keras_hub.models.CausalLM):
             raise ValueError(
                 "Invalid value for argument `causal_lm`. Expected a "

@@ -1,0 +1,138 @@
+"""`chunk_size="auto"`: the head's chunk from its shapes and a byte budget."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kmask
+import kmask.fused
+from kmask import _chunking
+from tests._grad import value_and_grad
+from tests._numeric import close, linear_data
+from tools.parity import references
+
+PAD = -100
+
+
+def _np_chunk(hidden_size, vocabulary, budget):
+    """The largest power of two `c` with `8 * c * (vocabulary + hidden_size)
+    <= budget`, clipped to [16, 8192], by counting up."""
+    chunk = 1
+    while 8 * (2 * chunk) * (vocabulary + hidden_size) <= budget:
+        chunk *= 2
+    return min(max(chunk, 16), 8192)
+
+
+@pytest.mark.parametrize(
+    ("hidden_size", "vocabulary", "expected"),
+    [(512, 32768, 256), (2304, 262144, 32), (32, 1000, 8192), (4096, 10**7, 16)],
+)
+def test_auto_chunk_size_of_known_heads(hidden_size, vocabulary, expected):
+    assert _chunking.auto_chunk_size(hidden_size, vocabulary) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 16384),
+    st.integers(2, 2**20),
+    st.integers(1, 2**32),
+)
+def test_auto_chunk_size_is_the_largest_power_of_two_in_the_budget(
+    hidden_size, vocabulary, budget
+):
+    chunk = _chunking.auto_chunk_size(hidden_size, vocabulary, budget)
+    assert chunk == _np_chunk(hidden_size, vocabulary, budget)
+
+
+def _spy(monkeypatch):
+    """Records the chunk size each call of the head's op receives."""
+    seen = []
+    op = kmask.fused.linear_crossentropy
+
+    def spy(*args, **kwargs):
+        seen.append(args[6].chunk_size)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(kmask.fused, "linear_crossentropy", spy)
+    return seen
+
+
+def test_the_default_is_auto_from_the_kernel_shape(monkeypatch):
+    seen = _spy(monkeypatch)
+    rng = np.random.default_rng(0)
+    data = linear_data(rng, 2, 3, 5, 40)
+    kmask.fused_linear_crossentropy(data["hidden"], data["kernel"], data["labels"])
+    kmask.fused_linear_crossentropy(
+        data["hidden"], data["kernel"].T, data["labels"], transpose_kernel=True
+    )
+    head = kmask.FusedLinearCrossentropy(40)
+    head([data["hidden"], data["labels"]])
+    monkeypatch.setattr(_chunking, "CHUNK_BUDGET_BYTES", 8 * 64 * (40 + 5))
+    kmask.fused_linear_crossentropy(data["hidden"], data["kernel"], data["labels"])
+    assert seen == [8192, 8192, 8192, 64]
+    assert head.get_config()["chunk_size"] == "auto"
+    restored = kmask.FusedLinearCrossentropy.from_config(head.get_config())
+    assert restored.get_config() == head.get_config()
+
+
+def test_auto_chunks_match_numpy(monkeypatch):
+    # A budget of one 16-token chunk: 21 tokens are two chunks, one partial.
+    batch, steps, width, vocabulary = 3, 7, 4, 9
+    monkeypatch.setattr(_chunking, "CHUNK_BUDGET_BYTES", 8 * 16 * (width + vocabulary))
+    rng = np.random.default_rng(1)
+    data = linear_data(rng, batch, steps, width, vocabulary)
+    valid = np.arange(steps)[None, :] < np.array([7, 2, 5])[:, None]
+    data["hidden"][~valid] = np.nan
+    labels = np.where(valid, data["labels"], PAD).astype("int32")
+    expected = references.np_linear(
+        data["hidden"].astype("float64"),
+        data["kernel"],
+        data["bias"],
+        labels,
+        valid,
+        None,
+        "token_mean",
+    )
+    loss, grad = value_and_grad(
+        lambda hidden: kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, data["bias"], mask_value=PAD
+        ),
+        data["hidden"],
+    )
+    close(loss, expected["value"])
+    close(grad, expected["grad_hidden"])
+
+
+@pytest.mark.parametrize("chunk_size", ["Auto", "big", 0, -1, True, 2.5, None])
+def test_bad_chunk_size_raises(chunk_size):
+    with pytest.raises(ValueError, match=r"`chunk_size`.*'auto'"):
+        kmask.FusedLinearCrossentropy(10, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"`chunk_size`.*'auto'"):
+        kmask.fused_linear_crossentropy(
+            np.zeros((1, 2, 3), "float32"), np.zeros((3, 4), "float32"), [[0, 1]],
+            chunk_size=chunk_size,
+        )  # fmt: skip
+
+
+def test_auto_under_keras_fit_and_save(tmp_path):
+    tokens = keras.Input((6,), dtype="int32")
+    labels = keras.Input((6,), dtype="int32")
+    embedding = keras.layers.Embedding(50, 8)
+    hidden = embedding(tokens)
+    head = kmask.FusedLinearCrossentropy(50, embedding=embedding, mask_value=PAD)
+    model = keras.Model([tokens, labels], head([hidden, labels]))
+    model.compile(optimizer="adam", loss=None)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 50, (4, 6)).astype("int32")
+    y = np.where(np.arange(6) < 4, rng.integers(0, 50, (4, 6)), PAD).astype("int32")
+    history = model.fit([x, y], epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    path = tmp_path / "auto.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert restored.layers[-1].get_config()["chunk_size"] == "auto"
+    close(restored.evaluate([x, y], verbose=0), model.evaluate([x, y], verbose=0))
