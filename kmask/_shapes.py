@@ -271,7 +271,7 @@ def check_same_shape(targets: Any, predictions: Any) -> None:
         )
 
 
-def check_linear_head(
+def _check_linear_head(
     hidden: Any, kernel: Any, bias: Any, transpose_kernel: bool, prefix: str = ""
 ) -> Any:
     """A linear head's shapes: `kernel` `[hidden_size, vocabulary]` (or
@@ -317,7 +317,7 @@ def check_linear(
     """The shapes of `fused_linear_crossentropy`'s arguments: the linear
     head's, then `mask` and `sample_weight` against the labels' steps."""
     hidden_shape, labels_shape = tuple(hidden.shape), tuple(labels.shape)
-    check_linear_head(hidden, kernel, bias, transpose_kernel)
+    _check_linear_head(hidden, kernel, bias, transpose_kernel)
     if not same_shape(labels_shape, hidden_shape[:-1]):
         raise invalid_shape(
             "labels",
@@ -401,7 +401,7 @@ def check_linear_distillation(
     vocabulary and steps for both, then `per_step` (`labels`, `mask`,
     `sample_weight`: a tensor or `None`) against the steps."""
     vocabularies = [
-        check_linear_head(hidden, kernel, bias, transpose_kernel, f"{who}_")
+        _check_linear_head(hidden, kernel, bias, transpose_kernel, f"{who}_")
         for who, (hidden, kernel, bias) in (("student", student), ("teacher", teacher))
     ]
     student_shape, teacher_shape = tuple(student[0].shape), tuple(teacher[0].shape)

@@ -9,7 +9,7 @@ instead of `[tokens, vocabulary]` (`kmask.ops.linear_crossentropy`). The price
 is one more matmul (four instead of three per step); padded tokens are left
 out of the chunks, so they cost no matmul at all. `FusedLinearCrossentropy`
 puts it at the end of a language model. Its padding comes from the same
-pipeline as every kmask loss's, and it reduces with `kmask.masked_reduce`:
+pipeline as every kmask loss's, and it reduces with `kmask.reduce`:
 see `kmask.reduce` for the reductions.
 
 `sparse_crossentropy_with_logits`, `categorical_crossentropy_with_logits` and
@@ -27,7 +27,6 @@ from kmask import _pipeline, _shapes, class_weights
 from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
-from kmask.masks import value_mask
 from kmask.ops import (
     categorical_crossentropy_with_logits,
     linear_crossentropy,
@@ -35,8 +34,8 @@ from kmask.ops import (
     sparse_crossentropy_with_logits,
 )
 from kmask.ops._rows import softcap
-from kmask.ops.crossentropy import LINEAR_STATS, LinearOptions
-from kmask.reduce import is_linear, masked_reduce, standardize_reduction
+from kmask.ops.crossentropy import HEAD_STATS, LINEAR_STATS, LinearOptions
+from kmask.reduce import is_linear, reduce_steps, standardize_reduction
 from kmask.typing import Tensor
 
 __all__ = [
@@ -47,27 +46,6 @@ __all__ = [
     "mean_squared_error",
     "sparse_crossentropy_with_logits",
 ]
-
-HEAD_STATS = (
-    "loss",
-    "nll",
-    "correct",
-    "weight",
-    "z_loss",
-    "predicted",
-    "log_prob",
-    "entropy",
-)
-"""The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
-returns on its last axis, in this order, all computed inside the chunks: the
-loss, the label's negative log-likelihood (without label smoothing or
-z-loss), 1 where the argmax of the (capped) logits is the label, the step's
-weight (0 on padding; `sample_weight` and `class_weight` in it), the z-loss
-term `z_loss * logsumexp(logits) ** 2`, the argmax itself (a class id as a
-float32, exact below 2 ** 24), and at the head's `temperature` the label's
-log-probability and the entropy of the softmax. Every one is 0 on padding.
-Read by `kmask.HeadAccuracy`, `kmask.HeadPerplexity`, `kmask.HeadZLoss` and
-`kmask.HeadEntropy`."""
 
 
 def fused_linear_crossentropy(
@@ -185,7 +163,7 @@ def fused_linear_crossentropy(
     results: tuple = (value,)
     if return_token_accuracy:
         correct, weight = stats["correct"], stats["weight"]
-        results += (masked_reduce(correct, None, "token_mean", weight),)
+        results += (reduce_steps(correct, None, "token_mean", weight),)
     if return_stats:
         results += ({"loss": per_step, **stats},)
     return results
@@ -536,7 +514,7 @@ def _head(
 ):
     """`(per_step, value, stats)` of the head: the pipeline's real steps
     (pad label, mask, zero weights, class weights), then the chunked op,
-    reduced by `masked_reduce`; `stats` is `None` unless asked for, else a
+    reduced by `kmask.reduce`; `stats` is `None` unless asked for, else a
     dict of per-step values by name: the op's `LINEAR_STATS` and the step's
     `weight` (0 on padding), all NaN at a real step whose label is out of
     range."""
@@ -555,7 +533,7 @@ def _head(
     steps = _pipeline.prepare_labels(
         labels,
         classes=vocabulary,
-        target_mask=None if mask_value is None else _pad_mask(mask_value),
+        target_mask=None if mask_value is None else _pipeline.label_padding(mask_value),
         mask=mask,
         sample_weight=sample_weight,
         class_weight=class_weight,
@@ -566,7 +544,7 @@ def _head(
     def reduce(per_step):
         # The masks without the zero weights: `sum_over_batch_size` counts
         # zero weights, as Keras does.
-        return masked_reduce(per_step, masked, reduction, sample_weight)
+        return reduce_steps(per_step, masked, reduction, sample_weight)
 
     per_step, value, stats = linear_crossentropy(
         hidden,
@@ -592,11 +570,6 @@ def _head(
             name: _pipeline.poison(stat, out_of_range) for name, stat in by_name.items()
         }
     return _pipeline.poison(per_step, out_of_range), value, named
-
-
-def _pad_mask(mask_value):
-    """`labels -> value_mask(labels, mask_value)`."""
-    return lambda labels: value_mask(labels, mask_value)
 
 
 def _linear_options(

@@ -320,7 +320,8 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         super().__init__(
             from_logits, label_smoothing, axis, mask_value, reduction, name, dtype
         )
-        self.class_weight = class_weights.standardize(class_weight)
+        if class_weight is not None:
+            self.class_weight = class_weights.standardize(class_weight)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "class_weight": self.class_weight}
@@ -417,7 +418,8 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         )
         self._sparse_labels = True
         self._target_kind = "labels"
-        self.class_weight = class_weights.standardize(class_weight)
+        if class_weight is not None:
+            self.class_weight = class_weights.standardize(class_weight)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "class_weight": self.class_weight}

@@ -314,6 +314,27 @@ z-loss term `z_loss * logsumexp(logits) ** 2`, the arg max itself (a float32
 class id, exact below 2 ** 24), and at `temperature` the label's
 log-probability and the entropy of the softmax."""
 
+HEAD_STATS = (
+    "loss",
+    "nll",
+    "correct",
+    "weight",
+    "z_loss",
+    "predicted",
+    "log_prob",
+    "entropy",
+)
+"""The per-step statistics `FusedLinearCrossentropy(..., return_stats=True)`
+returns on its last axis, in this order, all computed inside the chunks: the
+loss, the label's negative log-likelihood (without label smoothing or
+z-loss), 1 where the argmax of the (capped) logits is the label, the step's
+weight (0 on padding; `sample_weight` and `class_weight` in it), the z-loss
+term `z_loss * logsumexp(logits) ** 2`, the argmax itself (a class id as a
+float32, exact below 2 ** 24), and at the head's `temperature` the label's
+log-probability and the entropy of the softmax. Every one is 0 on padding.
+Read by `kmask.HeadAccuracy`, `kmask.HeadPerplexity`, `kmask.HeadZLoss` and
+`kmask.HeadEntropy`."""
+
 
 class LinearOptions(NamedTuple):
     """How `linear_crossentropy` computes: every argument after the arrays.
