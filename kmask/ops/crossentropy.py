@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from kmask._shapes import broadcast_to_steps, dense_inputs, where_valid
+from kmask.ops._chunks import add_chunk_grads, chunk_logits, real_first, to_chunks
 from kmask.ops._dispatch import KERNELS, keeps_exponentials
 from kmask.ops._rows import (
     Rows,
@@ -27,8 +28,6 @@ from kmask.ops._rows import (
     row_crossentropy,
     row_crossentropy_grad,
     row_statistics,
-    softcap,
-    softcap_slope,
 )
 from kmask.typing import Tensor
 
@@ -460,25 +459,14 @@ def linear_crossentropy_portable(
     and `bias` (or `None`), int32 `labels` `[tokens]` (0 where not `valid`),
     boolean `valid` `[tokens]`; the outputs have `steps_shape`."""
     tokens = ops.shape(labels)[0]
-    width = hidden.shape[1]
-    # The real tokens first, in order: both loops stop after the last chunk
-    # that holds one, so padding costs no matmul.
-    order = ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
+    order = real_first(valid)
     hidden, labels, valid = (
         ops.take(x, order, axis=0) for x in (hidden, labels, valid)
     )
-    # A batch smaller than a chunk is one chunk of its own size.
-    chunk_size = options.chunk_size
-    chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
-    chunks = (tokens + chunk - 1) // chunk
-    # An empty batch has one chunk of padding, so the buffers have a shape.
-    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
-    active = (ops.sum(ops.cast(valid, "int32")) + chunk - 1) // chunk
-    extra = chunks * chunk - tokens
-    hidden = ops.reshape(ops.pad(hidden, [[0, extra], [0, 0]]), (chunks, chunk, width))
-    labels = ops.reshape(ops.pad(labels, [[0, extra]]), (chunks, chunk))
-    valid = ops.pad(ops.cast(valid, "int32"), [[0, extra]])
-    valid = ops.cast(ops.reshape(valid, (chunks, chunk)), "bool")
+    chunks, active, (hidden, labels, valid) = to_chunks(
+        tokens, valid, options.chunk_size, hidden, labels, ops.cast(valid, "int32")
+    )
+    valid = ops.cast(valid, "bool")
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
     per_step, stats = _chunked_crossentropy(
         labels, valid, options, return_stats, (chunks, active), *params
@@ -493,19 +481,6 @@ def linear_crossentropy_portable(
     if stats is not None:
         stats = tuple(ops.stop_gradient(unchunk(stat)) for stat in stats)
     return per_step, (None if reduce is None else reduce(per_step)), stats
-
-
-def _chunk_logits(chunk_hidden, kernel, bias, options: LinearOptions):
-    """A chunk's logits, capped with `options.softcap`; the kernel used as
-    it is stored (`einsum` contracts its last axis, without a transposed
-    copy, when it is `[vocabulary, width]`)."""
-    if options.transpose_kernel:
-        logits = ops.einsum("tw,vw->tv", chunk_hidden, kernel)
-    else:
-        logits = ops.matmul(chunk_hidden, kernel)
-    if bias is not None:
-        logits = logits + bias
-    return softcap(logits, options.softcap)
 
 
 def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params):
@@ -528,7 +503,7 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
 
         def forward_chunk(index, buffers):
             chunk_hidden = ops.take(hidden, index, axis=0)
-            logits = _chunk_logits(chunk_hidden, kernel, bias, options)
+            logits = chunk_logits(chunk_hidden, kernel, bias, options)
             chunk_labels = ops.take(labels, index, axis=0)
             rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
             values = [rows.top, rows.log_sum, rows.per_step]
@@ -562,9 +537,8 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                 upstream = upstream[0]
 
             def backward_chunk(index, grads):
-                d_hidden, d_kernel, d_bias = grads
                 chunk_hidden = ops.take(hidden, index, axis=0)
-                logits = _chunk_logits(chunk_hidden, kernel, bias, options)
+                logits = chunk_logits(chunk_hidden, kernel, bias, options)
                 rows = Rows(
                     ops.take(tops, index, axis=0),
                     ops.take(log_sums, index, axis=0),
@@ -582,18 +556,8 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                     label_smoothing,
                     z_loss,
                 )
-                if options.softcap is not None:
-                    d_logits = d_logits * softcap_slope(logits, options.softcap)
-                if options.transpose_kernel:
-                    chunk_d_hidden = ops.matmul(d_logits, kernel)
-                    chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, chunk_hidden)
-                else:
-                    chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
-                    chunk_d_kernel = ops.matmul(ops.transpose(chunk_hidden), d_logits)
-                return (
-                    ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
-                    d_kernel + chunk_d_kernel,
-                    d_bias + ops.sum(d_logits, axis=0),
+                return add_chunk_grads(
+                    grads, index, d_logits, logits, chunk_hidden, kernel, options
                 )
 
             vocabulary = kernel.shape[0 if options.transpose_kernel else 1]

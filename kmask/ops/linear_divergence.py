@@ -8,11 +8,8 @@ of the divergence from `kmask.ops.divergence.row_divergence_grad`. The real
 tokens are put first, so the loops stop after the last chunk that holds one:
 padded tokens cost no matmul (under `torch.compile`, which cannot trace a
 loop bound held in a tensor, every chunk runs). The teacher gets no
-gradient. The soft cap is the head's (`kmask.ops._rows.softcap`).
-
-The chunking is that of the head's `linear_crossentropy_portable`
-(`kmask.ops.crossentropy`), whose steps are private there: `real_first` and
-`to_chunks` below are the public form that both could share.
+gradient. The chunks, their logits (soft cap included) and their share of
+the gradients are the head's (`kmask.ops._chunks`).
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from kmask.ops._chunks import add_chunk_grads, chunk_logits, real_first, to_chunks
 from kmask.ops._dispatch import compiling
-from kmask.ops._rows import softcap, softcap_slope
 from kmask.ops.divergence import Divergence, row_divergence, row_divergence_grad
 
 
@@ -34,45 +31,6 @@ class Chunking(NamedTuple):
     chunk_size: int = 256
     softcap: float | None = None
     transpose_kernel: bool = False
-
-
-def real_first(valid: Any) -> Any:
-    """The order that puts the `valid` tokens (`[tokens]`) first, each group
-    in its own order."""
-    tokens = ops.shape(valid)[0]
-    return ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
-
-
-def to_chunks(tokens: Any, valid: Any, chunk_size: int, *rows: Any):
-    """`(chunks, active, chunked rows)`: `rows` (`[tokens, ...]`) padded to a
-    whole number of chunks and reshaped to `[chunks, chunk, ...]`, and the
-    number of chunks that hold a `valid` token (these come first). A batch
-    smaller than a chunk is one chunk of its own size; an empty one has one
-    chunk of padding, so the buffers have a shape."""
-    chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
-    chunks = (tokens + chunk - 1) // chunk
-    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
-    active = (ops.sum(ops.cast(valid, "int32")) + chunk - 1) // chunk
-    extra = chunks * chunk - tokens
-    chunked = []
-    for row in rows:
-        padding = [[0, extra]] + [[0, 0]] * (len(row.shape) - 1)
-        chunked.append(
-            ops.reshape(ops.pad(row, padding), (chunks, chunk, *row.shape[1:]))
-        )
-    return chunks, active, chunked
-
-
-def chunk_logits(hidden: Any, kernel: Any, bias: Any, chunking: Chunking) -> Any:
-    """A chunk's logits, capped; a `[vocabulary, width]` kernel is contracted
-    on its last axis, never transposed in memory."""
-    if chunking.transpose_kernel:
-        logits = ops.einsum("tw,vw->tv", hidden, kernel)
-    else:
-        logits = ops.matmul(hidden, kernel)
-    if bias is not None:
-        logits = logits + bias
-    return softcap(logits, chunking.softcap)
 
 
 def linear_divergence(
@@ -147,7 +105,6 @@ def linear_divergence(
             upstream = ops.where(valid, upstream, 0.0)
 
             def backward(index, grads):
-                d_hidden, d_kernel, d_bias = grads
                 chunk_hidden = ops.take(hidden, index, axis=0)
                 logits = chunk_logits(chunk_hidden, kernel, bias, chunking)
                 d_logits = row_divergence_grad(
@@ -156,18 +113,8 @@ def linear_divergence(
                     options,
                     ops.take(upstream, index, axis=0),
                 )
-                if chunking.softcap is not None:
-                    d_logits = d_logits * softcap_slope(logits, chunking.softcap)
-                if chunking.transpose_kernel:
-                    chunk_d_hidden = ops.matmul(d_logits, kernel)
-                    chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, chunk_hidden)
-                else:
-                    chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
-                    chunk_d_kernel = ops.matmul(ops.transpose(chunk_hidden), d_logits)
-                return (
-                    ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
-                    d_kernel + chunk_d_kernel,
-                    d_bias + ops.sum(d_logits, axis=0),
+                return add_chunk_grads(
+                    grads, index, d_logits, logits, chunk_hidden, kernel, chunking
                 )
 
             vocabulary = kernel.shape[0 if chunking.transpose_kernel else 1]
