@@ -316,7 +316,7 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         name: str | None = None,
         dtype: Any = None,
         class_weight: Any = None,
-    ):
+    ) -> None:
         super().__init__(
             from_logits, label_smoothing, axis, mask_value, reduction, name, dtype
         )
