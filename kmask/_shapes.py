@@ -494,7 +494,10 @@ def dense_inputs(targets: Any, predictions: Any, valid: Any):
     dtype = accumulation_dtype(predictions.dtype)
     predictions = ops.cast(predictions, dtype)
     targets = ops.cast(ops.convert_to_tensor(targets), dtype)
-    check_same_shape(targets, predictions)
+    # Equal static shapes need no check: the pipeline's, whose shapes
+    # `check_steps` checked, always are.
+    if tuple(targets.shape) != tuple(predictions.shape):
+        check_same_shape(targets, predictions)
     if valid is not None:
         valid = ops.cast(ops.convert_to_tensor(valid), "bool")
     return targets, predictions, valid
