@@ -1,8 +1,8 @@
 """Class weights on sequence labels: each real step weighted by its label's
 class weight, on top of `sample_weight`.
 
-A class weight is a step weight: the pipeline (`kmask._pipeline.prepare`,
-`prepare_labels`) multiplies it into the step weights it already carries, so
+A class weight is a step weight: the masking pipeline every loss, metric and
+the head run multiplies it into the step weights it already carries, so
 every reduction of `kmask.reduce` applies it unchanged. `"token_mean"` then
 divides by the summed class weights of the real steps, PyTorch's rule for
 `cross_entropy(weight=, ignore_index=)`; docs/concepts/reductions.md states

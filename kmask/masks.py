@@ -9,8 +9,8 @@ labels have a value (eager execution), kmask raises a `ValueError` naming the
 label, its position and the number of classes. Inside a traced or compiled
 function (`jax.jit`, `tf.function`, XLA, `torch.compile`) nothing can be
 raised, so the label is replaced by 0 before any gather (no backend error, no
-read out of bounds) and the step's value becomes NaN (`kmask._pipeline.poison`):
-the loss or metric is NaN, never a finite wrong number. Labels at padded steps
+read out of bounds) and the step's value becomes NaN: the loss or metric is
+NaN, never a finite wrong number. Labels at padded steps
 may hold anything.
 """
 
