@@ -49,6 +49,10 @@ def causal_lm(name: str, hidden_dim: int, seed: int) -> keras.Model:
     padding_mask = keras.Input((SEQUENCE,), dtype="bool", name="padding_mask")
     hidden = keras.layers.Embedding(VOCABULARY, hidden_dim)(token_ids)
     hidden = keras.layers.Dense(hidden_dim, "gelu")(hidden)
+    # A keras-hub backbone reads `padding_mask` in its attention; this one has
+    # none, so the mask joins the graph as an exact 0 (Keras 3.12 refuses an
+    # input that the outputs do not use).
+    hidden = hidden + 0.0 * ops.expand_dims(ops.cast(padding_mask, "float32"), -1)
     logits = keras.layers.Dense(VOCABULARY)(hidden)
     model = keras.Model({"token_ids": token_ids, "padding_mask": padding_mask},
                         logits, name=name)  # fmt: skip

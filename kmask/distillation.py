@@ -2,9 +2,9 @@
 through Keras's own `keras.distillation.Distiller`.
 
 The divergence between the teacher's and the student's logits is taken at
-the real steps only, found as every kmask loss finds them (through the one masking pipeline):
-the mask Keras propagated onto the
-student's logits, an explicit `mask`, a pad label in `labels`
+the real steps only, found as every kmask loss finds them (through the one
+masking pipeline): the mask Keras propagated onto the student's logits, an
+explicit `mask`, a pad label in `labels`
 (`mask_value`) and zero `sample_weight`. Padded steps are replaced with
 `where` before the divergence is computed, so whatever they hold (NaN, inf)
 reaches neither the value nor a gradient; the reduction is the registry's
