@@ -35,7 +35,12 @@ from kmask.ops import (
 )
 from kmask.ops._rows import softcap
 from kmask.ops.crossentropy import HEAD_STATS, LINEAR_STATS, LinearOptions
-from kmask.reduce import is_linear, reduce_steps, standardize_reduction
+from kmask.reduce import (
+    is_linear,
+    reduce_steps,
+    standardize_reduction,
+    value_gradient,
+)
 from kmask.typing import Tensor
 
 __all__ = [
@@ -541,23 +546,18 @@ def _head(
     labels, valid, masked = steps.y_true, steps.valid, steps.masked
     sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
 
-    def reduce(per_step):
+    gradient = None
+    if is_linear(reduction):
         # The masks without the zero weights: `sum_over_batch_size` counts
         # zero weights, as Keras does.
-        return reduce_steps(per_step, masked, reduction, sample_weight)
-
+        gradient = value_gradient(
+            tuple(ops.shape(labels)), masked, reduction, sample_weight
+        )
     per_step, value, stats = linear_crossentropy(
-        hidden,
-        kernel,
-        labels,
-        bias,
-        valid,
-        reduce if is_linear(reduction) else None,
-        linear_options,
-        sample_weight,
-        return_stats=return_stats,
+        hidden, kernel, labels, bias, valid, gradient, linear_options, return_stats
     )
-    value = reduce(per_step) if value is None else value
+    if value is None:
+        value = reduce_steps(per_step, masked, reduction, sample_weight)
     if reduction == "none":
         value = _pipeline.poison(value, out_of_range)
     else:

@@ -58,39 +58,59 @@ from kmask.typing import Tensor
 @dataclasses.dataclass
 class _Sums:
     """What a reduction is made of, per value: `l*w*m` (`weighted`), `w*m`
-    (`step_weight`), the mask alone (`real`: 1 on real steps, `None` without
-    a mask), and the `axis` to sum over (`None`: every axis)."""
+    (`step_weight`), the boolean `mask` of the values' rank (`None` without
+    one), and the `axis` to sum over (`None`: every axis)."""
 
     weighted: Any
     step_weight: Any
-    real: Any
+    mask: Any
     axis: Any
     segment_ids: Any
     token_counts: Any
-    _sequence_steps: Any = dataclasses.field(default=None, init=False)
+    _per_sequence: Any = dataclasses.field(default=None, init=False)
 
-    def sequence_steps(self) -> Any:
-        """At every value, the real values of its sequence (computed once,
-        for the numerator and the denominator; not `functools.cached_property`,
-        whose lock `torch.compile` cannot trace)."""
-        if self._sequence_steps is None:
-            self._sequence_steps = _sequence_steps(self.step_weight, self.segment_ids)
-        return self._sequence_steps
+    def per_sequence(self) -> Any:
+        """At every value, `1 / n`, `n` the real values of its sequence (0
+        where it has none); computed once, for the numerator and the
+        denominator (not `functools.cached_property`, whose lock
+        `torch.compile` cannot trace)."""
+        if self._per_sequence is None:
+            steps = _sequence_steps(self.step_weight, self.segment_ids)
+            self._per_sequence = divide_or_zero(ops.ones_like(steps), steps)
+        return self._per_sequence
 
 
 class Reduction(NamedTuple):
     """A reduction of the registry: its `numerator` and `denominator` (each
-    `_Sums -> tensor`; `denominator` `None` when it does not divide) and
-    whether it is `linear` in the per-step values (the torch head computes
-    the value's gradient before the per-step losses when it is)."""
+    `_Sums -> tensor`; `denominator` `None` when it does not divide), and
+    for a linear one its `step_factor` (`_Sums -> factor`, `1.0` for a plain
+    sum): the numerator is `sum(l*w*m*step_factor)`, so the gradient with
+    respect to the per-step values is known before they are
+    (`value_gradient`). Build a linear one with `linear`."""
 
     numerator: Callable[[_Sums], Any]
     denominator: Callable[[_Sums], Any] | None
-    linear: bool
+    step_factor: Callable[[_Sums], Any] | None = None
 
 
-def _weighted_sum(sums: _Sums):
-    return ops.sum(sums.weighted, axis=sums.axis)
+def linear(
+    step_factor: Callable[[_Sums], Any], denominator: Callable[[_Sums], Any] | None
+) -> Reduction:
+    """The `Reduction` `sum(l*w*m*step_factor) / denominator`."""
+
+    def numerator(sums: _Sums) -> Any:
+        return ops.sum(_times(sums.weighted, step_factor(sums)), axis=sums.axis)
+
+    return Reduction(numerator, denominator, step_factor)
+
+
+def _once(sums: _Sums) -> float:
+    return 1.0
+
+
+def _times(values: Any, factor: Any) -> Any:
+    """`values * factor`, with no multiplication by a plain `1.0`."""
+    return values if isinstance(factor, float) and factor == 1.0 else values * factor
 
 
 def _token_weight(sums: _Sums):
@@ -101,27 +121,27 @@ def _token_weight(sums: _Sums):
 
 
 def _real_steps(sums: _Sums):
-    if sums.real is None:
+    if sums.mask is None:
         return ops.sum(ops.ones_like(sums.weighted), axis=sums.axis)
-    return ops.sum(sums.real, axis=sums.axis)
+    real = ops.cast(sums.mask, sums.weighted.dtype)
+    return ops.sum(ops.broadcast_to(real, ops.shape(sums.weighted)), axis=sums.axis)
 
 
-def _per_sequence(sums: _Sums, values):
-    real_steps = sums.sequence_steps()
-    return ops.sum(values * divide_or_zero(ops.ones_like(real_steps), real_steps))
+def _per_sequence(sums: _Sums):
+    return sums.per_sequence()
+
+
+def _sequence_weight(sums: _Sums):
+    return ops.sum(sums.step_weight * sums.per_sequence(), axis=sums.axis)
 
 
 REGISTRY: dict[str, Reduction] = {
-    "token_mean": Reduction(_weighted_sum, _token_weight, linear=True),
-    "sequence_mean": Reduction(
-        lambda sums: _per_sequence(sums, sums.weighted),
-        lambda sums: _per_sequence(sums, sums.step_weight),
-        linear=True,
-    ),
-    "sum": Reduction(_weighted_sum, None, linear=True),
-    "sum_over_batch_size": Reduction(_weighted_sum, _real_steps, linear=True),
-    # One value per step: nothing is summed, so nothing is computed ahead.
-    "none": Reduction(lambda sums: sums.weighted, None, linear=False),
+    "token_mean": linear(_once, _token_weight),
+    "sequence_mean": linear(_per_sequence, _sequence_weight),
+    "sum": linear(_once, None),
+    "sum_over_batch_size": linear(_once, _real_steps),
+    # One value per step: nothing is summed, so nothing is known ahead.
+    "none": Reduction(lambda sums: sums.weighted, None),
 }
 """Every reduction kmask knows, by name: `masked_reduce` computes
 `numerator / global_denominator(denominator)` (see the table above). A new
@@ -221,27 +241,7 @@ def reduce_steps(
     are `[batch]` or a leading part of `values`' shape, and `segment_ids`
     `[batch, time]`.
     `axis` keeps the other axes (TF Addons' per-axis means)."""
-    rank = len(values.shape)
-    # The pipeline's masks have the per-step shape already: aligned here only
-    # when they are `[batch]` or a leading part of it.
-    if mask is not None and len(mask.shape) < rank:
-        mask = _shapes.align_rank(mask, rank)
-    if sample_weight is not None and len(sample_weight.shape) < rank:
-        sample_weight = _shapes.align_rank(sample_weight, rank)
-    if token_counts is not None and len(token_counts.shape) < rank:
-        token_counts = _shapes.align_rank(token_counts, rank)
-    if segment_ids is not None:
-        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
-        in_segment = _shapes.align_rank(in_segment, rank)
-        mask = in_segment if mask is None else ops.logical_and(mask, in_segment)
-    weighted, step_weight = _weighted_steps(values, mask, sample_weight)
-    real = None
-    if mask is not None:
-        real = ops.broadcast_to(ops.cast(mask, weighted.dtype), ops.shape(weighted))
-    counts = None
-    if token_counts is not None:
-        counts = ops.cast(token_counts, step_weight.dtype)
-    sums = _Sums(weighted, step_weight, real, axis, segment_ids, counts)
+    sums = _sums(values, mask, sample_weight, segment_ids, token_counts, axis)
     entry = REGISTRY[reduction]
     result = entry.numerator(sums)
     if entry.denominator is not None:
@@ -253,11 +253,32 @@ def reduce_steps(
     return result
 
 
+def value_gradient(
+    shape: tuple[int, ...],
+    mask: Any = None,
+    reduction: str = "token_mean",
+    sample_weight: Any = None,
+) -> Tensor:
+    """`d reduce_steps(values, mask, reduction, sample_weight) / d values`
+    for a linear `reduction` (not `"none"`), float32 of the values' `shape`:
+    `w*m*step_factor / global denominator`. It does not depend on the values,
+    so a fused op can compute the value's gradient in its forward pass."""
+    zeros = ops.zeros(shape, "float32")
+    sums = _sums(zeros, mask, sample_weight)
+    entry = REGISTRY[reduction]
+    if entry.step_factor is None:
+        raise ValueError(f"Expected a linear reduction. Received: {reduction=}")
+    gradient = _times(sums.step_weight, entry.step_factor(sums))
+    if entry.denominator is None:
+        return gradient
+    return divide_or_zero(gradient, entry.denominator(sums), across_replicas=True)
+
+
 def is_linear(reduction: str) -> bool:
     """Whether the registry's `reduction` is a linear function of the
-    per-step values (its gradient with respect to them is known before
-    they are)."""
-    return REGISTRY[standardize_reduction(reduction)].linear
+    per-step values (`value_gradient` gives its gradient before they are
+    known)."""
+    return REGISTRY[standardize_reduction(reduction)].step_factor is not None
 
 
 def masked_sum_and_count(
@@ -286,14 +307,36 @@ def sum_and_count(
     leading part of their shape. The two sums are the registry's
     `"token_mean"` numerator and (this replica's) denominator, the same
     two functions."""
+    sums = _sums(values, mask, sample_weight)
+    return ops.sum(sums.weighted), _token_weight(sums)
+
+
+def _sums(
+    values: Any,
+    mask: Any = None,
+    sample_weight: Any = None,
+    segment_ids: Any = None,
+    token_counts: Any = None,
+    axis: int | None = None,
+) -> _Sums:
+    """The `_Sums` of `values`; the arguments are `reduce_steps`' (`mask`,
+    `sample_weight` and `token_counts` aligned here when their rank is
+    lower: the pipeline's have the per-step shape already)."""
     rank = len(values.shape)
     if mask is not None and len(mask.shape) < rank:
         mask = _shapes.align_rank(mask, rank)
     if sample_weight is not None and len(sample_weight.shape) < rank:
         sample_weight = _shapes.align_rank(sample_weight, rank)
+    if token_counts is not None and len(token_counts.shape) < rank:
+        token_counts = _shapes.align_rank(token_counts, rank)
+    if segment_ids is not None:
+        in_segment = ops.not_equal(segment_ids, ops.zeros_like(segment_ids))
+        in_segment = _shapes.align_rank(in_segment, rank)
+        mask = in_segment if mask is None else ops.logical_and(mask, in_segment)
     weighted, step_weight = _weighted_steps(values, mask, sample_weight)
-    sums = _Sums(weighted, step_weight, None, None, None, None)
-    return _weighted_sum(sums), _token_weight(sums)
+    if token_counts is not None:
+        token_counts = ops.cast(token_counts, step_weight.dtype)
+    return _Sums(weighted, step_weight, mask, axis, segment_ids, token_counts)
 
 
 def divide_or_zero(

@@ -34,7 +34,7 @@ def largest_step(monkeypatch):
         real = ops.greater(sums.step_weight, 0)
         return ops.max(ops.where(real, sums.weighted, -1e30))
 
-    entry = reduce.Reduction(numerator, None, linear=False)
+    entry = reduce.Reduction(numerator, None)
     monkeypatch.setitem(reduce.REGISTRY, "largest_step", entry)
     return "largest_step"
 

@@ -354,9 +354,9 @@ def test_linear_value_and_per_step_losses_differentiated_together(reduction, use
 
     def objective(hidden, kernel, bias):
         mask = ops.convert_to_tensor(valid)
+        gradient = kmask.reduce.value_gradient((B, T), mask, reduction)
         per_step, value, _ = linear_crossentropy(
-            hidden, kernel, labels, bias, mask,
-            lambda x: kmask.masked_reduce(x, mask, reduction),
+            hidden, kernel, labels, bias, mask, gradient,
             LinearOptions(chunk_size=4, label_smoothing=0.1, z_loss=0.01),
         )  # fmt: skip
         return 2.5 * value + ops.sum(per_step * ops.convert_to_tensor(cotangent))

@@ -158,16 +158,16 @@ def test_chunked_linear_kernel_and_portable_form_agree(
     def kernel(hidden, weights, bias):
         per_step, _, stats["kernel"] = _torch.linear_crossentropy(
             hidden.reshape(-1, width), weights, bias, flat_labels, flat_valid,
-            None, (B, T), options, None, True,
+            None, options, True,
         )  # fmt: skip
         return per_step.reshape(B, T)
 
     def portable(hidden, weights, bias):
         per_step, _, stats["portable"] = linear_crossentropy_portable(
             hidden.reshape(-1, width), weights, bias, flat_labels, flat_valid,
-            None, (B, T), options, True,
+            None, options, True,
         )  # fmt: skip
-        return per_step
+        return per_step.reshape(B, T)
 
     found = np_linear(
         hidden, weights, bias, LABELS, VALID, UPSTREAM, "sum", softcap,
@@ -197,10 +197,10 @@ def test_chunked_linear_statistics_agree_at_a_temperature(temperature):
     flat = [torch.from_numpy(x.reshape(-1)) for x in (LABELS, VALID)]
     inputs = (torch.from_numpy(hidden.reshape(-1, width)), torch.from_numpy(weights))
     _, _, from_kernel = _torch.linear_crossentropy(
-        *inputs, None, *flat, None, (B, T), options, None, True
+        *inputs, None, *flat, None, options, True
     )
     _, _, from_portable = linear_crossentropy_portable(
-        *inputs, None, *flat, None, (B, T), options, True
+        *inputs, None, *flat, None, options, True
     )
     found = np_linear(
         hidden, weights, None, LABELS, VALID, None, "sum", 3.0,
@@ -227,21 +227,20 @@ def test_chunked_linear_class_weighted_reduction_agrees():
     options = LinearOptions(3, 0.1, 0.0, None, False)
     flat = [torch.from_numpy(x.reshape(-1)) for x in (LABELS, VALID)]
 
-    def reduce(per_step):
-        return kmask.masked_reduce(per_step, VALID, "token_mean", step_weight)
+    mask = torch.from_numpy(VALID)
+    gradient = kmask.reduce.value_gradient((B, T), mask, "token_mean", step_weight)
+    gradient = gradient.reshape(-1)
 
     def kernel(hidden, weights, bias):
         _, value, _ = _torch.linear_crossentropy(
-            hidden.reshape(-1, width), weights, bias, *flat, reduce, (B, T),
-            options, step_weight, False,
-        )  # fmt: skip
+            hidden.reshape(-1, width), weights, bias, *flat, gradient, options
+        )
         return value
 
     def portable(hidden, weights, bias):
         _, value, _ = linear_crossentropy_portable(
-            hidden.reshape(-1, width), weights, bias, *flat, reduce, (B, T),
-            options, False,
-        )  # fmt: skip
+            hidden.reshape(-1, width), weights, bias, *flat, gradient, options
+        )
         return value
 
     found = np_linear(

@@ -404,6 +404,30 @@ def test_masked_reduce_matches_numpy_property(case):
 # --- gradients -------------------------------------------------------------
 
 
+@settings(max_examples=40, deadline=None)
+@given(_reduce_case())
+def test_value_gradient_is_the_gradient_of_the_reduction_property(case):
+    """`value_gradient` (what the head's forward pass multiplies by) is the
+    gradient of the NumPy reduction: it is linear, so its gradient at step
+    `i` is its value on the one-hot values `e_i`."""
+    values, mask, reduction, sample_weight = case
+    reduction = KERAS_ALIASES.get(reduction, reduction)
+    if reduction == "none":
+        with pytest.raises(ValueError, match="linear reduction"):
+            kmask.reduce.value_gradient(values.shape, reduction=reduction)
+        return
+    mask_, weight = (
+        None if x is None else ops.convert_to_tensor(x) for x in (mask, sample_weight)
+    )
+    found = kmask.reduce.value_gradient(values.shape, mask_, reduction, weight)
+    expected = np.zeros(values.shape)
+    for index in np.ndindex(values.shape):
+        one_hot = np.zeros(values.shape)
+        one_hot[index] = 1.0
+        expected[index] = reference_reduce(one_hot, mask, reduction, sample_weight)
+    assert_close(found, expected, rtol=1e-6, atol=1e-7)
+
+
 def _reduce_fn(mask, reduction, sample_weight):
     def fn(values):
         result = kmask.masked_reduce(values, mask, reduction, sample_weight)

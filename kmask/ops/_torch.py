@@ -18,7 +18,6 @@ produce them, are in docs/measured.md ("Why PyTorch has kernels of its own").
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -64,12 +63,22 @@ class _Crossentropy(torch.autograd.Function):
         if flat_valid is not None:
             per_step = torch.where(flat_valid, per_step, 0.0)
         target_sum, dense = block.target_sum, isinstance(block.target_sum, torch.Tensor)
+        kept, row_logsumexp = block.log_probs, None
+        if torch.compiler.is_compiling():
+            # The compiler keeps the logits (the input: nothing new) and each
+            # row's logsumexp, not a `[rows, classes]` log_softmax; the
+            # backward pass's `logits - logsumexp` fuses into its `exp`.
+            kept = flat_logits
+            row_logsumexp = block.log_normalizer
+            if row_logsumexp is None:
+                row_logsumexp = torch.logsumexp(flat_logits, dim=1)
         ctx.save_for_backward(
-            block.log_probs,
+            kept,
             flat_targets,
             flat_valid,
             target_sum if dense else None,
             block.log_normalizer,
+            row_logsumexp,
         )
         label_sum = None if dense else target_sum
         ctx.options = (logits.shape, label_smoothing, z_loss, label_sum)
@@ -77,9 +86,12 @@ class _Crossentropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
-        log_probs, flat_targets, flat_valid, target_sum, log_normalizer = (
+        kept, flat_targets, flat_valid, target_sum, log_normalizer, row_logsumexp = (
             ctx.saved_tensors
         )
+        log_probs = kept
+        if row_logsumexp is not None:
+            log_probs = kept - row_logsumexp[:, None]
         shape, label_smoothing, z_loss, label_sum = ctx.options
         target_sum = label_sum if target_sum is None else target_sum
         coefficient = upstream.reshape(-1).to(log_probs.dtype)
@@ -180,10 +192,8 @@ def linear_crossentropy(
     bias: torch.Tensor | None,
     labels: torch.Tensor,
     valid: torch.Tensor,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-    steps_shape: tuple[int, ...],
+    value_gradient: torch.Tensor | None,
     options: tuple,
-    sample_weight: torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
     """The chunked linear cross-entropy; see `kmask.ops.linear_crossentropy`.
@@ -195,39 +205,39 @@ def linear_crossentropy(
         bias: float32 `[vocabulary]`, or `None`.
         labels: int32 `[tokens]`, 0 where not `valid`.
         valid: Boolean `[tokens]`.
-        reduce: The reduction, `per_step (steps_shape) -> scalar`, linear in
-            `per_step`; `None` for per-step losses only.
-        steps_shape: The shape of the per-step losses `reduce` takes.
+        value_gradient: float32 `d value / d per_step` `[tokens]` of a
+            linear reduction, or `None` for per-step losses only.
         options: `kmask.ops.crossentropy.LinearOptions`: chunk size, label
             smoothing, z-loss, soft cap, transposed kernel.
-        sample_weight: The weights `reduce` uses; when they need a gradient
-            of their own (a Keras variable), the value is left to the caller.
         return_stats: Whether to return, per token, the statistics
             `kmask.ops.crossentropy.LINEAR_STATS`.
 
     Returns:
         `(per_step, value, stats)`: float32 per-step losses `[tokens]` (0
-        where not `valid`), `reduce(per_step)` or `None` where the reduction
-        is left to the caller (no `reduce`, or no gradient to compute in
-        advance), and the statistics, a tuple of float32 `[tokens]` (0 where
-        not `valid`), or `None`.
+        where not `valid`), `sum(value_gradient * per_step)` or `None` where
+        the value is left to the caller (no `value_gradient`, nothing to
+        differentiate, or weights that need a gradient of their own), and
+        the statistics, a tuple of float32 `[tokens]` (0 where not `valid`),
+        or `None`.
         The first two are differentiable: the value's gradient is computed
         in the forward pass, the per-step losses' by recomputing the logits.
     """
     params = (hidden, kernel, bias)
-    coefficient = None
     compiling = torch.compiler.is_compiling()
-    # Under `torch.compile` the value's gradient is not computed in advance
-    # (`torch.autograd.grad` cannot be traced there): autograd differentiates
-    # `reduce(per_step)`, which recomputes the logits.
-    if compiling or getattr(sample_weight, "requires_grad", False):
-        reduce = None
+    # Under `torch.compile` the value's gradient is not computed ahead: the
+    # traced backward pass gets zeros rather than `None` for an unused
+    # per-step gradient, and would recompute every chunk besides (1.84x the
+    # compiled `Dense` step against 1.10x; docs/measured.md). Autograd
+    # differentiates the caller's reduction instead.
+    coefficient = value_gradient
     if (
-        reduce is not None
-        and torch.is_grad_enabled()
-        and any(p is not None and p.requires_grad for p in params)
+        coefficient is None
+        or compiling
+        or coefficient.requires_grad
+        or not torch.is_grad_enabled()
+        or not any(p is not None and p.requires_grad for p in params)
     ):
-        coefficient = _reduction_coefficients(reduce, steps_shape, hidden.device)
+        coefficient = None
     # Only the real rows go through the chunks: padding costs no matmul. The
     # gathers and the scatter back are differentiable; a padded row's
     # gradient is 0. Not under `torch.compile`, where the number of real rows
@@ -252,19 +262,6 @@ def linear_crossentropy(
             stats = stats.new_zeros((_STATS, tokens)).index_copy(1, real, stats)
     value = None if coefficient is None else value
     return per_step, value, (None if stats is None else tuple(stats))
-
-
-def _reduction_coefficients(reduce, steps_shape, device) -> torch.Tensor:
-    """`d reduce(per_step) / d per_step`, flat: the reduction is linear, so
-    these are the upstream gradients of the per-step losses (up to the
-    scalar upstream of the value), known before the losses are."""
-    with torch.enable_grad():
-        zeros = torch.zeros(steps_shape, dtype=torch.float32, device=device)
-        zeros.requires_grad_(True)
-        (coefficient,) = torch.autograd.grad(
-            reduce(zeros), zeros, allow_unused=True, materialize_grads=True
-        )
-    return coefficient.reshape(-1)
 
 
 class _LinearCrossentropy(torch.autograd.Function):
@@ -521,6 +518,10 @@ def _softmax_grad_(
         softmax_weight = softmax_weight + 2.0 * z_loss * block.log_normalizer
     scale = (coefficient * softmax_weight)[:, None]
     log_probs = block.log_probs
+    if torch.compiler.is_compiling():
+        return _traced_softmax_grad(
+            log_probs, targets, coefficient, scale, valid, label_smoothing
+        )
     grad = (log_probs.exp_() if in_place else log_probs.exp()).mul_(scale)
     if targets.dtype.is_floating_point:
         grad.addcmul_(targets, coefficient[:, None], value=label_smoothing - 1.0)
@@ -530,13 +531,37 @@ def _softmax_grad_(
         grad.sub_(coefficient[:, None] * (label_smoothing / grad.shape[1]))
     if valid is None:
         return grad
-    if torch.compiler.is_compiling():
-        # No `nonzero`: its size depends on the data, which breaks the graph.
-        return grad.masked_fill_(~valid[:, None], 0.0)
     padded = torch.nonzero(~valid).squeeze(1)
     if padded.numel():
         grad.index_fill_(0, padded, 0.0)
     return grad
+
+
+def _traced_softmax_grad(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    coefficient: torch.Tensor,
+    scale: torch.Tensor,
+    valid: torch.Tensor | None,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """`_softmax_grad_` under `torch.compile`: the same gradient as one
+    out-of-place expression (the label's term a `where` against the class
+    index, not a `scatter_add_`; the padded rows a `where`, not `nonzero`,
+    whose size depends on the data), which the compiler fuses into one pass
+    over the logits, as it does PyTorch's own cross-entropy."""
+    grad = log_probs.exp() * scale
+    label_term = coefficient[:, None] * (label_smoothing - 1.0)
+    if targets.dtype.is_floating_point:
+        grad = grad + targets * label_term
+    else:
+        classes = torch.arange(log_probs.shape[1], device=log_probs.device)
+        grad = torch.where(classes == targets, grad + label_term, grad)
+    if label_smoothing:
+        grad = grad - coefficient[:, None] * (label_smoothing / log_probs.shape[1])
+    if valid is None:
+        return grad
+    return torch.where(valid[:, None], grad, 0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ probabilities and a class axis other than the last.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import keras
@@ -363,9 +362,8 @@ def linear_crossentropy(
     labels: Any,
     bias: Any,
     valid: Any,
-    reduce: Callable[[Any], Any] | None,
+    value_gradient: Any,
     options: LinearOptions,
-    sample_weight: Any = None,
     return_stats: bool = False,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | None]:
     """The sparse cross-entropy of `hidden @ kernel + bias`, in chunks.
@@ -373,10 +371,17 @@ def linear_crossentropy(
     The tokens are flattened; padded rows of `hidden` are zeroed (a `where`,
     so NaN there cannot reach `kernel`'s gradient through `0 * NaN`) and carry
     a zero coefficient. Both passes loop over chunks of `chunk_size` tokens,
-    and the backward pass recomputes each chunk's logits, so memory holds one
-    `[chunk_size, vocabulary]` block. The real tokens are put first (and put
-    back after), so the loops stop after the last chunk that holds one:
-    padding costs no matmul.
+    so memory holds one `[chunk_size, vocabulary]` block. The real tokens are
+    put first (and put back after), so the loops stop after the last chunk
+    that holds one: padding costs no matmul.
+
+    With `value_gradient` (the gradient of a linear reduction with respect
+    to the per-step losses, `kmask.reduce.value_gradient`), the value is
+    `sum(value_gradient * per_step)` and its gradient with respect to
+    `hidden`, `kernel` and `bias` is computed in the forward pass, in the same
+    loop: one matmul for each chunk's logits and two for its gradients, and
+    the backward pass scales them. The per-step losses stay differentiable:
+    a nonzero upstream gradient of theirs recomputes each chunk's logits.
 
     Args:
         hidden: `[batch, ..., width]`.
@@ -385,21 +390,19 @@ def linear_crossentropy(
         labels: Integer labels, `hidden`'s shape without its last axis.
         bias: `[vocabulary]`, or `None`.
         valid: Boolean mask, `[batch]` or `labels`' shape, or `None`.
-        reduce: The reduction, `per_step -> scalar`, linear in `per_step`;
-            `None` for per-step losses only.
+        value_gradient: float32 `d value / d per_step` of `labels`' shape, 0
+            where not `valid`; `None` for per-step losses only.
         options: The `LinearOptions`.
-        sample_weight: The weights `reduce` uses, if any: a kernel that
-            computes the reduction's gradient in advance must know whether
-            they need one of their own.
         return_stats: Whether to return the per-step statistics
             `LINEAR_STATS`, computed inside the chunks.
 
     Returns:
         `(per_step, value, stats)`: float32 per-step losses of `labels`'
-        shape (0 where not `valid`), `reduce(per_step)` (`None` without
-        `reduce`), and the statistics `LINEAR_STATS`, a tuple of float32
-        arrays of `labels`' shape (0 where not `valid`; `None` without
-        `return_stats`), which have no gradient.
+        shape (0 where not `valid`), the value (`None` without
+        `value_gradient`, or where the kernel leaves it to the caller), and
+        the statistics `LINEAR_STATS`, a tuple of float32 arrays of `labels`'
+        shape (0 where not `valid`; `None` without `return_stats`), which
+        have no gradient.
     """
     steps_shape = ops.shape(labels)
     hidden = ops.cast(hidden, "float32")
@@ -415,31 +418,18 @@ def linear_crossentropy(
     hidden = ops.where(ops.expand_dims(valid, -1), hidden, ops.zeros_like(hidden))
     if bias is not None:
         bias = ops.cast(ops.convert_to_tensor(bias), "float32")
+    if value_gradient is not None:
+        value_gradient = ops.reshape(value_gradient, (-1,))
     kernel_op = KERNELS[keras.backend.backend(), "linear_crossentropy"]
-    if kernel_op is not None:
-        if sample_weight is not None:
-            sample_weight = ops.convert_to_tensor(sample_weight)
-        per_step, value, stats = kernel_op(
-            hidden,
-            kernel,
-            bias,
-            labels,
-            valid,
-            reduce,
-            tuple(steps_shape),
-            options,
-            sample_weight,
-            return_stats,
-        )
-        per_step = ops.reshape(per_step, steps_shape)
-        if value is None and reduce is not None:
-            value = reduce(per_step)
-        if stats is not None:
-            stats = tuple(ops.reshape(stat, steps_shape) for stat in stats)
-        return per_step, value, stats
-    return linear_crossentropy_portable(
-        hidden, kernel, bias, labels, valid, reduce, steps_shape, options, return_stats
+    if kernel_op is None:
+        kernel_op = linear_crossentropy_portable
+    per_step, value, stats = kernel_op(
+        hidden, kernel, bias, labels, valid, value_gradient, options, return_stats
     )
+    per_step = ops.reshape(per_step, steps_shape)
+    if stats is not None:
+        stats = tuple(ops.reshape(stat, steps_shape) for stat in stats)
+    return per_step, value, stats
 
 
 def linear_crossentropy_portable(
@@ -448,8 +438,7 @@ def linear_crossentropy_portable(
     bias: Any,
     labels: Any,
     valid: Any,
-    reduce: Callable[[Any], Any] | None,
-    steps_shape: Any,
+    value_gradient: Any,
     options: LinearOptions,
     return_stats: bool = False,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | None]:
@@ -457,55 +446,93 @@ def linear_crossentropy_portable(
     backend, on the flat inputs its PyTorch kernel takes: float32 `hidden`
     `[tokens, width]` (rows that are not `valid` zeroed), float32 `kernel`
     and `bias` (or `None`), int32 `labels` `[tokens]` (0 where not `valid`),
-    boolean `valid` `[tokens]`; the outputs have `steps_shape`."""
+    boolean `valid` `[tokens]`, float32 `value_gradient` `[tokens]` or
+    `None`; the per-step outputs are `[tokens]`."""
     tokens = ops.shape(labels)[0]
     order = real_first(valid)
-    hidden, labels, valid = (
-        ops.take(x, order, axis=0) for x in (hidden, labels, valid)
-    )
-    chunks, active, (hidden, labels, valid) = to_chunks(
-        tokens, valid, options.chunk_size, hidden, labels, ops.cast(valid, "int32")
-    )
+    rows = [ops.take(x, order, axis=0) for x in (hidden, labels, valid)]
+    rows[2] = ops.cast(rows[2], "int32")
+    if value_gradient is not None:
+        rows.append(ops.take(value_gradient, order, axis=0))
+    chunks, active, chunked = to_chunks(tokens, rows[2], options.chunk_size, *rows)
+    hidden, labels, valid, *gradient = chunked
     valid = ops.cast(valid, "bool")
+    gradient = gradient[0] if gradient else None
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
-    per_step, stats = _chunked_crossentropy(
-        labels, valid, options, return_stats, (chunks, active), *params
+    per_step, stats, value = _chunked_crossentropy(
+        labels, valid, gradient, options, return_stats, (chunks, active), *params
     )
     restore = ops.argsort(order)
 
     def unchunk(values):
-        values = ops.take(ops.reshape(values, (-1,))[:tokens], restore, axis=0)
-        return ops.reshape(values, steps_shape)
+        return ops.take(ops.reshape(values, (-1,))[:tokens], restore, axis=0)
 
     per_step = unchunk(per_step)
     if stats is not None:
         stats = tuple(ops.stop_gradient(unchunk(stat)) for stat in stats)
-    return per_step, (None if reduce is None else reduce(per_step)), stats
+    return per_step, value, stats
 
 
-def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params):
+def _chunked_crossentropy(
+    labels, valid, gradient, options, return_stats, chunks, *params
+):
     """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
-    bias])`: per-step losses `[chunks, chunk]` and, with `return_stats`,
-    the statistics `LINEAR_STATS` (stacked on the losses as one output, of
-    which only the losses have a gradient); both passes loop over chunks and
-    the backward pass recomputes each chunk's logits. `chunks` is `(all,
-    active)`: the loops run over the first `active` chunks (the others are
-    padding: 0, with a 0 gradient)."""
+    bias])`: `(per_step, stats, value)`, the per-step losses `[chunks,
+    chunk]`, with `return_stats` the statistics `LINEAR_STATS` (stacked on
+    the losses as one output, of which only the losses have a gradient), and
+    with `gradient` (`d value / d per_step`, `[chunks, chunk]`) the value,
+    whose gradient the forward loop computes (else `None`). The backward
+    pass recomputes each chunk's logits only for a nonzero upstream gradient
+    of the per-step losses. `chunks` is `(all, active)`: the loops run over
+    the first `active` chunks (the others are padding: 0, with a 0
+    gradient)."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
     chunks, active = chunks
     empty = ops.zeros((chunks, params[0].shape[1]), "float32")
     # tops, log sums, losses; then correct, nll, predicted, log_prob, entropy.
     buffers = (empty,) * (8 if return_stats else 3)
+    ahead = gradient is not None
+
+    def zero_grads(hidden, kernel):
+        vocabulary = kernel.shape[0 if options.transpose_kernel else 1]
+        return (
+            ops.zeros_like(hidden),
+            ops.zeros_like(kernel),
+            ops.zeros((vocabulary,), "float32"),
+        )
 
     @ops.custom_gradient
     def crossentropy(*params):
         hidden, kernel, bias = (*params, None)[:3]
 
-        def forward_chunk(index, buffers):
+        def chunk_rows(index, rows, upstream, grads):
+            """Chunk `index`'s logits; with `upstream` (the gradient of its
+            per-step losses), `grads` with its share added."""
             chunk_hidden = ops.take(hidden, index, axis=0)
             logits = chunk_logits(chunk_hidden, kernel, bias, options)
             chunk_labels = ops.take(labels, index, axis=0)
-            rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
+            if rows is None:
+                rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
+            if upstream is not None:
+                d_logits = row_crossentropy_grad(
+                    logits,
+                    rows,
+                    chunk_labels,
+                    ops.take(upstream, index, axis=0),
+                    ops.take(valid, index, axis=0),
+                    label_smoothing,
+                    z_loss,
+                    keep_exponentials=rows.exponentials is not None,
+                )
+                grads = add_chunk_grads(
+                    grads, index, d_logits, logits, chunk_hidden, kernel, options
+                )
+            return logits, chunk_labels, rows, grads
+
+        def forward_chunk(index, carry):
+            split = len(carry) - 3 if ahead else len(carry)
+            buffers, grads = carry[:split], tuple(carry[split:])
+            logits, chunk_labels, rows, grads = chunk_rows(index, None, gradient, grads)
             values = [rows.top, rows.log_sum, rows.per_step]
             if return_stats:
                 predicted, log_prob, entropy = row_statistics(
@@ -518,27 +545,33 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                     log_prob,
                     entropy,
                 ]
-            return tuple(
+            buffers = tuple(
                 ops.slice_update(buffer, [index, 0], ops.expand_dims(value, 0))
                 for buffer, value in zip(buffers, values, strict=True)
             )
+            return buffers + tuple(grads)
 
-        tops, log_sums, *outputs = ops.fori_loop(0, active, forward_chunk, buffers)
+        carry = buffers + (zero_grads(hidden, kernel) if ahead else ())
+        tops, log_sums, *outputs = ops.fori_loop(0, active, forward_chunk, carry)
+        ahead_grads = outputs[len(outputs) - 3 :] if ahead else None
+        outputs = outputs[: len(outputs) - 3] if ahead else outputs
         if return_stats:
             z_term = z_loss * ops.square(tops + log_sums)
             outputs = [*outputs[:3], z_term, *outputs[3:]]
         outputs = [ops.where(valid, found, ops.zeros_like(found)) for found in outputs]
-        output = ops.stack(outputs) if return_stats else outputs[0]
+        if ahead:
+            # The anchor: zeros whose sum the value adds, so that the value's
+            # upstream gradient reaches `grad` (one output: Keras's PyTorch
+            # custom gradient takes no tuple).
+            outputs.append(ops.zeros_like(outputs[0]))
+        output = ops.stack(outputs) if len(outputs) > 1 else outputs[0]
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            if return_stats:
-                upstream = upstream[0]
+            d_per_step = upstream[0] if len(outputs) > 1 else upstream
 
             def backward_chunk(index, grads):
-                chunk_hidden = ops.take(hidden, index, axis=0)
-                logits = chunk_logits(chunk_hidden, kernel, bias, options)
                 rows = Rows(
                     ops.take(tops, index, axis=0),
                     ops.take(log_sums, index, axis=0),
@@ -547,32 +580,33 @@ def _chunked_crossentropy(labels, valid, options, return_stats, chunks, *params)
                     None,
                     None,
                 )
-                d_logits = row_crossentropy_grad(
-                    logits,
-                    rows,
-                    ops.take(labels, index, axis=0),
-                    ops.take(upstream, index, axis=0),
-                    ops.take(valid, index, axis=0),
-                    label_smoothing,
-                    z_loss,
-                )
-                return add_chunk_grads(
-                    grads, index, d_logits, logits, chunk_hidden, kernel, options
-                )
+                return chunk_rows(index, rows, d_per_step, grads)[3]
 
-            vocabulary = kernel.shape[0 if options.transpose_kernel else 1]
-            zeros = (
-                ops.zeros_like(hidden),
-                ops.zeros_like(kernel),
-                ops.zeros((vocabulary,), "float32"),
-            )
-            d_hidden, d_kernel, d_bias = ops.fori_loop(0, active, backward_chunk, zeros)
-            return (d_hidden, d_kernel, d_bias)[: len(params)]
+            # The per-step losses' own gradient, only when something uses
+            # them: the loop then recomputes the logits of every chunk.
+            used = ops.any(ops.not_equal(d_per_step, 0.0))
+            trips = ops.where(used, active, ops.zeros_like(active))
+            found = ops.fori_loop(0, trips, backward_chunk, zero_grads(hidden, kernel))
+            if ahead_grads is not None:
+                # The anchor is summed: its upstream is the value's, everywhere.
+                d_value = upstream[-1][0, 0]
+                found = tuple(
+                    a + b * d_value for a, b in zip(found, ahead_grads, strict=True)
+                )
+            return found[: len(params)]
 
         return output, grad
 
     output = crossentropy(*params)
+    value = None
+    if ahead:
+        # The value's gradient with respect to the parameters flows through
+        # the anchor (its gradient computed ahead), with respect to
+        # `gradient` (weights that are trainable) through the product.
+        per_step = ops.stop_gradient(output[0])
+        value = ops.sum(output[-1]) + ops.sum(gradient * per_step)
     if return_stats:
         # Indexed one by one: a traced TensorFlow tensor cannot be iterated.
-        return output[0], tuple(output[row] for row in range(1, len(LINEAR_STATS) + 1))
-    return output, None
+        stats = tuple(output[row] for row in range(1, len(LINEAR_STATS) + 1))
+        return output[0], stats, value
+    return (output[0] if ahead else output), None, value
