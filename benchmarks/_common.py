@@ -158,3 +158,53 @@ def write_json(path: Path | None, report: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(report, indent=1))
         print(f"results written to {path}")
+
+
+def measure_step(
+    step: Callable,
+    inputs: Sequence[Any],
+    variant: str,
+    names: Sequence[str],
+    repeats: int,
+    jax_compiled: Callable | None = None,
+) -> dict:
+    """One variant's `step(*inputs) -> (loss, grads)` measured in this
+    process: the resident memory its first call adds (its peak minus the
+    RSS before it), its outputs saved under `names` to an `.npz` file (the
+    parent compares the variants), JAX's compiled temporary memory (of
+    `jax_compiled`, the jitted function) and the times of `repeats` calls
+    after that first one. Returns the report, with `backend_info()`."""
+    import numpy as np
+    from keras import ops
+
+    before = rss_mib()
+    reset_peak_rss()
+    loss, grads = step(*inputs)
+    peak = peak_rss_mib()
+    saved = Path(tempfile.mkdtemp(prefix="kmask-bench-")) / f"{variant}.npz"
+    outputs = [loss, *grads]
+    arrays = {n: ops.convert_to_numpy(x) for n, x in zip(names, outputs, strict=True)}
+    np.savez(saved, **arrays)
+    del loss, grads, outputs, arrays
+    temp = None
+    if jax_compiled is not None:
+        analysis = jax_compiled.lower(*inputs).compile().memory_analysis()
+        temp = analysis.temp_size_in_bytes
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        result = step(*inputs)
+        ops.convert_to_numpy(result[0])
+        times.append(time.perf_counter() - started)
+        del result
+    return {
+        **backend_info(),
+        "variant": variant,
+        "rss_before_mib": before,
+        "peak_rss_mib": peak,
+        "step_mib": peak - before,
+        "jax_temp_bytes": temp,
+        "times_s": times[1:],
+        "median_s": statistics.median(times[1:]),
+        "outputs": str(saved),
+    }

@@ -29,22 +29,16 @@ benchmark's (8192 tokens) so that the CPU machine of the project runs it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from _common import (
-    backend_info,
     installed_backends,
     machine,
     markdown_table,
-    peak_rss_mib,
-    reset_peak_rss,
-    rss_mib,
+    measure_step,
     run_child,
     value_and_grad,
     write_json,
@@ -119,41 +113,8 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
             jax.block_until_ready(outputs)
         return outputs
 
-    before = rss_mib()
-    reset_peak_rss()
-    loss, grads = step(*inputs)
-    peak = peak_rss_mib()
-    saved = Path(tempfile.mkdtemp(prefix="kmask-bench-")) / f"{variant}.npz"
-    np.savez(
-        saved,
-        **{
-            name: ops.convert_to_numpy(tensor)
-            for name, tensor in zip(OUTPUTS, [loss, *grads], strict=True)
-        },
-    )
-    del loss, grads
-    temp = None
-    if backend == "jax":
-        temp = compiled.lower(*inputs).compile().memory_analysis().temp_size_in_bytes
-    times = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        result = step(*inputs)
-        ops.convert_to_numpy(result[0])
-        times.append(time.perf_counter() - started)
-        del result
-    write_json(
-        out,
-        {
-            **backend_info(),
-            "variant": variant,
-            "peak_rss_mib": peak,
-            "step_mib": peak - before,
-            "jax_temp_bytes": temp,
-            "median_s": statistics.median(times[1:]),
-            "outputs": str(saved),
-        },
-    )
+    jax_compiled = compiled if backend == "jax" else None
+    write_json(out, measure_step(step, inputs, variant, OUTPUTS, repeats, jax_compiled))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,10 +72,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,9 +83,7 @@ from _common import (
     interleaved_medians,
     machine,
     markdown_table,
-    peak_rss_mib,
-    reset_peak_rss,
-    rss_mib,
+    measure_step,
     run_child,
     value_and_grad,
     write_json,
@@ -231,45 +226,8 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
     arrays = make_inputs(**shape)
     inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
     step = _step(_loss_fn(variant, chunk_size, shape["vocabulary"]), backend)
-    before = rss_mib()
-    reset_peak_rss()
-    loss, grads = step(*inputs)
-    outputs = [loss, *grads]
-    peak = peak_rss_mib()
-    saved = Path(tempfile.mkdtemp(prefix="kmask-bench-")) / f"{variant}.npz"
-    np.savez(
-        saved,
-        **{
-            name: ops.convert_to_numpy(tensor)
-            for name, tensor in zip(OUTPUTS, outputs, strict=True)
-        },
-    )
-    del loss, grads, outputs
-    temp = None
-    if backend == "jax":
-        temp = step.compiled.lower(*inputs).compile().memory_analysis()
-        temp = temp.temp_size_in_bytes
-    times = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        result = step(*inputs)
-        ops.convert_to_numpy(result[0])
-        times.append(time.perf_counter() - started)
-        del result
-    write_json(
-        out,
-        {
-            **backend_info(),
-            "variant": variant,
-            "rss_before_mib": before,
-            "peak_rss_mib": peak,
-            "step_mib": peak - before,
-            "jax_temp_bytes": temp,
-            "times_s": times[1:],
-            "median_s": statistics.median(times[1:]),
-            "outputs": str(saved),
-        },
-    )
+    jax_compiled = step.compiled if backend == "jax" else None
+    write_json(out, measure_step(step, inputs, variant, OUTPUTS, repeats, jax_compiled))
 
 
 # `--side-by-side`: the variants timed in one process, and on PyTorch the

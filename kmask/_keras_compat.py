@@ -22,6 +22,11 @@ Internals used:
   **kwargs)` per node. `kmask.report` wraps it on the model instance (never
   the class) for one call, to read the masks each layer really receives and
   attaches at run time.
+
+And one TensorFlow internal: `tensorflow.python.eager.record.
+could_possibly_record()`, whether a `GradientTape` is recording in eager
+mode (TensorFlow has no public way to ask), read by
+`kmask.ops._dispatch.may_differentiate`.
 """
 
 from __future__ import annotations
@@ -84,6 +89,18 @@ def get_keras_mask(x: Any) -> Any:
     if _get_keras_mask is not None:
         return _get_keras_mask(x)
     return getattr(x, "_keras_mask", None)
+
+
+# Where TensorFlow's "is a tape recording?" has lived, newest first.
+TAPE_HOMES = ("tensorflow.python.eager.record",)
+
+
+def tape_recording() -> bool:
+    """Whether a TensorFlow `GradientTape` may record the next op (eager
+    mode); `True` when TensorFlow moved its accessor out of every known home,
+    so that no gradient is ever left out, only time lost."""
+    could_record, _ = _find("could_possibly_record", TAPE_HOMES)
+    return True if could_record is None else bool(could_record())
 
 
 def producing_node(tensor: Any) -> Any:

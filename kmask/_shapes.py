@@ -501,3 +501,17 @@ def dense_inputs(targets: Any, predictions: Any, valid: Any):
     if valid is not None:
         valid = ops.cast(ops.convert_to_tensor(valid), "bool")
     return targets, predictions, valid
+
+
+def positive_number(argument: str, value: Any, none: bool = False) -> float | None:
+    """`value` as a float, checked to be a positive number (or `None` when
+    `none` allows it); a `ValueError` naming `argument` else."""
+    if none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        expected = "`None` or a positive number" if none else "a positive number"
+        raise ValueError(
+            f"Invalid value for argument `{argument}`. Expected {expected}. "
+            f"Received: {argument}={value!r}"
+        )
+    return float(value)

@@ -30,11 +30,7 @@ from kmask import _pipeline, _shapes
 from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask._keras_compat import DISTILLATION_LOSS_BASE, DISTILLER_BASE
 from kmask._resolve import plain
-from kmask.ops.divergence import (
-    divergence_options,
-    positive_number,
-    row_divergence,
-)
+from kmask.ops.divergence import divergence_options, row_divergence
 from kmask.ops.linear_divergence import Chunking, linear_divergence
 from kmask.reduce import reduce_steps, standardize_reduction
 from kmask.typing import Tensor
@@ -281,7 +277,7 @@ def _head(hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
 def _chunking(chunk_size: Any, softcap: Any, transpose_kernel: bool) -> Chunking:
     """The checked `Chunking` (`chunk_size` may still be `"auto"`)."""
     check_chunk_size(chunk_size)
-    cap = positive_number("softcap", softcap, none=True)
+    cap = _shapes.positive_number("softcap", softcap, none=True)
     return Chunking(chunk_size, cap, bool(transpose_kernel))
 
 

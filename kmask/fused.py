@@ -2,15 +2,15 @@
 per-step ops of `kmask.ops` under their first names.
 
 `fused_linear_crossentropy` computes the logits `hidden @ kernel + bias` a
-chunk of tokens at a time, in the forward pass (for the normalizer and the
-label's logit) and again in the backward pass (for the gradients of `hidden`,
-`kernel` and `bias`), so memory holds one `[chunk_size, vocabulary]` block
-instead of `[tokens, vocabulary]` (`kmask.ops.linear_crossentropy`). The price
-is one more matmul (four instead of three per step); padded tokens are left
-out of the chunks, so they cost no matmul at all. `FusedLinearCrossentropy`
-puts it at the end of a language model. Its padding comes from the same
-pipeline as every kmask loss's, and it reduces with `kmask.reduce`:
-see `kmask.reduce` for the reductions.
+chunk of tokens at a time, so memory holds one `[chunk_size, vocabulary]`
+block instead of `[tokens, vocabulary]` (`kmask.ops.linear`). For a linear
+reduction (all but `"none"`) the forward pass computes the gradients of
+`hidden`, `kernel` and `bias` in the same loop, three matmuls per chunk as
+`Dense` plus a loss does; padded tokens are left out of the chunks, so they
+cost no matmul at all. `FusedLinearCrossentropy` puts it at the end of a
+language model. Its padding comes from the same pipeline as every kmask
+loss's (`kmask._head`), and it reduces with `kmask.reduce`: see
+`kmask.reduce` for the reductions.
 
 `sparse_crossentropy_with_logits`, `categorical_crossentropy_with_logits` and
 `mean_squared_error` live in `kmask.ops` and stay importable from here.
@@ -23,23 +23,19 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask import _pipeline, _shapes, class_weights
-from kmask._chunking import check_chunk_size, resolve_chunk_size
+from kmask import _head, class_weights
 from kmask._keras_compat import upstream_layer
 from kmask._resolve import plain
 from kmask.ops import (
     categorical_crossentropy_with_logits,
-    linear_crossentropy,
     mean_squared_error,
     sparse_crossentropy_with_logits,
 )
 from kmask.ops._rows import softcap
-from kmask.ops.crossentropy import HEAD_STATS, LINEAR_STATS, LinearOptions
+from kmask.ops.linear import HEAD_STATS
 from kmask.reduce import (
-    is_linear,
     reduce_steps,
     standardize_reduction,
-    value_gradient,
 )
 from kmask.typing import Tensor
 
@@ -147,12 +143,12 @@ def fused_linear_crossentropy(
     1.6094
     """
     reduction = standardize_reduction(reduction)
-    options = _linear_options(
+    options = _head.linear_options(
         chunk_size, label_smoothing, z_loss, softcap, transpose_kernel, temperature
     )
     hidden = ops.convert_to_tensor(hidden)
     kernel = ops.convert_to_tensor(kernel)
-    per_step, value, stats = _head(
+    per_step, value, stats = _head.head(
         hidden,
         kernel,
         labels,
@@ -246,7 +242,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
     >>> head = kmask.FusedLinearCrossentropy(
     ...     10, embedding=embedding, softcap=30.0, mask_value=-100, chunk_size=4
     ... )
-    >>> model = keras.Model([tokens, labels], head([hidden, labels]))
+    >>> model = keras.Model([tokens, labels], _head.head([hidden, labels]))
     >>> model.compile(optimizer="sgd", loss=None)
     >>> x = np.ones((2, 6), "int32")
     >>> y = np.full((2, 6), -100, "int32")
@@ -280,7 +276,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
                 "loss and returns the per-step losses itself. Expected a reduction "
                 "other than 'none'. Received: reduction='none'"
             )
-        self._linear_options = _linear_options(
+        self._linear_options = _head.linear_options(
             chunk_size,
             label_smoothing,
             z_loss,
@@ -350,7 +346,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             return softcap(logits, options.softcap)
         hidden, labels = inputs
         hidden_mask = mask[0] if mask is not None else None
-        per_step, value, stats = _head(
+        per_step, value, stats = _head.head(
             hidden,
             self.projection(),
             labels,
@@ -404,7 +400,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
         hidden, labels = ops.convert_to_tensor(hidden), ops.convert_to_tensor(labels)
         if not self.built:
             self.build([tuple(hidden.shape), tuple(labels.shape)])
-        _, _, stats = _head(
+        _, _, stats = _head.head(
             hidden,
             self.projection(),
             labels,
@@ -504,115 +500,6 @@ class _Tie:
                 "reloaded functional model does this)."
             )
         return self.layer.embeddings
-
-
-def _head(
-    hidden,
-    kernel,
-    labels,
-    bias,
-    options,
-    mask=None,
-    sample_weight=None,
-    return_stats=False,
-    class_weight=None,
-):
-    """`(per_step, value, stats)` of the head: the pipeline's real steps
-    (pad label, mask, zero weights, class weights), then the chunked op,
-    reduced by `kmask.reduce`; `stats` is `None` unless asked for, else a
-    dict of per-step values by name: the op's `LINEAR_STATS` and the step's
-    `weight` (0 on padding), all NaN at a real step whose label is out of
-    range."""
-    mask_value, reduction, linear_options = options
-    labels = ops.convert_to_tensor(labels)
-    if mask is not None:
-        mask = ops.convert_to_tensor(mask)
-    _shapes.check_linear(
-        hidden, kernel, labels, bias, linear_options.transpose_kernel,
-        mask=mask, sample_weight=sample_weight,
-    )  # fmt: skip
-    vocabulary = kernel.shape[0 if linear_options.transpose_kernel else 1]
-    hidden_size = kernel.shape[1 if linear_options.transpose_kernel else 0]
-    chunk_size = resolve_chunk_size(linear_options.chunk_size, hidden_size, vocabulary)
-    linear_options = linear_options._replace(chunk_size=chunk_size)
-    steps = _pipeline.prepare_labels(
-        labels,
-        classes=vocabulary,
-        target_mask=None if mask_value is None else _pipeline.label_padding(mask_value),
-        mask=mask,
-        sample_weight=sample_weight,
-        class_weight=class_weight,
-    )
-    labels, valid, masked = steps.y_true, steps.valid, steps.masked
-    sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
-
-    gradient = None
-    if is_linear(reduction):
-        # The masks without the zero weights: `sum_over_batch_size` counts
-        # zero weights, as Keras does.
-        gradient = value_gradient(
-            tuple(ops.shape(labels)), masked, reduction, sample_weight
-        )
-    per_step, value, stats = linear_crossentropy(
-        hidden, kernel, labels, bias, valid, gradient, linear_options, return_stats
-    )
-    if value is None:
-        value = reduce_steps(per_step, masked, reduction, sample_weight)
-    if reduction == "none":
-        value = _pipeline.poison(value, out_of_range)
-    else:
-        value = ops.where(ops.any(out_of_range), float("nan"), value)
-    named = None
-    if stats is not None:
-        weight = _shapes.step_weights(tuple(ops.shape(labels)), valid, sample_weight)
-        by_name = dict(zip(LINEAR_STATS, stats, strict=True), weight=weight)
-        named = {
-            name: _pipeline.poison(stat, out_of_range) for name, stat in by_name.items()
-        }
-    return _pipeline.poison(per_step, out_of_range), value, named
-
-
-def _linear_options(
-    chunk_size: Any,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Any,
-    transpose_kernel: bool,
-    temperature: Any = 1.0,
-) -> LinearOptions:
-    """The checked `LinearOptions` of the head."""
-    check_chunk_size(chunk_size)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            "Invalid value for argument `label_smoothing`. Expected a value in "
-            f"[0, 1]. Received: label_smoothing={label_smoothing}"
-        )
-    if softcap is not None and (
-        isinstance(softcap, bool)
-        or not isinstance(softcap, (int, float))
-        or not softcap > 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `softcap`. Expected `None` or a "
-            f"positive number. Received: softcap={softcap!r}"
-        )
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not temperature > 0
-    ):
-        raise ValueError(
-            "Invalid value for argument `temperature`. Expected a positive "
-            f"number. Received: temperature={temperature!r}"
-        )
-    return LinearOptions(
-        chunk_size,
-        float(label_smoothing),
-        float(z_loss),
-        None if softcap is None else float(softcap),
-        bool(transpose_kernel),
-        float(temperature),
-    )
 
 
 def _is_pair(value) -> bool:

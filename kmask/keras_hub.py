@@ -20,7 +20,7 @@ import keras_hub
 from keras import ops
 
 import kmask
-from kmask.ops.crossentropy import HEAD_STATS
+from kmask.ops.linear import HEAD_STATS
 
 __all__ = ["FusedCausalLM", "fused_causal_lm"]
 

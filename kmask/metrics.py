@@ -24,7 +24,7 @@ from kmask import _pipeline, _resolve, class_weights
 from kmask._shapes import squeeze_trailing
 from kmask.masks import combine_masks, target_padding
 from kmask.ops import crossentropy
-from kmask.ops.crossentropy import HEAD_STATS
+from kmask.ops.linear import HEAD_STATS
 from kmask.reduce import divide_or_zero, masked_sum_and_count, sum_and_count
 from kmask.typing import Tensor, TensorLike
 

@@ -344,7 +344,7 @@ def test_linear_value_and_per_step_losses_differentiated_together(reduction, use
     # its upstream) and the per-step losses (the logits recomputed), both in
     # one objective: what a layer's loss plus its returned losses need.
     from kmask.ops import linear_crossentropy
-    from kmask.ops.crossentropy import LinearOptions
+    from kmask.ops.linear import LinearOptions
 
     data = _data(13)
     valid = _valid()
@@ -913,3 +913,38 @@ def test_a_tied_kernel_takes_its_vocabulary_from_its_first_axis():
         kmask.fused_linear_crossentropy(
             data["hidden"], kernel, labels + 1, transpose_kernel=True
         )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="the portable chunk loop's"
+)
+def test_an_eager_call_without_a_gradient_computes_none(monkeypatch):
+    """Eager and not differentiated (an eager `evaluate`), the head's loop
+    computes no gradient: only the logits' matmul per chunk. Under a
+    gradient it does, in the forward pass, and the value is the same."""
+    from kmask.ops import linear
+
+    calls = []
+    add = linear.add_chunk_grads
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "add_chunk_grads", counted)
+    data = linear_data(np.random.default_rng(21), B, T, H, V)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+
+    def loss(hidden):
+        return kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, mask_value=PAD, chunk_size=4
+        )
+
+    value = loss(ops.convert_to_tensor(data["hidden"]))
+    assert calls == []
+    differentiated, _ = value_and_grad(loss, data["hidden"])
+    assert calls
+    expected = np_linear(data["hidden"], data["kernel"], None, labels, valid)[0]
+    _close(value, expected)
+    _close(differentiated, expected)

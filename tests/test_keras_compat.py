@@ -185,3 +185,21 @@ def test_keras_distillation_is_found():
 def test_the_distiller_stand_in_says_what_is_missing():
     with pytest.raises(ValueError, match=r"keras\.distillation"):
         compat.DistillerMissing()
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="a TensorFlow internal"
+)
+def test_tensorflows_tape_check_is_found_and_answers():
+    import tensorflow as tf
+
+    found, home = compat._find("could_possibly_record", compat.TAPE_HOMES)
+    assert found is not None, (
+        f"TensorFlow {tf.__version__} moved `could_possibly_record`: the head "
+        "computes its gradient in every eager call. Add its new home to "
+        "kmask/_keras_compat.py (TAPE_HOMES)."
+    )
+    assert home in compat.TAPE_HOMES
+    assert not compat.tape_recording()
+    with tf.GradientTape():
+        assert compat.tape_recording()

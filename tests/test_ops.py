@@ -35,12 +35,10 @@ import torch
 import kmask
 from kmask.ops import _torch
 from kmask.ops.crossentropy import (
-    LINEAR_STATS,
-    LinearOptions,
     categorical_crossentropy_portable,
-    linear_crossentropy_portable,
     sparse_crossentropy_portable,
 )
+from kmask.ops.linear import LINEAR_STATS, LinearOptions, linear_crossentropy_portable
 
 B, T, C = 3, 5, 7
 VALID = np.arange(T)[None, :] < np.array([5, 3, 0])[:, None]

@@ -26,10 +26,10 @@ from kmask.ops.crossentropy import (
     binary_crossentropy,
     categorical_crossentropy_with_logits,
     crossentropy,
-    linear_crossentropy,
     sparse_crossentropy,
     sparse_crossentropy_with_logits,
 )
+from kmask.ops.linear import linear_crossentropy
 from kmask.ops.squared_error import mean_squared_error
 
 __all__ = [

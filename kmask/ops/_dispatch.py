@@ -26,10 +26,10 @@ class _Kernels(dict):
         backend, name = key
         kernel = None
         if backend == "torch":
-            # Imported here: the module imports torch.
-            from kmask.ops import _torch
+            # Imported here: the modules import torch.
+            from kmask.ops import _torch, _torch_ctc
 
-            kernel = getattr(_torch, name)
+            kernel = getattr(_torch, name, None) or getattr(_torch_ctc, name)
         self[key] = kernel
         return kernel
 
@@ -60,6 +60,32 @@ def compiling() -> bool:
     import torch
 
     return torch.compiler.is_compiling()
+
+
+def may_differentiate(*tensors: Any) -> bool:
+    """Whether a gradient with respect to `tensors` (`None`s ignored) may be
+    being taken: `False` only where the eager frameworks can tell that none
+    is (JAX: no tensor is a tracer; PyTorch: autograd does not record any of
+    them; TensorFlow: eager, with no `GradientTape` recording). Compiled
+    code always may, and its compiler drops what no output uses. Keras has
+    no portable way to ask, so each backend is asked here."""
+    backend = keras.backend.backend()
+    tensors = tuple(tensor for tensor in tensors if tensor is not None)
+    if backend == "jax":
+        import jax
+
+        return any(isinstance(tensor, jax.core.Tracer) for tensor in tensors)
+    if backend == "torch":
+        import torch
+
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        from kmask._keras_compat import tape_recording
+
+        return not tf.executing_eagerly() or tape_recording()
+    return True
 
 
 def concrete(value: Any) -> np.ndarray | None:

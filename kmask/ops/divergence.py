@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from kmask._shapes import positive_number
+
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 """The divergences `kmask.masked_distillation` takes, by name."""
 
@@ -59,20 +61,6 @@ def divergence_options(divergence: str, beta: float, temperature: float) -> Dive
     if divergence == "jsd" and beta in (0, 1):
         divergence = "kl" if beta == 0 else "reverse_kl"
     return Divergence(divergence, float(beta), float(temperature))
-
-
-def positive_number(argument: str, value: Any, none: bool = False) -> float | None:
-    """`value` as a float, checked to be a positive number (or `None` when
-    `none` allows it); a `ValueError` naming `argument` else."""
-    if none and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        expected = "`None` or a positive number" if none else "a positive number"
-        raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected {expected}. "
-            f"Received: {argument}={value!r}"
-        )
-    return float(value)
 
 
 def row_divergence(
