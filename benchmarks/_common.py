@@ -208,3 +208,17 @@ def measure_step(
         "median_s": statistics.median(times[1:]),
         "outputs": str(saved),
     }
+
+
+def memory_row(backend: str, variant: str, report: dict) -> list[str]:
+    """A `measure_step` report as a table row: backend, variant, peak RSS
+    MiB, step MiB, JAX temp MiB (`-` elsewhere), median seconds."""
+    temp = report["jax_temp_bytes"]
+    return [
+        backend,
+        variant,
+        f"{report['peak_rss_mib']:.0f}",
+        f"{report['step_mib']:.0f}",
+        "-" if temp is None else f"{temp / 2**20:.0f}",
+        f"{report['median_s']:.2f}",
+    ]

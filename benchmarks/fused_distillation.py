@@ -39,6 +39,7 @@ from _common import (
     machine,
     markdown_table,
     measure_step,
+    memory_row,
     run_child,
     value_and_grad,
     write_json,
@@ -152,17 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         reports[backend] = found
         for variant, report in found.items():
-            temp = report["jax_temp_bytes"]
-            rows.append(
-                [
-                    backend,
-                    variant,
-                    f"{report['peak_rss_mib']:.0f}",
-                    f"{report['step_mib']:.0f}",
-                    "-" if temp is None else f"{temp / 2**20:.0f}",
-                    f"{report['median_s']:.2f}",
-                ]
-            )
+            rows.append(memory_row(backend, variant, report))
         if "materialised" in found:
             with (
                 np.load(found["materialised"]["outputs"]) as want,

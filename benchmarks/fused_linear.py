@@ -84,6 +84,7 @@ from _common import (
     machine,
     markdown_table,
     measure_step,
+    memory_row,
     run_child,
     value_and_grad,
     write_json,
@@ -528,17 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # where that does not fit, with PyTorch's own.
         reference = variants.get("materialised", variants.get("torch"))
         for variant, report in variants.items():
-            temp = report["jax_temp_bytes"]
-            rows.append(
-                [
-                    backend,
-                    variant,
-                    f"{report['peak_rss_mib']:.0f}",
-                    f"{report['step_mib']:.0f}",
-                    "-" if temp is None else f"{temp / 2**20:.0f}",
-                    f"{report['median_s']:.2f}",
-                ]
-            )
+            rows.append(memory_row(backend, variant, report))
         for other in ("materialised", "torch"):
             if other in variants:
                 rows.append(_ratio_row(backend, other, variants[other], chunked))

@@ -12,6 +12,7 @@ from keras import ops
 
 from kmask import _pipeline, _shapes
 from kmask._chunking import check_chunk_size, resolve_chunk_size
+from kmask.ops._dispatch import may_differentiate
 from kmask.ops.linear import LINEAR_STATS, LinearOptions, linear_crossentropy
 from kmask.reduce import is_linear, reduce_steps, value_gradient
 
@@ -57,9 +58,11 @@ def head(
     sample_weight, out_of_range = steps.sample_weight, steps.out_of_range
 
     gradient = None
-    if is_linear(reduction):
-        # The masks without the zero weights: `sum_over_batch_size` counts
-        # zero weights, as Keras does.
+    if is_linear(reduction) and may_differentiate(hidden, kernel, bias):
+        # The value's gradient, computed in the op's forward pass. The masks
+        # without the zero weights: `sum_over_batch_size` counts zero
+        # weights, as Keras does. Not when nothing is differentiated (an
+        # eager evaluation): the op then computes no gradient at all.
         gradient = value_gradient(
             tuple(ops.shape(labels)), masked, reduction, sample_weight
         )

@@ -95,11 +95,18 @@ def get_keras_mask(x: Any) -> Any:
 TAPE_HOMES = ("tensorflow.python.eager.record",)
 
 
+def find_tape_check() -> tuple[Callable | None, str | None]:
+    """TensorFlow's `could_possibly_record` and its home, or `(None, None)`
+    when it moved out of every known home. Looked up when asked (importing
+    it imports TensorFlow)."""
+    return _find("could_possibly_record", TAPE_HOMES)
+
+
 def tape_recording() -> bool:
     """Whether a TensorFlow `GradientTape` may record the next op (eager
     mode); `True` when TensorFlow moved its accessor out of every known home,
     so that no gradient is ever left out, only time lost."""
-    could_record, _ = _find("could_possibly_record", TAPE_HOMES)
+    could_record, _ = find_tape_check()
     return True if could_record is None else bool(could_record())
 
 

@@ -212,8 +212,8 @@ def fused_linear_distillation(
             "Argument `mask_value` marks padding in `labels`, which were not "
             f"given. Received: mask_value={mask_value!r}, labels=None"
         )
-    student = _head(student_hidden, student_kernel, student_bias)
-    teacher = _head(teacher_hidden, teacher_kernel, teacher_bias)
+    student = _as_tensors(student_hidden, student_kernel, student_bias)
+    teacher = _as_tensors(teacher_hidden, teacher_kernel, teacher_bias)
     per_step_arguments = {
         name: None if tensor is None else ops.convert_to_tensor(tensor)
         for name, tensor in (
@@ -265,7 +265,7 @@ def fused_linear_distillation(
     return ops.where(ops.any(steps.out_of_range), float("nan"), value)
 
 
-def _head(hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
+def _as_tensors(hidden: Any, kernel: Any, bias: Any) -> tuple[Any, Any, Any]:
     """`(hidden, kernel, bias)` as tensors (`bias` may be `None`)."""
     return (
         ops.convert_to_tensor(hidden),

@@ -4,12 +4,13 @@ per-step ops of `kmask.ops` under their first names.
 `fused_linear_crossentropy` computes the logits `hidden @ kernel + bias` a
 chunk of tokens at a time, so memory holds one `[chunk_size, vocabulary]`
 block instead of `[tokens, vocabulary]` (`kmask.ops.linear`). For a linear
-reduction (all but `"none"`) the forward pass computes the gradients of
-`hidden`, `kernel` and `bias` in the same loop, three matmuls per chunk as
-`Dense` plus a loss does; padded tokens are left out of the chunks, so they
-cost no matmul at all. `FusedLinearCrossentropy` puts it at the end of a
+reduction (all but `"none"`), when a gradient is being taken (not under
+`torch.compile`), the forward pass computes the gradients of `hidden`,
+`kernel` and `bias` in the same loop, three matmuls per chunk as `Dense`
+plus a loss does; padded tokens are left out of the chunks, so they cost no
+matmul at all. `FusedLinearCrossentropy` puts it at the end of a
 language model. Its padding comes from the same pipeline as every kmask
-loss's (`kmask._head`), and it reduces with `kmask.reduce`: see
+loss's, and it reduces with `kmask.reduce`: see
 `kmask.reduce` for the reductions.
 
 `sparse_crossentropy_with_logits`, `categorical_crossentropy_with_logits` and
@@ -242,7 +243,7 @@ class FusedLinearCrossentropy(keras.layers.Layer):
     >>> head = kmask.FusedLinearCrossentropy(
     ...     10, embedding=embedding, softcap=30.0, mask_value=-100, chunk_size=4
     ... )
-    >>> model = keras.Model([tokens, labels], _head.head([hidden, labels]))
+    >>> model = keras.Model([tokens, labels], head([hidden, labels]))
     >>> model.compile(optimizer="sgd", loss=None)
     >>> x = np.ones((2, 6), "int32")
     >>> y = np.full((2, 6), -100, "int32")
@@ -405,7 +406,8 @@ class FusedLinearCrossentropy(keras.layers.Layer):
             self.projection(),
             labels,
             self.bias,
-            (self.mask_value, "sum", self._linear_options),
+            # "none": no value, so no gradient computed ahead.
+            (self.mask_value, "none", self._linear_options),
             mask,
             sample_weight,
             return_stats=True,

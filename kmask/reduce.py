@@ -94,14 +94,22 @@ class Reduction(NamedTuple):
 
 
 def linear(
-    step_factor: Callable[[_Sums], Any], denominator: Callable[[_Sums], Any] | None
+    step_factor: Callable[[_Sums], Any] | None,
+    denominator: Callable[[_Sums], Any] | None,
 ) -> Reduction:
-    """The `Reduction` `sum(l*w*m*step_factor) / denominator`."""
+    """The `Reduction` `sum(l*w*m*step_factor) / denominator`; a
+    `step_factor` of `None` is 1 (a plain sum)."""
+    if step_factor is None:
 
-    def numerator(sums: _Sums) -> Any:
-        return ops.sum(_times(sums.weighted, step_factor(sums)), axis=sums.axis)
+        def numerator(sums: _Sums) -> Any:
+            return ops.sum(sums.weighted, axis=sums.axis)
 
-    return Reduction(numerator, denominator, step_factor)
+        return Reduction(numerator, denominator, _once)
+
+    def weighted_numerator(sums: _Sums) -> Any:
+        return ops.sum(sums.weighted * step_factor(sums), axis=sums.axis)
+
+    return Reduction(weighted_numerator, denominator, step_factor)
 
 
 def _once(sums: _Sums) -> float:
@@ -136,10 +144,10 @@ def _sequence_weight(sums: _Sums):
 
 
 REGISTRY: dict[str, Reduction] = {
-    "token_mean": linear(_once, _token_weight),
+    "token_mean": linear(None, _token_weight),
     "sequence_mean": linear(_per_sequence, _sequence_weight),
-    "sum": linear(_once, None),
-    "sum_over_batch_size": linear(_once, _real_steps),
+    "sum": linear(None, None),
+    "sum_over_batch_size": linear(None, _real_steps),
     # One value per step: nothing is summed, so nothing is known ahead.
     "none": Reduction(lambda sums: sums.weighted, None),
 }
@@ -267,7 +275,11 @@ def value_gradient(
     sums = _sums(zeros, mask, sample_weight)
     entry = REGISTRY[reduction]
     if entry.step_factor is None:
-        raise ValueError(f"Expected a linear reduction. Received: {reduction=}")
+        names = tuple(name for name, found in REGISTRY.items() if found.step_factor)
+        raise ValueError(
+            "Invalid value for argument `reduction`. Expected a linear reduction "
+            f"(one of {names}). Received: reduction={reduction!r}"
+        )
     gradient = _times(sums.step_weight, entry.step_factor(sums))
     if entry.denominator is None:
         return gradient

@@ -14,6 +14,7 @@ from keras import ops
 
 import kmask
 from kmask import reduce
+from tests._grad import value_and_grad
 from tools.parity.references import np_log_softmax, np_sparse_ce
 
 B, T, C, H = 3, 4, 5, 6
@@ -53,16 +54,30 @@ def test_a_new_reduction_reaches_the_losses(largest_step):
 
 
 def test_a_new_reduction_that_is_not_linear_reaches_the_head(largest_step):
-    """The head computes a linear reduction's gradient ahead (on PyTorch);
-    a reduction the registry calls non-linear is left to autodiff."""
+    """The head computes a linear reduction's gradient in its forward pass;
+    a reduction the registry does not call linear is left to autodiff
+    (the chunks recompute their logits in the backward pass): the gradient
+    of the largest loss is that one step's."""
     hidden = RNG.normal(size=(B, T, H)).astype("float32")
     kernel = RNG.normal(size=(H, C)).astype("float32")
     logits = hidden.astype("float64") @ kernel
-    expected = np_sparse_ce(LABELS, logits)[VALID].max()
-    value = kmask.fused_linear_crossentropy(
-        hidden, kernel, LABELS, mask_value=0, reduction=largest_step, chunk_size=4
-    )
-    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    per_step = np.where(VALID, np_sparse_ce(LABELS, logits), -np.inf)
+    largest = np.unravel_index(np.argmax(per_step), per_step.shape)
+
+    def head(x):
+        return kmask.fused_linear_crossentropy(
+            x, kernel, LABELS, mask_value=0, reduction=largest_step, chunk_size=4
+        )
+
+    value, grad = value_and_grad(head, hidden)
+    np.testing.assert_allclose(float(value), per_step[largest], rtol=1e-5)
+    # d l / d hidden at that step: (softmax - one_hot) @ kernel.T
+    row = logits[largest]
+    softmax = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    softmax[LABELS[largest]] -= 1.0
+    expected = np.zeros(hidden.shape)
+    expected[largest] = softmax @ kernel.T.astype("float64")
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
 
 
 class _AboveVocabulary(kmask.MaskedSparseCategoricalCrossentropy):

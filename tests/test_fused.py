@@ -429,6 +429,9 @@ def test_linear_torch_gradient_modes():
     _close(kernel.grad, expected[2])
     with pytest.raises(RuntimeError, match="backward through its graph runs once"):
         value.backward()
+    # No second derivative through a gradient computed in the forward pass.
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss(), [hidden], create_graph=True)
     # Weights that want a gradient: it is the per-step losses (masked).
     weight = torch.tensor(valid.astype("float32") * 0.5, requires_grad=True)
     value = loss(reduction="sum", sample_weight=weight)
@@ -948,3 +951,78 @@ def test_an_eager_call_without_a_gradient_computes_none(monkeypatch):
     expected = np_linear(data["hidden"], data["kernel"], None, labels, valid)[0]
     _close(value, expected)
     _close(differentiated, expected)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    "reduction", ["token_mean", "sequence_mean", "sum", "sum_over_batch_size"]
+)
+def test_linear_reductions_with_zero_weights_on_real_steps(reduction, jit):
+    """Every linear reduction, its gradient computed in the forward pass,
+    with a mask and weights that are 0 on some real steps (which
+    `sum_over_batch_size` still counts, as Keras does)."""
+    data = _data(22)
+    valid = _valid()
+    weight = np.linspace(0.5, 2.0, B * T).reshape(B, T).astype("float32")
+    weight[0, 1] = weight[1, 0] = 0.0
+    labels = np.where(valid, data["labels"], 3)
+    _check_linear(
+        data, labels, valid, weight, jit=jit, chunk_size=4, mask=valid,
+        reduction=reduction, label_smoothing=0.1, z_loss=0.01,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linear_trainable_weights_and_hidden_differentiated_together(jit):
+    """The weights' gradient flows through the value, next to the hidden
+    states' computed in the forward pass: `d value / d w` is
+    `m * (l - value) / sum(w * m)` for the token mean."""
+    from tools.backends import value_and_grad as backend_value_and_grad
+
+    data = _data(23)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    weight = np.linspace(0.5, 2.0, B * T).reshape(B, T).astype("float32")
+
+    def loss(hidden, sample_weight):
+        return kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, data["bias"], mask_value=PAD,
+            sample_weight=sample_weight, chunk_size=4,
+        )  # fmt: skip
+
+    step = backend_value_and_grad(loss, argnums=(0, 1), jit=jit)
+    value, (d_hidden, d_weight) = step(
+        ops.convert_to_tensor(data["hidden"]), ops.convert_to_tensor(weight)
+    )
+    found = references.np_linear(
+        data["hidden"], data["kernel"], data["bias"], labels, valid, weight,
+        "token_mean",
+    )  # fmt: skip
+    expected_d_weight = np.where(
+        valid, (found["per_step"] - found["value"]) / (weight * valid).sum(), 0.0
+    )
+    _close(ops.convert_to_numpy(value), found["value"])
+    _close(ops.convert_to_numpy(d_hidden), found["grad_hidden"])
+    _close(ops.convert_to_numpy(d_weight), expected_d_weight)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linear_divides_by_the_global_token_count(monkeypatch, jit):
+    """Under data parallelism the token mean divides by every replica's
+    tokens (`kmask.distribute.global_denominator`), in the gradient computed
+    ahead as in the value: with a denominator twice this batch's, both
+    halve."""
+    monkeypatch.setattr(kmask.reduce, "global_denominator", lambda count: 2 * count)
+    data = _data(24)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+
+    def loss(hidden):
+        return kmask.fused_linear_crossentropy(
+            hidden, data["kernel"], labels, mask_value=PAD, chunk_size=4
+        )
+
+    value, d_hidden = value_and_grad(loss, data["hidden"], jit=jit)
+    expected = np_linear(data["hidden"], data["kernel"], None, labels, valid)
+    _close(value, expected[0] / 2)
+    _close(d_hidden, expected[1] / 2)

@@ -193,7 +193,7 @@ def test_the_distiller_stand_in_says_what_is_missing():
 def test_tensorflows_tape_check_is_found_and_answers():
     import tensorflow as tf
 
-    found, home = compat._find("could_possibly_record", compat.TAPE_HOMES)
+    found, home = compat.find_tape_check()
     assert found is not None, (
         f"TensorFlow {tf.__version__} moved `could_possibly_record`: the head "
         "computes its gradient in every eager call. Add its new home to "

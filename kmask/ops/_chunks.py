@@ -2,7 +2,7 @@
 first, the rows cut into chunks, a chunk's logits, and what a chunk adds to
 the gradients of the hidden states, the kernel and the bias.
 
-`kmask.ops.crossentropy.linear_crossentropy` (the head) and
+`kmask.ops.linear.linear_crossentropy` (the head) and
 `kmask.ops.linear_divergence` (the chunked distillation) both loop over these
 chunks; `options` is either op's options, read for `softcap` (`None`: no cap)
 and `transpose_kernel` (a `[vocabulary, width]` kernel, used as stored).

@@ -70,7 +70,11 @@ def may_differentiate(*tensors: Any) -> bool:
     code always may, and its compiler drops what no output uses. Keras has
     no portable way to ask, so each backend is asked here."""
     backend = keras.backend.backend()
-    tensors = tuple(tensor for tensor in tensors if tensor is not None)
+    tensors = tuple(
+        tensor.value if isinstance(tensor, keras.Variable) else tensor
+        for tensor in tensors
+        if tensor is not None
+    )
     if backend == "jax":
         import jax
 
@@ -78,7 +82,9 @@ def may_differentiate(*tensors: Any) -> bool:
     if backend == "torch":
         import torch
 
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        return torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False) for t in tensors
+        )
     if backend == "tensorflow":
         import tensorflow as tf
 

@@ -207,37 +207,31 @@ def linear_crossentropy(
         valid: Boolean `[tokens]`.
         value_gradient: float32 `d value / d per_step` `[tokens]` of a
             linear reduction, or `None` for per-step losses only.
-        options: `kmask.ops.crossentropy.LinearOptions`: chunk size, label
+        options: `kmask.ops.linear.LinearOptions`: chunk size, label
             smoothing, z-loss, soft cap, transposed kernel.
         return_stats: Whether to return, per token, the statistics
-            `kmask.ops.crossentropy.LINEAR_STATS`.
+            `kmask.ops.linear.LINEAR_STATS`.
 
     Returns:
         `(per_step, value, stats)`: float32 per-step losses `[tokens]` (0
         where not `valid`), `sum(value_gradient * per_step)` or `None` where
-        the value is left to the caller (no `value_gradient`, nothing to
-        differentiate, or weights that need a gradient of their own), and
-        the statistics, a tuple of float32 `[tokens]` (0 where not `valid`),
-        or `None`.
+        the value is left to the caller (no `value_gradient`, or under
+        `torch.compile`), and the statistics, a tuple of float32 `[tokens]`
+        (0 where not `valid`), or `None`.
         The first two are differentiable: the value's gradient is computed
         in the forward pass, the per-step losses' by recomputing the logits.
     """
-    params = (hidden, kernel, bias)
     compiling = torch.compiler.is_compiling()
     # Under `torch.compile` the value's gradient is not computed ahead: the
     # traced backward pass gets zeros rather than `None` for an unused
     # per-step gradient, and would recompute every chunk besides (1.84x the
     # compiled `Dense` step against 1.10x; docs/measured.md). Autograd
-    # differentiates the caller's reduction instead.
-    coefficient = value_gradient
-    if (
-        coefficient is None
-        or compiling
-        or coefficient.requires_grad
-        or not torch.is_grad_enabled()
-        or not any(p is not None and p.requires_grad for p in params)
-    ):
-        coefficient = None
+    # differentiates the caller's reduction instead. Weights that need a
+    # gradient of their own get it through the product below, as in the
+    # portable loop.
+    coefficient = None
+    if value_gradient is not None and not compiling:
+        coefficient = value_gradient.detach()
     # Only the real rows go through the chunks: padding costs no matmul. The
     # gathers and the scatter back are differentiable; a padded row's
     # gradient is 0. Not under `torch.compile`, where the number of real rows
@@ -260,7 +254,12 @@ def linear_crossentropy(
         per_step = per_step.new_zeros(tokens).index_copy(0, real, per_step)
         if stats is not None:
             stats = stats.new_zeros((_STATS, tokens)).index_copy(1, real, stats)
-    value = None if coefficient is None else value
+    if coefficient is None or value_gradient is None:
+        value = None
+    elif value_gradient.requires_grad:
+        # d value / d value_gradient = per_step; the value is unchanged.
+        change = value_gradient - value_gradient.detach()
+        value = value + torch.dot(change, per_step.detach())
     return per_step, value, (None if stats is None else tuple(stats))
 
 
@@ -296,6 +295,13 @@ class _LinearCrossentropy(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         grads = [None, None, None]
         if d_value is not None:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    "kmask.fused_linear_crossentropy computes its gradient in its "
+                    "forward pass, which has no derivative of its own: for a "
+                    "second derivative (`create_graph=True`), call it with "
+                    "reduction='none' and reduce the per-step losses."
+                )
             if ctx.grads is None:
                 raise RuntimeError(
                     "The gradient of kmask.fused_linear_crossentropy, computed in "
@@ -512,17 +518,19 @@ def _softmax_grad_(
 ) -> torch.Tensor:
     """`coefficient * d per_step / d logits`, `softmax * scale - coefficient
     * smoothed targets`, the rows that are not `valid` set to 0; in place of
-    `block.log_probs` when `in_place`."""
+    `block.log_probs` when `in_place`, else (a graph of the backward pass
+    being recorded, or `torch.compile`) as `_traced_softmax_grad`'s one
+    out-of-place expression."""
     softmax_weight = block.target_sum
     if block.log_normalizer is not None:
         softmax_weight = softmax_weight + 2.0 * z_loss * block.log_normalizer
     scale = (coefficient * softmax_weight)[:, None]
     log_probs = block.log_probs
-    if torch.compiler.is_compiling():
+    if not in_place or torch.compiler.is_compiling():
         return _traced_softmax_grad(
             log_probs, targets, coefficient, scale, valid, label_smoothing
         )
-    grad = (log_probs.exp_() if in_place else log_probs.exp()).mul_(scale)
+    grad = log_probs.exp_().mul_(scale)
     if targets.dtype.is_floating_point:
         grad.addcmul_(targets, coefficient[:, None], value=label_smoothing - 1.0)
     else:

@@ -18,7 +18,7 @@ from keras import ops
 
 from kmask._shapes import broadcast_to_steps
 from kmask.ops._chunks import add_chunk_grads, chunk_logits, real_first, to_chunks
-from kmask.ops._dispatch import KERNELS, may_differentiate
+from kmask.ops._dispatch import KERNELS
 from kmask.ops._rows import (
     Rows,
     row_crossentropy,
@@ -105,6 +105,9 @@ def linear_crossentropy(
     loop: one matmul for each chunk's logits and two for its gradients, and
     the backward pass scales them. The per-step losses stay differentiable:
     a nonzero upstream gradient of theirs recomputes each chunk's logits.
+    The gradients computed ahead are constants to autodiff: no second
+    derivative goes through them. The caller passes no `value_gradient`
+    where nothing is differentiated (`kmask.ops._dispatch.may_differentiate`).
 
     Args:
         hidden: `[batch, ..., width]`.
@@ -141,10 +144,6 @@ def linear_crossentropy(
     hidden = ops.where(ops.expand_dims(valid, -1), hidden, ops.zeros_like(hidden))
     if bias is not None:
         bias = ops.cast(ops.convert_to_tensor(bias), "float32")
-    if value_gradient is not None and not may_differentiate(hidden, kernel, bias):
-        # Nothing to differentiate (an eager evaluation): the caller reduces
-        # the per-step losses, and the chunks compute no gradient.
-        value_gradient = None
     if value_gradient is not None:
         value_gradient = ops.reshape(value_gradient, (-1,))
     kernel_op = KERNELS[keras.backend.backend(), "linear_crossentropy"]
@@ -215,6 +214,10 @@ def _chunked_crossentropy(
     gradient)."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
     chunks, active = chunks
+    # Inside the custom gradient a constant (JAX refuses a differentiated
+    # value captured there); its own gradient flows through the product
+    # that makes the value, below.
+    coefficient = None if gradient is None else ops.stop_gradient(gradient)
     empty = ops.zeros((chunks, params[0].shape[1]), "float32")
     # tops, log sums, losses; then correct, nll, predicted, log_prob, entropy.
     buffers = (empty,) * (8 if return_stats else 3)
@@ -259,7 +262,9 @@ def _chunked_crossentropy(
         def forward_chunk(index, carry):
             split = len(carry) - 3 if ahead else len(carry)
             buffers, grads = carry[:split], tuple(carry[split:])
-            logits, chunk_labels, rows, grads = chunk_rows(index, None, gradient, grads)
+            logits, chunk_labels, rows, grads = chunk_rows(
+                index, None, coefficient, grads
+            )
             values = [rows.top, rows.log_sum, rows.per_step]
             if return_stats:
                 predicted, log_prob, entropy = row_statistics(
