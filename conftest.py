@@ -25,6 +25,7 @@ collect_ignore = [
     path
     for path, needs in (
         ("kmask/ops/_torch.py", "torch"),
+        ("kmask/ops/_torch_ctc.py", "torch"),
         ("tools/griffe_examples.py", "griffe"),
     )
     if not importlib.util.find_spec(needs)
