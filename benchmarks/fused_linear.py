@@ -74,6 +74,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -336,7 +337,10 @@ def _mesh_child(out: Path, shape: dict, chunk_size: int, mesh_shape: tuple):
     for variant, fn in steps.items():
         step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
         for devices, args in (("1", (hidden, embedding, labels)), ("mesh", placed)):
-            compiled = step.lower(*args).compile()
+            # As a Keras user shards a model: under the distribution's scope.
+            scope = distribution.scope() if devices == "mesh" else nullcontext()
+            with scope:
+                compiled = step.lower(*args).compile()
             analysis = compiled.memory_analysis()
             text = compiled.as_text()
             results[f"{variant}/{devices}"] = {

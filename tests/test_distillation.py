@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 import kmask
+import kmask.ops._chunks
 from tests._grad import value_and_grad
 from tools.backends import value_and_grad as backend_value_and_grad
 from tools.parity.references import EPSILON, np_distillation
@@ -373,9 +374,18 @@ def _np_logits(hidden, kernel, bias, softcap):
         ("jsd", None, True, "token_mean"),
     ],
 )
-def test_fused_matches_numpy(divergence, softcap, transpose_kernel, reduction):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_fused_matches_numpy(
+    divergence, softcap, transpose_kernel, reduction, sliced, monkeypatch
+):
+    vocabulary = 13
+    if sliced:
+        # Each chunk's gradient in 4 vocabulary slices of 3 classes.
+        monkeypatch.setattr(kmask.ops._chunks, "SLICE_BYTES", 1)
+        monkeypatch.setattr(kmask.ops._chunks, "MAX_SLICES", 4)
+        vocabulary = 12
     student, teacher, (student_kernel, teacher_kernel), (student_bias, teacher_bias) = (
-        _heads()
+        _heads(vocabulary=vocabulary)
     )
     valid = _valid()
     weight = np.random.default_rng(8).uniform(0.5, 2.0, size=(B, T)).astype("float32")

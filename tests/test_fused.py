@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 import kmask
+import kmask.ops._chunks
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
 from tests._grad import value_and_grad
 from tests._numeric import close as _close
@@ -630,6 +631,53 @@ def test_linear_options_match_numpy(transpose_kernel, softcap, weighted, jit):
     grad_kernel = expected["grad_kernel"]
     _close(d_kernel, grad_kernel.T if transpose_kernel else grad_kernel)
     assert np.all(d_hidden[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    ("transpose_kernel", "softcap", "label_smoothing", "z_loss"),
+    [(False, None, 0.0, 0.0), (True, 0.7, 0.0, 0.0), (False, 0.7, 0.2, 0.01)],
+)
+def test_linear_in_vocabulary_slices_matches_numpy(
+    transpose_kernel, softcap, label_smoothing, z_loss, jit, monkeypatch
+):
+    """Each chunk's gradients computed over 4 slices of the vocabulary's 12
+    classes (`kmask.ops._chunks.slice_size`), as a large vocabulary is; the
+    PyTorch kernel has no slices and passes it unchanged."""
+    monkeypatch.setattr(kmask.ops._chunks, "SLICE_BYTES", 1)
+    monkeypatch.setattr(kmask.ops._chunks, "MAX_SLICES", 4)
+    vocabulary = 12
+    assert kmask.ops._chunks.slice_size(H, vocabulary) == 3
+    data = linear_data(np.random.default_rng(23), B, T, H, vocabulary)
+    valid = _valid()
+    labels = np.where(valid, data["labels"], PAD)
+    weight = np.random.default_rng(24).uniform(0.0, 2.0, (B, T)).astype("float32")
+    kernel = data["kernel"].T.copy() if transpose_kernel else data["kernel"]
+
+    def loss(hidden, kernel, bias):
+        return kmask.fused_linear_crossentropy(
+            hidden, kernel, labels, bias, mask_value=PAD, sample_weight=weight,
+            chunk_size=4, transpose_kernel=transpose_kernel, softcap=softcap,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )  # fmt: skip
+
+    expected = references.np_linear(
+        data["hidden"], data["kernel"], data["bias"], labels, valid, weight,
+        "token_mean", softcap=softcap, label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )  # fmt: skip
+    inputs = (data["hidden"], kernel, data["bias"])
+    found = [
+        value_and_grad(
+            lambda x, i=i: loss(*inputs[:i], x, *inputs[i + 1 :]), inputs[i], jit=jit
+        )
+        for i in range(3)
+    ]
+    _close(found[0][0], expected["value"])
+    _close(found[0][1], expected["grad_hidden"])
+    grad_kernel = expected["grad_kernel"]
+    _close(found[1][1], grad_kernel.T if transpose_kernel else grad_kernel)
+    _close(found[2][1], expected["grad_bias"])
 
 
 def test_softcap_changes_the_loss_and_accuracy_has_no_gradient():

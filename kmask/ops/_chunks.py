@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
 from kmask.ops._rows import softcap, softcap_slope
@@ -68,18 +69,100 @@ def add_chunk_grads(
     options: Any,
 ) -> tuple[Any, Any, Any]:
     """`(d_hidden, d_kernel, d_bias)` with chunk `index`'s share added, from
-    the gradient of its capped `logits` (`d_logits`) and its `hidden` rows."""
+    the gradient of its capped `logits` and its `hidden` rows.
+
+    The share is computed one vocabulary slice at a time (`kernel_slices`):
+    `d_logits(start, size)` gives the gradient's columns `[start, start +
+    size)`, so a chunk's whole `[chunk, vocabulary]` gradient never exists,
+    and each slice is used by both matmuls while it is in the processor's
+    cache. No compiler fuses the accumulation into the matmul (a GEMM with
+    `beta=1`): a share of the `[width, vocabulary]` kernel gradient written
+    whole and then added would read and write it from memory twice per
+    chunk, which on a CPU costs more than the cut matmuls lose
+    (docs/measured.md, "The gradient in vocabulary slices").
+    """
     d_hidden, d_kernel, d_bias = grads
-    if options.softcap is not None:
-        d_logits = d_logits * softcap_slope(logits, options.softcap)
-    if options.transpose_kernel:
-        chunk_d_hidden = ops.matmul(d_logits, kernel)
-        chunk_d_kernel = ops.einsum("tv,tw->vw", d_logits, hidden)
+    tokens, vocabulary = logits.shape
+    width = hidden.shape[1]
+    size = slice_size(width, vocabulary)
+
+    def add_slice(start, found):
+        """`found` (`(d_kernel, d_bias, chunk_d_hidden)`) with the share of
+        the vocabulary's columns `[start, start + size)`."""
+        d_kernel, d_bias, chunk_d_hidden = found
+        piece = d_logits(start, size)
+        if options.softcap is not None:
+            capped = ops.slice(logits, [0, start], [tokens, size])
+            piece = piece * softcap_slope(capped, options.softcap)
+        if options.transpose_kernel:
+            corner, extent = [start, 0], [size, width]
+            chunk_d_hidden += ops.matmul(piece, ops.slice(kernel, corner, extent))
+            kernel_share = ops.einsum("tv,tw->vw", piece, hidden)
+        else:
+            corner, extent = [0, start], [width, size]
+            columns = ops.slice(kernel, corner, extent)
+            chunk_d_hidden += ops.matmul(piece, ops.transpose(columns))
+            kernel_share = ops.matmul(ops.transpose(hidden), piece)
+        bias_share = ops.slice(d_bias, [start], [size]) + ops.sum(piece, axis=0)
+        if size == vocabulary:
+            return d_kernel + kernel_share, bias_share, chunk_d_hidden
+        # Updated in place: a compiler aliases the update's buffer.
+        added = ops.slice(d_kernel, corner, extent) + kernel_share
+        d_kernel = ops.slice_update(d_kernel, corner, added)
+        return d_kernel, ops.slice_update(d_bias, [start], bias_share), chunk_d_hidden
+
+    found = (d_kernel, d_bias, ops.zeros((tokens, width), "float32"))
+    if size == vocabulary:
+        found = add_slice(0, found)
     else:
-        chunk_d_hidden = ops.matmul(d_logits, ops.transpose(kernel))
-        chunk_d_kernel = ops.matmul(ops.transpose(hidden), d_logits)
-    return (
-        ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None]),
-        d_kernel + chunk_d_kernel,
-        d_bias + ops.sum(d_logits, axis=0),
-    )
+        # A loop, not a Python `for`: a compiler would schedule unrolled
+        # slices side by side and hold them all.
+        found = ops.fori_loop(
+            0,
+            vocabulary // size,
+            lambda step, found: add_slice(step * size, found),
+            found,
+        )
+    d_kernel, d_bias, chunk_d_hidden = found
+    d_hidden = ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None])
+    return d_hidden, d_kernel, d_bias
+
+
+def columns_of(array: Any) -> Any:
+    """`d_logits` for `add_chunk_grads` from a whole `[chunk, vocabulary]`
+    gradient: its columns `[start, start + size)`."""
+    tokens, vocabulary = array.shape
+
+    def columns(start: int, size: int) -> Any:
+        if size == vocabulary:
+            return array
+        return ops.slice(array, [0, start], [tokens, size])
+
+    return columns
+
+
+SLICE_BYTES = 4 * 2**20
+"""The bytes of the kernel's gradient that `add_chunk_grads` adds a chunk's
+share to at a time: a slice small enough to stay in the processor's cache
+between the matmul that writes it and the addition that reads it."""
+
+MAX_SLICES = 16
+"""At most this many slices per chunk."""
+
+
+def slice_size(width: int, vocabulary: int) -> int:
+    """The columns of the vocabulary over which `add_chunk_grads` computes a
+    chunk's share of the gradients at a time: about `SLICE_BYTES` of float32
+    kernel gradient, at most `MAX_SLICES` slices, and a divisor of the
+    vocabulary (the slices are a loop of equal steps), else the whole
+    vocabulary. Pure Python on the static shapes.
+
+    The whole vocabulary under a Keras `ModelParallel` distribution: there
+    the kernel may be sharded over the vocabulary, and a slice at a traced
+    offset would make XLA gather the whole kernel on every device
+    (`benchmarks/fused_linear.py --mesh 2x4`)."""
+    if isinstance(keras.distribution.distribution(), keras.distribution.ModelParallel):
+        return vocabulary
+    wanted = min(MAX_SLICES, max(1, 4 * width * vocabulary // SLICE_BYTES))
+    count = next(n for n in range(wanted, 0, -1) if vocabulary % n == 0)
+    return vocabulary // count

@@ -154,6 +154,7 @@ def row_crossentropy_grad(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     keep_exponentials: bool = False,
+    columns: tuple[int, int] | None = None,
 ) -> Any:
     """`upstream * d per_step / d logits`, exactly 0 where not `valid`:
     `softmax * scale - coefficient * t`, one expression, so that XLA fuses it
@@ -170,10 +171,22 @@ def row_crossentropy_grad(
         z_loss: As for `row_crossentropy`.
         keep_exponentials: Whether the softmax comes from `rows.exponentials`
             rather than being recomputed from `logits`.
+        columns: `(start, size)`: only the gradient's classes `[start, start
+            + size)`, from those columns of `logits` (and of the
+            exponentials and of dense targets); `None` for all of them.
 
     Returns:
-        The gradient, `logits`' shape.
+        The gradient, `logits`' shape (with `columns`, its `size` columns).
     """
+    classes = logits.shape[-1]
+    start = 0
+    if columns is not None and columns[1] != classes:
+        start, size = columns
+        logits = _columns(logits, start, size)
+        if keep_exponentials:
+            rows = rows._replace(exponentials=_columns(rows.exponentials, start, size))
+        if len(targets.shape) == len(logits.shape):
+            targets = _columns(targets, start, size)
     coefficient = where_valid(valid, upstream)
     softmax_weight = rows.target_sum
     if z_loss:
@@ -183,11 +196,9 @@ def row_crossentropy_grad(
         probs = rows.exponentials * ops.expand_dims(scale / ops.exp(rows.log_sum), -1)
     else:
         probs = ops.exp(log_softmax(logits, rows)) * ops.expand_dims(scale, -1)
-    classes = logits.shape[-1]
     if len(targets.shape) < len(logits.shape):
-        is_label = ops.equal(
-            ops.arange(classes, dtype="int32"), ops.expand_dims(targets, -1)
-        )
+        ids = ops.arange(logits.shape[-1], dtype="int32") + start
+        is_label = ops.equal(ids, ops.expand_dims(targets, -1))
         label_term = ops.expand_dims((1.0 - label_smoothing) * coefficient, -1)
         grad = ops.where(is_label, probs - label_term, probs)
     else:
@@ -197,3 +208,9 @@ def row_crossentropy_grad(
     if label_smoothing:
         grad = grad - ops.expand_dims(coefficient * (label_smoothing / classes), -1)
     return where_valid(valid, grad)
+
+
+def _columns(array: Any, start: int, size: int) -> Any:
+    """`array[..., start:start + size]`, on static shapes."""
+    rank = len(array.shape)
+    return ops.slice(array, [0] * (rank - 1) + [start], [*array.shape[:-1], size])

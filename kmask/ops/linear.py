@@ -244,16 +244,23 @@ def _chunked_crossentropy(
             if rows is None:
                 rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
             if upstream is not None:
-                d_logits = row_crossentropy_grad(
-                    logits,
-                    rows,
-                    chunk_labels,
-                    ops.take(upstream, index, axis=0),
-                    ops.take(valid, index, axis=0),
-                    label_smoothing,
-                    z_loss,
-                    keep_exponentials=rows.exponentials is not None,
-                )
+                chunk_upstream = ops.take(upstream, index, axis=0)
+                chunk_valid = ops.take(valid, index, axis=0)
+
+                def d_logits(start, size):
+                    # Recomputed from the logits, slice by slice: a whole
+                    # chunk of exponentials is never held.
+                    return row_crossentropy_grad(
+                        logits,
+                        rows,
+                        chunk_labels,
+                        chunk_upstream,
+                        chunk_valid,
+                        label_smoothing,
+                        z_loss,
+                        columns=(start, size),
+                    )
+
                 grads = add_chunk_grads(
                     grads, index, d_logits, logits, chunk_hidden, kernel, options
                 )

@@ -18,7 +18,13 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
-from kmask.ops._chunks import add_chunk_grads, chunk_logits, real_first, to_chunks
+from kmask.ops._chunks import (
+    add_chunk_grads,
+    chunk_logits,
+    columns_of,
+    real_first,
+    to_chunks,
+)
 from kmask.ops._dispatch import compiling
 from kmask.ops.divergence import Divergence, row_divergence, row_divergence_grad
 
@@ -114,7 +120,13 @@ def linear_divergence(
                     ops.take(upstream, index, axis=0),
                 )
                 return add_chunk_grads(
-                    grads, index, d_logits, logits, chunk_hidden, kernel, chunking
+                    grads,
+                    index,
+                    columns_of(d_logits),
+                    logits,
+                    chunk_hidden,
+                    kernel,
+                    chunking,
                 )
 
             vocabulary = kernel.shape[0 if chunking.transpose_kernel else 1]
