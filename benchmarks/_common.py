@@ -37,6 +37,7 @@ CHILD_TIMEOUT = 3600
 
 __all__ = [
     "backend_info",
+    "discard_outputs",
     "installed_backends",
     "interleaved_medians",
     "machine",
@@ -48,6 +49,14 @@ __all__ = [
     "value_and_grad",
     "write_json",
 ]
+
+
+def discard_outputs(path: str) -> None:
+    """Deletes the outputs `measure_step` saved at `path`, and the temporary
+    folder that holds them."""
+    saved = Path(path)
+    saved.unlink()
+    saved.parent.rmdir()
 
 
 def run_child(script: Path, backend: str, arguments: Sequence[str]) -> dict:

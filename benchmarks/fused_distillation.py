@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
+    discard_outputs,
     installed_backends,
     machine,
     markdown_table,
@@ -169,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed |= not all(error <= 1e-5 for error in errors)
             match_rows.append([backend, *(f"{error:.1e}" for error in errors)])
         for report in found.values():
-            Path(report["outputs"]).unlink()
+            discard_outputs(report["outputs"])
     sizes = ", ".join(f"{key} {value}" for key, value in shape.items())
     real = int(make_inputs(**shape)["mask"].sum())
     print(

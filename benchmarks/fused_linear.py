@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 from _common import (
     backend_info,
+    discard_outputs,
     installed_backends,
     interleaved_medians,
     machine,
@@ -559,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [backend, reference["variant"], *(f"{error:.1e}" for error in errors)]
             )
         for report in variants.values():
-            Path(report["outputs"]).unlink()
+            discard_outputs(report["outputs"])
     print(
         f"\n{title} ({machine()}; "
         + ", ".join(

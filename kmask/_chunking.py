@@ -5,10 +5,13 @@
 and a byte budget, as PyTorch's `LinearCrossEntropyOptions(chunking_method=
 "aspect_ratio")` sizes its chunk from them: the largest power of two of
 tokens whose float32 working set fits `CHUNK_BUDGET_BYTES`. Per token of a
-chunk that working set is its row of logits and of their gradient
-(`2 * vocabulary` floats) and its row of `hidden` and of `hidden`'s gradient
-(`2 * hidden_size` floats). Pure Python on the kernel's shape, so it compiles
-whole and never depends on the data.
+chunk that working set is two rows of the vocabulary (`2 * vocabulary`
+floats) and its row of `hidden` and of `hidden`'s gradient (`2 * hidden_size`
+floats). The two rows: in the PyTorch kernel, the logits and their gradient;
+in the `keras.ops` loop, which holds the gradient only one vocabulary slice at
+a time (`kmask.ops._chunks.slice_size`), the logits before and after the bias,
+which XLA keeps both. Pure Python on the kernel's shape, so it compiles whole
+and never depends on the data.
 """
 
 from __future__ import annotations
