@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from kmask.ops._rows import softcap, softcap_slope
+from kmask.ops._rows import column_slice, softcap, softcap_slope
 
 
 def real_first(valid: Any) -> Any:
@@ -71,7 +71,7 @@ def add_chunk_grads(
     """`(d_hidden, d_kernel, d_bias)` with chunk `index`'s share added, from
     the gradient of its capped `logits` and its `hidden` rows.
 
-    The share is computed one vocabulary slice at a time (`kernel_slices`):
+    The share is computed one vocabulary slice at a time (`slice_size`):
     `d_logits(start, size)` gives the gradient's columns `[start, start +
     size)`, so a chunk's whole `[chunk, vocabulary]` gradient never exists,
     and each slice is used by both matmuls while it is in the processor's
@@ -92,8 +92,9 @@ def add_chunk_grads(
         d_kernel, d_bias, chunk_d_hidden = found
         piece = d_logits(start, size)
         if options.softcap is not None:
-            capped = ops.slice(logits, [0, start], [tokens, size])
-            piece = piece * softcap_slope(capped, options.softcap)
+            piece = piece * softcap_slope(
+                column_slice(logits, start, size), options.softcap
+            )
         if options.transpose_kernel:
             corner, extent = [start, 0], [size, width]
             chunk_d_hidden += ops.matmul(piece, ops.slice(kernel, corner, extent))
@@ -131,14 +132,7 @@ def add_chunk_grads(
 def columns_of(array: Any) -> Any:
     """`d_logits` for `add_chunk_grads` from a whole `[chunk, vocabulary]`
     gradient: its columns `[start, start + size)`."""
-    tokens, vocabulary = array.shape
-
-    def columns(start: int, size: int) -> Any:
-        if size == vocabulary:
-            return array
-        return ops.slice(array, [0, start], [tokens, size])
-
-    return columns
+    return lambda start, size: column_slice(array, start, size)
 
 
 SLICE_BYTES = 4 * 2**20

@@ -180,13 +180,15 @@ def row_crossentropy_grad(
     """
     classes = logits.shape[-1]
     start = 0
-    if columns is not None and columns[1] != classes:
+    if columns is not None:
         start, size = columns
-        logits = _columns(logits, start, size)
+        logits = column_slice(logits, start, size)
         if keep_exponentials:
-            rows = rows._replace(exponentials=_columns(rows.exponentials, start, size))
+            rows = rows._replace(
+                exponentials=column_slice(rows.exponentials, start, size)
+            )
         if len(targets.shape) == len(logits.shape):
-            targets = _columns(targets, start, size)
+            targets = column_slice(targets, start, size)
     coefficient = where_valid(valid, upstream)
     softmax_weight = rows.target_sum
     if z_loss:
@@ -210,7 +212,10 @@ def row_crossentropy_grad(
     return where_valid(valid, grad)
 
 
-def _columns(array: Any, start: int, size: int) -> Any:
-    """`array[..., start:start + size]`, on static shapes."""
+def column_slice(array: Any, start: Any, size: int) -> Any:
+    """`array[..., start:start + size]`: `size` static, `start` an int or a
+    traced index; `array` itself when that is every column."""
+    if size == array.shape[-1]:
+        return array
     rank = len(array.shape)
     return ops.slice(array, [0] * (rank - 1) + [start], [*array.shape[:-1], size])
