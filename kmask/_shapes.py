@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from kmask.typing import Tensor
@@ -44,6 +45,17 @@ def same_dim(a: int | None, b: int | None) -> bool:
 def same_shape(a: tuple, b: tuple) -> bool:
     """Whether two static shapes can be equal."""
     return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b, strict=True))
+
+
+def same_steps(y_true: Any, y_pred: Any) -> bool:
+    """Whether a dense loss can take the fused path: `y_true` of `y_pred`'s
+    shape (no broadcasting), rank 2 or more. Asked of the inputs as given:
+    moving the class axis of both keeps them equal."""
+    try:
+        shape = tuple(np.shape(y_pred))
+        return len(shape) >= 2 and tuple(np.shape(y_true)) == shape
+    except ValueError:  # ragged nested lists: the pipeline says what is wrong
+        return False
 
 
 def step_shape(y_pred: Any, class_axis: int = -1) -> tuple:

@@ -7,11 +7,9 @@ real steps only. The mask it uses is the AND of the mask Keras propagated onto
 `kmask.reduce` for what each reduction computes.
 
 Calling a kmask loss runs the masking pipeline every loss and metric share,
-then `call()`, then the reduction; `masked_loss()` builds a loss and calls
-it. `call()` is the per-step extension point, as in Keras: a subclass that
-overrides it is honoured on every path, because the fused ops of `kmask.ops`
-are used only while `call()` is kmask's own (and `call()` itself runs the
-same op).
+then `call()` (the per-step extension point, honoured on every path: see
+`MaskedLoss.call`), then the reduction; `masked_loss()` builds a loss and
+calls it.
 """
 
 from __future__ import annotations
@@ -21,10 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
-from kmask import _pipeline, _resolve, class_weights
+from kmask import _pipeline, _resolve, _shapes, class_weights
 from kmask.masks import target_padding
 from kmask.ops import (
     binary_crossentropy,
@@ -120,19 +117,15 @@ class MaskedLoss(keras.losses.Loss):
         segment_ids: TensorLike | None = None,
         reduction: str | None = None,
     ) -> Tensor:
-        """The pipeline, then `call()`, then the reduction: `prepare` finds
-        the real steps and checks every shape once, `call()` (or the fused
-        op it stands for) gives the per-step losses of the neutralised
-        steps, and `kmask.masked_reduce` reduces them.
-
-        The keyword-only arguments are `kmask.masked_loss`'s: an explicit
-        `mask`, a further pad value, packed `segment_ids`, and a reduction
-        for this call instead of the loss's own.
+        """The pipeline (`prepare` finds the real steps and checks every shape
+        once), then `call()` or the fused op it stands for on the neutralised
+        steps, then `kmask.masked_reduce`. The keyword-only arguments are
+        `kmask.masked_loss`'s: an explicit `mask`, a further pad value, packed
+        `segment_ids`, and a reduction for this call instead of the loss's own.
         """
-        if reduction is None:
-            reduction = self.reduction
-        else:
-            reduction = standardize_reduction(reduction)
+        reduction = (
+            self.reduction if reduction is None else standardize_reduction(reduction)
+        )
         masked_op = self._masked_op(y_true, y_pred)
         target_mask = self._padding_with(mask_value)
         with keras.name_scope(self.name):
@@ -152,12 +145,9 @@ class MaskedLoss(keras.losses.Loss):
                 target_kind=self._target_kind,
                 class_weight=self.class_weight,
             )
+            ids = None if segment_ids is None else ops.convert_to_tensor(segment_ids)
             result = reduce_steps(
-                steps.values,
-                steps.masked,
-                reduction,
-                steps.sample_weight,
-                None if segment_ids is None else ops.convert_to_tensor(segment_ids),
+                steps.values, steps.masked, reduction, steps.sample_weight, ids
             )
             return ops.cast(result, self.dtype)
 
@@ -165,12 +155,11 @@ class MaskedLoss(keras.losses.Loss):
         """The per-step loss: the wrapped loss with its class axis reduced.
 
         The extension point, as in Keras: override it to change the loss of
-        each step. Calling the loss runs it on inputs whose padded steps
-        were replaced by harmless values, with the class axis (`axis=`)
-        moved last, then reduces over the real steps.
-        The named losses' fused ops (which select padding away inside their
-        gradient instead) run only while `call()` is kmask's own; both give
-        the same numbers.
+        each step. Calling the loss runs it on inputs whose padded steps were
+        replaced by harmless values, with the class axis (`axis=`) moved last,
+        then reduces over the real steps. The named losses' fused ops (which
+        select padding away inside their gradient instead) run only while
+        `call()` is kmask's own; both give the same numbers.
         """
         y_true, y_pred = ops.convert_to_tensor(y_true), ops.convert_to_tensor(y_pred)
         fused = self._fused_op(y_true, y_pred)
@@ -261,14 +250,7 @@ class _ProbabilityLoss(_NamedMaskedLoss):
         dtype: Any = None,
     ):
         options = {"from_logits": from_logits, "label_smoothing": label_smoothing}
-        super().__init__(
-            mask_value,
-            reduction,
-            name,
-            dtype,
-            **options,
-            axis=axis,
-        )
+        super().__init__(mask_value, reduction, name, dtype, **options, axis=axis)
 
 
 @keras.saving.register_keras_serializable(package="kmask")
@@ -330,7 +312,7 @@ class MaskedCategoricalCrossentropy(_ProbabilityLoss):
         """From logits with the class axis last and targets of the logits'
         shape, `kmask.ops.categorical_crossentropy_with_logits`."""
         kwargs = self.loss_kwargs
-        if not kwargs["from_logits"] or not _same_steps(y_true, y_pred):
+        if not kwargs["from_logits"] or not _shapes.same_steps(y_true, y_pred):
             return None
         return functools.partial(
             categorical_crossentropy_with_logits,
@@ -359,9 +341,8 @@ class MaskedSparseCategoricalCrossentropy(_NamedMaskedLoss):
         reduction, name, dtype: As in `kmask.MaskedLoss`.
         class_weight: Optional `{class: weight}` dict or `[classes]` vector:
             each real step weighs its label's class weight on top of
-            `sample_weight`, and `"token_mean"` divides by their sum
-            (PyTorch's `weight=`); see
-            "Class weights" in the reductions' concepts page.
+            `sample_weight`, and `"token_mean"` divides by their sum (PyTorch's
+            `weight=`); see "Class weights" in the reductions' concepts page.
 
     Returns:
         The masked cross-entropy between `[batch, time]` labels and
@@ -493,7 +474,7 @@ class MaskedMeanSquaredError(_NamedMaskedLoss):
 
     def _fused_op(self, y_true, y_pred):
         """With targets of the predictions' shape, `kmask.ops.mean_squared_error`."""
-        if not _same_steps(y_true, y_pred):
+        if not _shapes.same_steps(y_true, y_pred):
             return None
         return mean_squared_error
 
@@ -570,9 +551,8 @@ def masked_loss(
 ) -> Tensor:
     """Computes a masked loss in one call, with an explicit mask.
 
-    The primitive every kmask loss calls: the masks are found, padded steps
-    neutralised, the per-step loss (`call()`) computed and reduced by
-    `kmask.masked_reduce`, the same for `kmask.MaskedLoss` and this function.
+    Builds a `kmask.MaskedLoss` (unless given a kmask loss) and calls it: the
+    same masks, neutralised steps, `call()` and `kmask.masked_reduce`.
 
     Args:
         y_true: Targets.
@@ -585,9 +565,8 @@ def masked_loss(
         sample_weight: Optional weights, `[batch]` or the per-step shape.
         reduction: A kmask reduction name; defaults to `"token_mean"`.
         segment_ids: Optional integer `[batch, time]` ids of the sequences
-            packed in each row, `0` at padding (see `kmask.segment_weights`):
-            id 0 is padding, and `"sequence_mean"` is the mean over packed
-            sequences.
+            packed in each row, `0` at padding (see `kmask.segment_weights`);
+            `"sequence_mean"` is then the mean over packed sequences.
         **loss_kwargs: Passed to the wrapped loss.
 
     Returns:
@@ -602,14 +581,13 @@ def masked_loss(
     >>> float(kmask.masked_loss(y_true, y_pred, "mae", mask=mask))  # (1 + 3*2) / 4
     1.75
     """
-    if isinstance(loss, MaskedLoss):
-        if loss_kwargs:
-            raise ValueError(
-                "Keyword arguments configure a loss given by name or class, not "
-                f"a kmask loss. Received: loss={loss!r}, loss_kwargs={loss_kwargs}"
-            )
-    else:
+    if not isinstance(loss, MaskedLoss):
         loss = MaskedLoss(loss, **loss_kwargs)
+    elif loss_kwargs:
+        raise ValueError(
+            "Keyword arguments configure a loss given by name or class, not "
+            f"a kmask loss. Received: loss={loss!r}, loss_kwargs={loss_kwargs}"
+        )
     return loss(
         y_true,
         y_pred,
@@ -619,14 +597,3 @@ def masked_loss(
         segment_ids=segment_ids,
         reduction=standardize_reduction(reduction),
     )
-
-
-def _same_steps(y_true, y_pred) -> bool:
-    """Whether a dense loss can take the fused path: `y_true` of `y_pred`'s
-    shape (no broadcasting), rank 2 or more. Asked of the inputs as given:
-    moving the class axis of both keeps them equal."""
-    try:
-        shape = tuple(np.shape(y_pred))
-        return len(shape) >= 2 and tuple(np.shape(y_true)) == shape
-    except ValueError:  # ragged nested lists: the pipeline says what is wrong
-        return False
