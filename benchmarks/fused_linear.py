@@ -18,7 +18,9 @@ and its gradients with respect to
 - `materialised`: `ops.matmul(hidden, kernel) + bias` (what `Dense` computes)
   into `kmask.MaskedSparseCategoricalCrossentropy(from_logits=True,
   mask_value=-100)`: the `[tokens, vocabulary]` logits and their gradient exist;
-- `chunked`: `kmask.fused_linear_crossentropy(..., chunk_size=256)`;
+- `chunked`: `kmask.fused_linear_crossentropy(...)` at its default
+  `chunk_size="auto"` (`--chunk-size` sets tokens instead; each backend
+  reports the chunk it ran);
 - `chunked+stats`: the same with `class_weight=` (a weight per class) and
   `return_stats=True, temperature=0.7`: every per-step statistic of
   `kmask.fused.HEAD_STATS` (the z-loss term, the arg max, the label's
@@ -230,7 +232,19 @@ def _child(out: Path, variant: str, shape: dict, chunk_size: int, repeats: int):
     inputs = [ops.convert_to_tensor(arrays[key]) for key in arrays]
     step = _step(_loss_fn(variant, chunk_size, shape["vocabulary"]), backend)
     jax_compiled = step.compiled if backend == "jax" else None
-    write_json(out, measure_step(step, inputs, variant, OUTPUTS, repeats, jax_compiled))
+    report = measure_step(step, inputs, variant, OUTPUTS, repeats, jax_compiled)
+    write_json(out, {**report, "chunk": _chunk_of(chunk_size, shape)})
+
+
+def _chunk_of(chunk_size: int | str, shape: dict) -> int:
+    """The tokens per chunk the head runs at on this backend: `chunk_size`,
+    or what `"auto"` resolves to for what its implementation holds."""
+    from kmask import _chunking
+    from kmask.ops.linear import held_rows
+
+    hidden, vocabulary = shape["hidden"], shape["vocabulary"]
+    rows = held_rows(hidden, vocabulary)
+    return _chunking.resolve_chunk_size(chunk_size, hidden, vocabulary, rows)
 
 
 # `--side-by-side`: the variants timed in one process, and on PyTorch the
@@ -264,7 +278,8 @@ def _side_by_side_child(out: Path, shape: dict, chunk_size: int, repeats: int):
         warmup=1,
         repeats=repeats,
     )
-    write_json(out, {**backend_info(), "timings": timed})
+    chunk = _chunk_of(chunk_size, shape)
+    write_json(out, {**backend_info(), "timings": timed, "chunk": chunk})
 
 
 def _side_by_side_rows(reports: dict[str, dict]) -> list[list[str]]:
@@ -457,7 +472,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", choices=installed_backends())
     parser.add_argument("--quick", action="store_true", help="small shapes")
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument(
+        "--chunk-size",
+        type=lambda text: text if text == "auto" else int(text),
+        default="auto",
+        help="tokens per chunk, or 'auto' (the head's default; --mesh: 256)",
+    )
     parser.add_argument("--vocabulary", type=int, help=f"default {FULL['vocabulary']}")
     parser.add_argument("--batch", type=int, help=f"default {FULL['batch']}")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps")
@@ -483,8 +503,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape["batch"] = args.batch
     if args.no_padding:
         shape["padding"] = False
-    chunk_size = min(args.chunk_size, 64) if args.quick else args.chunk_size
+    chunk_size = args.chunk_size
     mesh_shape = _mesh_shape(args.mesh) if args.mesh else None
+    if mesh_shape and chunk_size == "auto":
+        # One chunk on both sides, the mesh's: under `ModelParallel` the
+        # head reads whole rows and "auto" holds two per token.
+        chunk_size = 256
+    if args.quick and chunk_size != "auto":
+        chunk_size = min(chunk_size, 64)
     if args.child:
         if mesh_shape:
             _mesh_child(args.child, shape, chunk_size, mesh_shape)
@@ -508,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for backend in args.backends or installed_backends()
         }
         versions = ", ".join(
-            f"{b} {r['version']} on {r['device']}" for b, r in reports.items()
+            f"{b} {r['version']} on {r['device']}, chunk {r['chunk']}"
+            for b, r in reports.items()
         )
         print(
             f"\n{title}, median of {args.repeats} interleaved rounds after 1 "
@@ -564,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\n{title} ({machine()}; "
         + ", ".join(
-            f"{b} {v['chunked']['version']} on {v['chunked']['device']}"
+            f"{b} {v['chunked']['version']} on {v['chunked']['device']}, "
+            f"chunk {v['chunked']['chunk']}"
             for b, v in reports.items()
         )
         + ")\n"

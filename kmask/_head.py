@@ -13,7 +13,12 @@ from keras import ops
 from kmask import _pipeline, _shapes
 from kmask._chunking import check_chunk_size, resolve_chunk_size
 from kmask.ops._dispatch import may_differentiate
-from kmask.ops.linear import LINEAR_STATS, LinearOptions, linear_crossentropy
+from kmask.ops.linear import (
+    LINEAR_STATS,
+    LinearOptions,
+    held_rows,
+    linear_crossentropy,
+)
 from kmask.reduce import is_linear, reduce_steps, value_gradient
 
 
@@ -44,7 +49,12 @@ def head(
     )  # fmt: skip
     vocabulary = kernel.shape[0 if op_options.transpose_kernel else 1]
     hidden_size = kernel.shape[1 if op_options.transpose_kernel else 0]
-    chunk_size = resolve_chunk_size(op_options.chunk_size, hidden_size, vocabulary)
+    chunk_size = resolve_chunk_size(
+        op_options.chunk_size,
+        hidden_size,
+        vocabulary,
+        held_rows(hidden_size, vocabulary, return_stats),
+    )
     op_options = op_options._replace(chunk_size=chunk_size)
     steps = _pipeline.prepare_labels(
         labels,

@@ -18,11 +18,11 @@ from tools.parity import references
 PAD = -100
 
 
-def _np_chunk(hidden_size, vocabulary, budget):
-    """The largest power of two `c` with `8 * c * (vocabulary + hidden_size)
-    <= budget`, clipped to [16, 8192], by counting up."""
+def _np_chunk(hidden_size, vocabulary, budget, rows=2):
+    """The largest power of two `c` with `4 * c * (rows * vocabulary + 2 *
+    hidden_size) <= budget`, clipped to [16, 8192], by counting up."""
     chunk = 1
-    while 8 * (2 * chunk) * (vocabulary + hidden_size) <= budget:
+    while 4 * (2 * chunk) * (rows * vocabulary + 2 * hidden_size) <= budget:
         chunk *= 2
     return min(max(chunk, 16), 8192)
 
@@ -40,12 +40,13 @@ def test_auto_chunk_size_of_known_heads(hidden_size, vocabulary, expected):
     st.integers(1, 16384),
     st.integers(2, 2**20),
     st.integers(1, 2**32),
+    st.sampled_from([1, 2]),
 )
 def test_auto_chunk_size_is_the_largest_power_of_two_in_the_budget(
-    hidden_size, vocabulary, budget
+    hidden_size, vocabulary, budget, rows
 ):
-    chunk = _chunking.auto_chunk_size(hidden_size, vocabulary, budget)
-    assert chunk == _np_chunk(hidden_size, vocabulary, budget)
+    chunk = _chunking.auto_chunk_size(hidden_size, vocabulary, budget, rows)
+    assert chunk == _np_chunk(hidden_size, vocabulary, budget, rows)
 
 
 def _spy(monkeypatch):
@@ -77,6 +78,21 @@ def test_the_default_is_auto_from_the_kernel_shape(monkeypatch):
     assert head.get_config()["chunk_size"] == "auto"
     restored = kmask.FusedLinearCrossentropy.from_config(head.get_config())
     assert restored.get_config() == head.get_config()
+
+
+def test_auto_chunk_follows_what_the_implementation_holds(monkeypatch):
+    """At hidden 512 and vocabulary 32768 the `keras.ops` loop reads the
+    rows in vocabulary slices and holds one row of the vocabulary per token
+    (512 tokens in the budget); the PyTorch kernel holds two (256), as do
+    the statistics, and a vocabulary of no useful divisor, read whole."""
+    seen = _spy(monkeypatch)
+    hidden = np.zeros((1, 1, 512), "float32")
+    for vocabulary in (32768, 32771):
+        kernel = np.zeros((512, vocabulary), "float32")
+        kmask.fused_linear_crossentropy(hidden, kernel, [[1]])
+    kmask.fused_linear_crossentropy(hidden, kernel[:, :32768], [[1]], return_stats=True)
+    sliced = 256 if keras.backend.backend() == "torch" else 512
+    assert seen == [sliced, 256, 256]
 
 
 def test_auto_chunks_match_numpy(monkeypatch):

@@ -6,11 +6,14 @@ import keras
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keras import ops
 
 import kmask
 import kmask.ops._chunks
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
+from kmask.ops._rows import row_crossentropy
 from tests._grad import value_and_grad
 from tests._numeric import close as _close
 from tests._numeric import linear_data
@@ -678,6 +681,38 @@ def test_linear_in_vocabulary_slices_matches_numpy(
     grad_kernel = expected["grad_kernel"]
     _close(found[1][1], grad_kernel.T if transpose_kernel else grad_kernel)
     _close(found[2][1], expected["grad_bias"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1, 2, 3, 4, 6, 12]),
+    st.sampled_from([0.1, 3.0, 60.0]),
+    st.sampled_from([0.0, 0.2]),
+    st.sampled_from([0.0, 1e-2]),
+)
+def test_rows_read_in_slices_match_numpy_property(
+    seed, size, scale, label_smoothing, z_loss
+):
+    """`row_crossentropy(..., slice_size=size)` (the online sum over the
+    vocabulary's slices that the head's chunks use) against NumPy, with
+    maxima in any slice, logits far apart and classes of probability 0."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(5, 12)).astype("float32")
+    labels = rng.integers(0, 12, size=(5,)).astype("int32")
+    # A class of probability 0 in some rows, never at the label.
+    off = (labels + 1 + rng.integers(0, 11, size=(5,))) % 12
+    logits[np.arange(5)[:3], off[:3]] = -np.inf
+    # The reference's own sums take no -inf; exp(-1e4) is 0 in float64 too.
+    finite = np.where(np.isfinite(logits), logits, -1e4).astype("float64")
+    # With smoothing, the mean of every logit counts: of -inf, -inf.
+    given_logits = finite.astype("float32") if label_smoothing else logits
+    rows = row_crossentropy(
+        ops.convert_to_tensor(given_logits), ops.convert_to_tensor(labels),
+        label_smoothing, z_loss, slice_size=size,
+    )  # fmt: skip
+    _close(rows.per_step, np_sparse_ce(labels, finite, label_smoothing, z_loss))
+    _close(rows.nll, np_sparse_ce(labels, finite))
 
 
 def test_softcap_changes_the_loss_and_accuracy_has_no_gradient():

@@ -66,6 +66,7 @@ def row_crossentropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     elementwise: bool = False,
+    slice_size: int | None = None,
 ) -> Rows:
     """The cross-entropy of each row of `logits` (`[..., classes]`).
 
@@ -78,19 +79,35 @@ def row_crossentropy(
         elementwise: Take `sum(targets * logits)` as an elementwise product
             rather than a dot product (see
             `kmask.ops._dispatch.keeps_exponentials`).
+        slice_size: For labels, a divisor of `classes` to read the rows
+            `slice_size` columns at a time (`row_sums`); `None` for whole
+            rows.
 
     Returns:
-        The `Rows`.
+        The `Rows`; `exponentials` is `None` when the rows are read in
+        slices.
     """
-    top = ops.max(logits, axis=-1)
-    # A row of -inf has no finite maximum; any shift works there.
-    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
-    exponentials = ops.exp(logits - ops.expand_dims(top, -1))
-    log_sum = ops.log(ops.sum(exponentials, axis=-1))
-    if len(targets.shape) < len(logits.shape):
-        label_logit = ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1)
+    classes = logits.shape[-1]
+    labels = len(targets.shape) < len(logits.shape)
+    exponentials = None
+    if labels and slice_size is not None and slice_size < classes:
+        top, log_sum, label_logit, logit_mean = row_sums(
+            logits, targets, slice_size, bool(label_smoothing)
+        )
+    else:
+        top = ops.max(logits, axis=-1)
+        # A row of -inf has no finite maximum; any shift works there.
+        top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+        exponentials = ops.exp(logits - ops.expand_dims(top, -1))
+        log_sum = ops.log(ops.sum(exponentials, axis=-1))
+        logit_mean = ops.mean(logits, axis=-1) if label_smoothing else None
+    if labels:
+        if exponentials is not None:
+            label_logit = ops.take_along_axis(
+                logits, ops.expand_dims(targets, -1), axis=-1
+            )[..., 0]
         raw_sum = target_sum = 1.0
-        target_logit = ops.squeeze(label_logit, axis=-1) - top
+        target_logit = label_logit - top
     else:
         raw_sum = target_sum = ops.sum(targets, axis=-1)
         if elementwise:
@@ -104,12 +121,61 @@ def row_crossentropy(
     if label_smoothing:
         target_sum = (1.0 - label_smoothing) * raw_sum + label_smoothing
         target_logit = (1.0 - label_smoothing) * target_logit + label_smoothing * (
-            ops.mean(logits, axis=-1) - top
+            logit_mean - top
         )
     per_step = target_sum * log_sum - target_logit
     if z_loss:
         per_step = per_step + z_loss * ops.square(top + log_sum)
     return Rows(top, log_sum, target_sum, per_step, nll, exponentials)
+
+
+LOWEST = -3.4028235e38
+"""The lowest float32: the maximum of a row before any of its columns."""
+
+
+def row_sums(logits: Any, labels: Any, size: int, logit_mean: bool) -> tuple:
+    """`(top, log_sum, label_logit, logit_mean)` of each row of `logits`,
+    read `size` columns at a time (`size` a divisor of the classes): the
+    row's maximum (0 where it is not finite), `log(sum(exp(logits - top)))`,
+    the label's logit, and with `logit_mean` the row's mean (else `None`).
+
+    The sum of exponentials is taken online, rescaled to each new maximum
+    (`total * exp(top - new_top) + sum(exp(slice - new_top))`), in a loop
+    over the slices: a row is read once, no `[..., classes]` array but
+    `logits` is held, and a compiler fuses what made `logits` (a bias, a soft
+    cap) into each slice's reads instead of keeping it whole.
+    """
+    classes = logits.shape[-1]
+    steps_shape = labels.shape
+    labels = ops.expand_dims(labels, -1)
+
+    def add(step, found):
+        top, total, label_logit, *row_sum = found
+        start = step * size
+        piece = column_slice(logits, start, size)
+        new_top = ops.maximum(top, ops.max(piece, axis=-1))
+        shifted = piece - ops.expand_dims(new_top, -1)
+        total = total * ops.exp(top - new_top) + ops.sum(ops.exp(shifted), axis=-1)
+        index = labels - start
+        inside = ops.logical_and(index >= 0, index < size)[..., 0]
+        picked = ops.take_along_axis(piece, ops.clip(index, 0, size - 1), axis=-1)
+        label_logit = ops.where(inside, picked[..., 0], label_logit)
+        row_sum = [found + ops.sum(piece, axis=-1) for found in row_sum]
+        return (new_top, total, label_logit, *row_sum)
+
+    zeros = ops.zeros(steps_shape, "float32")
+    lowest = ops.full(steps_shape, LOWEST, "float32")
+    found = (lowest, zeros, zeros) + ((zeros,) if logit_mean else ())
+    top, total, label_logit, *row_sum = ops.fori_loop(0, classes // size, add, found)
+    # A row of -inf has no finite maximum; any shift works there.
+    mean = row_sum[0] / classes if row_sum else None
+    return _finite(top), ops.log(total), label_logit, mean
+
+
+def _finite(top: Any) -> Any:
+    """`top` where it is a finite maximum, else 0."""
+    finite = ops.logical_and(ops.isfinite(top), top > LOWEST)
+    return ops.where(finite, top, ops.zeros_like(top))
 
 
 def row_statistics(logits: Any, labels: Any, temperature: float = 1.0) -> tuple:
@@ -125,8 +191,7 @@ def row_statistics(logits: Any, labels: Any, temperature: float = 1.0) -> tuple:
     """
     predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
     scaled = logits if temperature == 1.0 else logits / temperature
-    top = ops.max(scaled, axis=-1, keepdims=True)
-    top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+    top = _finite(ops.max(scaled, axis=-1, keepdims=True))
     shifted = scaled - top
     exponentials = ops.exp(shifted)
     total = ops.sum(exponentials, axis=-1)

@@ -17,8 +17,14 @@ import keras
 from keras import ops
 
 from kmask._shapes import broadcast_to_steps
-from kmask.ops._chunks import add_chunk_grads, chunk_logits, real_first, to_chunks
-from kmask.ops._dispatch import KERNELS
+from kmask.ops._chunks import (
+    add_chunk_grads,
+    chunk_logits,
+    real_first,
+    slice_size,
+    to_chunks,
+)
+from kmask.ops._dispatch import KERNELS, backend_kernel
 from kmask.ops._rows import (
     Rows,
     row_crossentropy,
@@ -77,6 +83,19 @@ class LinearOptions(NamedTuple):
     softcap: float | None = None
     transpose_kernel: bool = False
     temperature: float = 1.0
+
+
+def held_rows(width: int, vocabulary: int, return_stats: bool = False) -> int:
+    """The float32 rows of the vocabulary that one token of a chunk holds in
+    the current backend's implementation (`kmask._chunking` sizes the
+    automatic chunk by it): 2 in the PyTorch kernel (the logits and their
+    gradient) and in the `keras.ops` loop over whole rows (the logits before
+    and after the bias, which XLA keeps both), as with `return_stats` (whose
+    statistics read whole rows); 1 where that loop reads the rows in
+    vocabulary slices (`kmask.ops._chunks.slice_size`): the logits before
+    the bias, whatever made the rest fused into each slice's reads."""
+    sliced = slice_size(width, vocabulary) < vocabulary and not return_stats
+    return 1 if sliced and backend_kernel("linear_crossentropy") is None else 2
 
 
 def linear_crossentropy(
@@ -242,7 +261,15 @@ def _chunked_crossentropy(
             logits = chunk_logits(chunk_hidden, kernel, bias, options)
             chunk_labels = ops.take(labels, index, axis=0)
             if rows is None:
-                rows = row_crossentropy(logits, chunk_labels, label_smoothing, z_loss)
+                # Read in the gradient's vocabulary slices: the biased (or
+                # capped) logits are never held whole.
+                rows = row_crossentropy(
+                    logits,
+                    chunk_labels,
+                    label_smoothing,
+                    z_loss,
+                    slice_size=slice_size(chunk_hidden.shape[1], logits.shape[1]),
+                )
             if upstream is not None:
                 chunk_upstream = ops.take(upstream, index, axis=0)
                 chunk_valid = ops.take(valid, index, axis=0)
