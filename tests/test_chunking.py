@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import kmask.fused
 from kmask import _chunking, _head
 from tests._grad import value_and_grad
 from tests._numeric import close, linear_data
+from tools.backends import REPOSITORY, backend_environment, run_in_own_session
 from tools.parity import references
 
 PAD = -100
@@ -152,3 +156,82 @@ def test_auto_under_keras_fit_and_save(tmp_path):
     restored = keras.models.load_model(path)
     assert restored.layers[-1].get_config()["chunk_size"] == "auto"
     close(restored.evaluate([x, y], verbose=0), model.evaluate([x, y], verbose=0))
+
+
+MESH_HEAD = """
+import json, re, sys
+import jax, keras, numpy as np
+import kmask, kmask.ops._chunks
+
+kmask.ops._chunks.SLICE_BYTES = 1
+kmask.ops._chunks.MAX_SLICES = 4
+with np.load(sys.argv[1]) as arrays:
+    hidden, embedding, labels = (arrays[k] for k in ("hidden", "embedding", "labels"))
+mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), jax.devices())
+layout_map = keras.distribution.LayoutMap(mesh)
+layout_map["embeddings"] = ("model", None)
+distribution = keras.distribution.ModelParallel(
+    layout_map=layout_map, batch_dim_name="batch"
+)
+
+
+def loss(h, e):
+    return kmask.fused_linear_crossentropy(
+        h, e, labels, mask_value=-100, chunk_size=8, transpose_kernel=True,
+        softcap=3.0, label_smoothing=0.1, z_loss=0.01,
+    )
+
+
+placed = (
+    keras.distribution.distribute_tensor(
+        hidden, distribution.get_data_layout(hidden.shape)
+    ),
+    keras.distribution.distribute_tensor(embedding, layout_map["embeddings"]),
+)
+with distribution.scope():
+    slices = kmask.ops._chunks.vocabulary_slices(8, 32)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = step.lower(*placed).compile()
+    value, (d_hidden, d_embedding) = compiled(*placed)
+print(json.dumps({
+    "slices": slices,
+    "value": float(value),
+    "d_hidden": np.asarray(d_hidden).tolist(),
+    "d_embedding": np.asarray(d_embedding).tolist(),
+    "gathers": re.findall(r"= (\\S+) all-gather\\(", compiled.as_text()),
+}))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX device mesh")
+def test_sharded_vocabulary_slices_stay_on_their_device_and_match_numpy(tmp_path):
+    """The head under a Keras `ModelParallel` distribution on a 2x4 mesh of
+    8 logical CPU devices, its tied `[vocabulary, hidden]` embedding sharded
+    over the vocabulary: each chunk is read in slices within each device's
+    quarter of the vocabulary (`vocabulary_slices`: 4 steps of 2 columns of
+    each quarter), so XLA gathers no embedding, and the value and gradients
+    match NumPy."""
+    rng = np.random.default_rng(5)
+    hidden = rng.normal(size=(4, 6, 8)).astype("float32")
+    embedding = rng.normal(size=(32, 8)).astype("float32")
+    labels = rng.integers(0, 32, size=(4, 6)).astype("int32")
+    labels[:, 4:] = PAD
+    arrays = tmp_path / "arrays.npz"
+    np.savez(arrays, hidden=hidden, embedding=embedding, labels=labels)
+    env = backend_environment(
+        "jax", XLA_FLAGS="--xla_force_host_platform_device_count=8"
+    )
+    command = [sys.executable, "-c", MESH_HEAD, str(arrays)]
+    completed = run_in_own_session(command, env, 300, cwd=str(REPOSITORY))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    found = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert found["slices"] == [2, 4]
+    # Only the tokens' int32 order is gathered: no embedding, no logits.
+    assert not [g for g in found["gathers"] if g.startswith("f32")]
+    expected = references.np_linear(
+        hidden, embedding.T, None, labels, labels != PAD, None, "token_mean",
+        softcap=3.0, label_smoothing=0.1, z_loss=0.01,
+    )  # fmt: skip
+    close(found["value"], expected["value"])
+    close(np.asarray(found["d_hidden"]), expected["grad_hidden"])
+    close(np.asarray(found["d_embedding"]), expected["grad_kernel"].T)

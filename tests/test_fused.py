@@ -13,7 +13,7 @@ from keras import ops
 import kmask
 import kmask.ops._chunks
 from kmask.fused import categorical_crossentropy_with_logits, mean_squared_error
-from kmask.ops._rows import row_crossentropy
+from kmask.ops._rows import column_ids, column_slice, column_update, row_crossentropy
 from tests._grad import value_and_grad
 from tests._numeric import close as _close
 from tests._numeric import linear_data
@@ -638,19 +638,29 @@ def test_linear_options_match_numpy(transpose_kernel, softcap, weighted, jit):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize(
-    ("transpose_kernel", "softcap", "label_smoothing", "z_loss"),
-    [(False, None, 0.0, 0.0), (True, 0.7, 0.0, 0.0), (False, 0.7, 0.2, 0.01)],
+    ("transpose_kernel", "softcap", "label_smoothing", "z_loss", "shards"),
+    [
+        (False, None, 0.0, 0.0, 1),
+        (True, 0.7, 0.0, 0.0, 1),
+        (False, 0.7, 0.2, 0.01, 1),
+        (True, None, 0.0, 0.0, 2),
+        (False, 0.7, 0.2, 0.01, 2),
+    ],
 )
 def test_linear_in_vocabulary_slices_matches_numpy(
-    transpose_kernel, softcap, label_smoothing, z_loss, jit, monkeypatch
+    transpose_kernel, softcap, label_smoothing, z_loss, shards, jit, monkeypatch
 ):
-    """Each chunk's gradients computed over 4 slices of the vocabulary's 12
-    classes (`kmask.ops._chunks.slice_size`), as a large vocabulary is; the
-    PyTorch kernel has no slices and passes it unchanged."""
+    """Each chunk's loss and gradients computed over slices of the
+    vocabulary's 12 classes (`kmask.ops._chunks.vocabulary_slices`), as a
+    large vocabulary is: 4 slices of 3, or, as the vocabulary is cut over 2
+    devices of a Keras `ModelParallel` distribution, 3 steps of 2 columns of
+    each half. The PyTorch kernel has no slices and passes it unchanged."""
     monkeypatch.setattr(kmask.ops._chunks, "SLICE_BYTES", 1)
     monkeypatch.setattr(kmask.ops._chunks, "MAX_SLICES", 4)
+    monkeypatch.setattr(kmask.ops._chunks, "vocabulary_shards", lambda: shards)
     vocabulary = 12
-    assert kmask.ops._chunks.slice_size(H, vocabulary) == 3
+    expected_slices = (3, 1) if shards == 1 else (2, 2)
+    assert kmask.ops._chunks.vocabulary_slices(H, vocabulary) == expected_slices
     data = linear_data(np.random.default_rng(23), B, T, H, vocabulary)
     valid = _valid()
     labels = np.where(valid, data["labels"], PAD)
@@ -683,20 +693,25 @@ def test_linear_in_vocabulary_slices_matches_numpy(
     _close(found[2][1], expected["grad_bias"])
 
 
+SLICES_OF_12 = [(1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (12, 1), (1, 2), (2, 2)]
+SLICES_OF_12 += [(3, 2), (1, 3), (2, 3), (1, 4)]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(0, 2**31 - 1),
-    st.sampled_from([1, 2, 3, 4, 6, 12]),
+    st.sampled_from(SLICES_OF_12),
     st.sampled_from([0.1, 3.0, 60.0]),
     st.sampled_from([0.0, 0.2]),
     st.sampled_from([0.0, 1e-2]),
 )
 def test_rows_read_in_slices_match_numpy_property(
-    seed, size, scale, label_smoothing, z_loss
+    seed, slices, scale, label_smoothing, z_loss
 ):
-    """`row_crossentropy(..., slice_size=size)` (the online sum over the
-    vocabulary's slices that the head's chunks use) against NumPy, with
-    maxima in any slice, logits far apart and classes of probability 0."""
+    """`row_crossentropy(..., slices=(size, shards))` (the online sum over
+    the vocabulary's slices that the head's chunks use, within each of
+    `shards` shards) against NumPy, with maxima in any slice, logits far
+    apart and classes of probability 0."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(scale=scale, size=(5, 12)).astype("float32")
     labels = rng.integers(0, 12, size=(5,)).astype("int32")
@@ -709,10 +724,42 @@ def test_rows_read_in_slices_match_numpy_property(
     given_logits = finite.astype("float32") if label_smoothing else logits
     rows = row_crossentropy(
         ops.convert_to_tensor(given_logits), ops.convert_to_tensor(labels),
-        label_smoothing, z_loss, slice_size=size,
+        label_smoothing, z_loss, slices=slices,
     )  # fmt: skip
     _close(rows.per_step, np_sparse_ce(labels, finite, label_smoothing, z_loss))
     _close(rows.nll, np_sparse_ce(labels, finite))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_column_slices_of_shards_match_numpy_property(data):
+    """`column_slice`, `column_update` and `column_ids`: the columns `[start,
+    start + size)` of each shard of an axis, against NumPy indexing."""
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    axis = data.draw(st.integers(0, len(shape)))
+    shards = data.draw(st.sampled_from([1, 2, 3]))
+    width = data.draw(st.sampled_from([1, 2, 4]))
+    size = data.draw(st.integers(1, width))
+    start = data.draw(st.integers(0, width - size))
+    shape.insert(axis, shards * width)
+    array = np.arange(np.prod(shape), dtype="float32").reshape(shape)
+    columns = np.concatenate(
+        [np.arange(start, start + size) + shard * width for shard in range(shards)]
+    )
+    expected = np.take(array, columns, axis=axis)
+    found = column_slice(ops.convert_to_tensor(array), start, size, shards, axis)
+    np.testing.assert_array_equal(ops.convert_to_numpy(found), expected)
+    update = -1.0 - np.arange(expected.size, dtype="float32").reshape(expected.shape)
+    updated = column_update(
+        ops.convert_to_tensor(array), start, ops.convert_to_tensor(update), shards, axis
+    )
+    want = array.copy()
+    index = [slice(None)] * len(shape)
+    index[axis] = columns
+    want[tuple(index)] = update
+    np.testing.assert_array_equal(ops.convert_to_numpy(updated), want)
+    ids = column_ids(shards * width, start, size, shards)
+    np.testing.assert_array_equal(ops.convert_to_numpy(ids), columns)
 
 
 def test_softcap_changes_the_loss_and_accuracy_has_no_gradient():

@@ -10,12 +10,13 @@ and `transpose_kernel` (a `[vocabulary, width]` kernel, used as stored).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
 from keras import ops
 
-from kmask.ops._rows import column_slice, softcap, softcap_slope
+from kmask.ops._rows import column_slice, column_update, softcap, softcap_slope
 
 
 def real_first(valid: Any) -> Any:
@@ -71,59 +72,56 @@ def add_chunk_grads(
     """`(d_hidden, d_kernel, d_bias)` with chunk `index`'s share added, from
     the gradient of its capped `logits` and its `hidden` rows.
 
-    The share is computed one vocabulary slice at a time (`slice_size`):
-    `d_logits(start, size)` gives the gradient's columns `[start, start +
-    size)`, so a chunk's whole `[chunk, vocabulary]` gradient never exists,
-    and each slice is used by both matmuls while it is in the processor's
-    cache. No compiler fuses the accumulation into the matmul (a GEMM with
-    `beta=1`): a share of the `[width, vocabulary]` kernel gradient written
-    whole and then added would read and write it from memory twice per
-    chunk, which on a CPU costs more than the cut matmuls lose
+    The share is computed one vocabulary slice at a time (`vocabulary_slices`):
+    `d_logits(columns)` gives the gradient's columns `column_slice(...,
+    *columns)`, so a chunk's whole `[chunk, vocabulary]` gradient never
+    exists, and each slice is used by both matmuls while it is in the
+    processor's cache. No compiler fuses the accumulation into the matmul (a
+    GEMM with `beta=1`): a share of the `[width, vocabulary]` kernel gradient
+    written whole and then added would read and write it from memory twice
+    per chunk, which on a CPU costs more than the cut matmuls lose
     (docs/measured.md, "The gradient in vocabulary slices").
     """
     d_hidden, d_kernel, d_bias = grads
     tokens, vocabulary = logits.shape
     width = hidden.shape[1]
-    size = slice_size(width, vocabulary)
+    size, shards = vocabulary_slices(width, vocabulary)
+    # The kernel's vocabulary axis.
+    axis = 0 if options.transpose_kernel else 1
 
-    def add_slice(start, found):
+    def add_slice(step, found):
         """`found` (`(d_kernel, d_bias, chunk_d_hidden)`) with the share of
-        the vocabulary's columns `[start, start + size)`."""
+        the vocabulary's slice `step`."""
         d_kernel, d_bias, chunk_d_hidden = found
-        piece = d_logits(start, size)
+        columns = (step * size, size, shards)
+        piece = d_logits(columns)
         if options.softcap is not None:
-            piece = piece * softcap_slope(
-                column_slice(logits, start, size), options.softcap
-            )
+            capped = column_slice(logits, *columns)
+            piece = piece * softcap_slope(capped, options.softcap)
+        rows = column_slice(kernel, *columns, axis=axis)
         if options.transpose_kernel:
-            corner, extent = [start, 0], [size, width]
-            chunk_d_hidden += ops.matmul(piece, ops.slice(kernel, corner, extent))
+            chunk_d_hidden += ops.matmul(piece, rows)
             kernel_share = ops.einsum("tv,tw->vw", piece, hidden)
         else:
-            corner, extent = [0, start], [width, size]
-            columns = ops.slice(kernel, corner, extent)
-            chunk_d_hidden += ops.matmul(piece, ops.transpose(columns))
+            chunk_d_hidden += ops.matmul(piece, ops.transpose(rows))
             kernel_share = ops.matmul(ops.transpose(hidden), piece)
-        bias_share = ops.slice(d_bias, [start], [size]) + ops.sum(piece, axis=0)
-        if size == vocabulary:
+        bias_share = column_slice(d_bias, *columns, axis=0) + ops.sum(piece, axis=0)
+        if size * shards == vocabulary:
             return d_kernel + kernel_share, bias_share, chunk_d_hidden
         # Updated in place: a compiler aliases the update's buffer.
-        added = ops.slice(d_kernel, corner, extent) + kernel_share
-        d_kernel = ops.slice_update(d_kernel, corner, added)
-        return d_kernel, ops.slice_update(d_bias, [start], bias_share), chunk_d_hidden
+        added = column_slice(d_kernel, *columns, axis=axis) + kernel_share
+        d_kernel = column_update(d_kernel, columns[0], added, shards, axis)
+        d_bias = column_update(d_bias, columns[0], bias_share, shards, 0)
+        return d_kernel, d_bias, chunk_d_hidden
 
     found = (d_kernel, d_bias, ops.zeros((tokens, width), "float32"))
-    if size == vocabulary:
+    steps = vocabulary // (size * shards)
+    if steps == 1:
         found = add_slice(0, found)
     else:
         # A loop, not a Python `for`: a compiler would schedule unrolled
         # slices side by side and hold them all.
-        found = ops.fori_loop(
-            0,
-            vocabulary // size,
-            lambda step, found: add_slice(step * size, found),
-            found,
-        )
+        found = ops.fori_loop(0, steps, add_slice, found)
     d_kernel, d_bias, chunk_d_hidden = found
     d_hidden = ops.slice_update(d_hidden, [index, 0, 0], chunk_d_hidden[None])
     return d_hidden, d_kernel, d_bias
@@ -131,32 +129,54 @@ def add_chunk_grads(
 
 def columns_of(array: Any) -> Any:
     """`d_logits` for `add_chunk_grads` from a whole `[chunk, vocabulary]`
-    gradient: its columns `[start, start + size)`."""
-    return lambda start, size: column_slice(array, start, size)
+    gradient: its columns `column_slice(array, *columns)`."""
+    return lambda columns: column_slice(array, *columns)
 
 
 SLICE_BYTES = 4 * 2**20
 """The bytes of the kernel's gradient that `add_chunk_grads` adds a chunk's
-share to at a time: a slice small enough to stay in the processor's cache
-between the matmul that writes it and the addition that reads it."""
+share to at a time, per device: a slice small enough to stay in the
+processor's cache between the matmul that writes it and the addition that
+reads it."""
 
 MAX_SLICES = 16
 """At most this many slices per chunk."""
 
 
-def slice_size(width: int, vocabulary: int) -> int:
-    """The columns of the vocabulary over which `add_chunk_grads` computes a
-    chunk's share of the gradients at a time: about `SLICE_BYTES` of float32
-    kernel gradient, at most `MAX_SLICES` slices, and a divisor of the
-    vocabulary (the slices are a loop of equal steps), else the whole
-    vocabulary. Pure Python on the static shapes.
+def vocabulary_slices(width: int, vocabulary: int) -> tuple[int, int]:
+    """`(size, shards)`: the slices of the vocabulary over which
+    `add_chunk_grads` and the loss (`kmask.ops._rows.row_sums`) read a
+    chunk, `size` columns of each of `shards` equal shards at a time
+    (`kmask.ops._rows.column_slice`). Pure Python on the static shapes.
 
-    The whole vocabulary under a Keras `ModelParallel` distribution: there
-    the kernel may be sharded over the vocabulary, and a slice at a traced
-    offset would make XLA gather the whole kernel on every device
-    (`benchmarks/fused_linear.py --mesh 2x4`)."""
-    if isinstance(keras.distribution.distribution(), keras.distribution.ModelParallel):
-        return vocabulary
-    wanted = min(MAX_SLICES, max(1, 4 * width * vocabulary // SLICE_BYTES))
-    count = next(n for n in range(wanted, 0, -1) if vocabulary % n == 0)
-    return vocabulary // count
+    `shards` is the number of devices a Keras `ModelParallel` distribution
+    may cut the vocabulary over (`vocabulary_shards`; 1 without one). Per
+    shard, `size` is about `SLICE_BYTES` of float32 kernel gradient, at most
+    `MAX_SLICES` slices, and a divisor of the shard (the slices are a loop of
+    equal steps). `(vocabulary, 1)`, one slice of everything, where no such
+    divisor exists."""
+    shards = vocabulary_shards()
+    if vocabulary % shards:
+        return vocabulary, 1
+    shard = vocabulary // shards
+    wanted = min(MAX_SLICES, max(1, 4 * width * shard // SLICE_BYTES))
+    count = next(n for n in range(wanted, 0, -1) if shard % n == 0)
+    if count == 1:
+        return vocabulary, 1
+    return shard // count, shards
+
+
+def vocabulary_shards() -> int:
+    """The devices a Keras `ModelParallel` distribution may shard the
+    vocabulary over: its mesh's devices off the batch axis (a kernel
+    sharded over the vocabulary is cut over them); 1 without one."""
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.ModelParallel):
+        return 1
+    mesh = distribution.device_mesh
+    sizes = [
+        size
+        for size, name in zip(mesh.shape, mesh.axis_names, strict=True)
+        if name != distribution.batch_dim_name
+    ]
+    return math.prod(sizes)

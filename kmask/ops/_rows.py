@@ -66,7 +66,7 @@ def row_crossentropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     elementwise: bool = False,
-    slice_size: int | None = None,
+    slices: tuple[int, int] | None = None,
 ) -> Rows:
     """The cross-entropy of each row of `logits` (`[..., classes]`).
 
@@ -79,9 +79,9 @@ def row_crossentropy(
         elementwise: Take `sum(targets * logits)` as an elementwise product
             rather than a dot product (see
             `kmask.ops._dispatch.keeps_exponentials`).
-        slice_size: For labels, a divisor of `classes` to read the rows
-            `slice_size` columns at a time (`row_sums`); `None` for whole
-            rows.
+        slices: For labels, `(size, shards)` to read the rows `size`
+            columns of each of `shards` equal shards at a time (`row_sums`,
+            `column_slice`); `None` for whole rows.
 
     Returns:
         The `Rows`; `exponentials` is `None` when the rows are read in
@@ -90,9 +90,9 @@ def row_crossentropy(
     classes = logits.shape[-1]
     labels = len(targets.shape) < len(logits.shape)
     exponentials = None
-    if labels and slice_size is not None and slice_size < classes:
+    if labels and slices is not None and slices[0] * slices[1] < classes:
         top, log_sum, label_logit, logit_mean = row_sums(
-            logits, targets, slice_size, bool(label_smoothing)
+            logits, targets, slices, bool(label_smoothing)
         )
     else:
         top = ops.max(logits, axis=-1)
@@ -133,11 +133,12 @@ LOWEST = -3.4028235e38
 """The lowest float32: the maximum of a row before any of its columns."""
 
 
-def row_sums(logits: Any, labels: Any, size: int, logit_mean: bool) -> tuple:
+def row_sums(logits: Any, labels: Any, slices: tuple, logit_mean: bool) -> tuple:
     """`(top, log_sum, label_logit, logit_mean)` of each row of `logits`,
-    read `size` columns at a time (`size` a divisor of the classes): the
-    row's maximum (0 where it is not finite), `log(sum(exp(logits - top)))`,
-    the label's logit, and with `logit_mean` the row's mean (else `None`).
+    read in `slices` (`(size, shards)`: `size` columns of each shard at a
+    time, `column_slice`): the row's maximum (0 where it is not finite),
+    `log(sum(exp(logits - top)))`, the label's logit, and with `logit_mean`
+    the row's mean (else `None`).
 
     The sum of exponentials is taken online, rescaled to each new maximum
     (`total * exp(top - new_top) + sum(exp(slice - new_top))`), in a loop
@@ -145,20 +146,23 @@ def row_sums(logits: Any, labels: Any, size: int, logit_mean: bool) -> tuple:
     `logits` is held, and a compiler fuses what made `logits` (a bias, a soft
     cap) into each slice's reads instead of keeping it whole.
     """
+    size, shards = slices
     classes = logits.shape[-1]
     steps_shape = labels.shape
-    labels = ops.expand_dims(labels, -1)
+    # Where the label is: its shard, and its column within the shard.
+    shard, column = labels // (classes // shards), labels % (classes // shards)
 
     def add(step, found):
         top, total, label_logit, *row_sum = found
         start = step * size
-        piece = column_slice(logits, start, size)
+        piece = column_slice(logits, start, size, shards)
         new_top = ops.maximum(top, ops.max(piece, axis=-1))
         shifted = piece - ops.expand_dims(new_top, -1)
         total = total * ops.exp(top - new_top) + ops.sum(ops.exp(shifted), axis=-1)
-        index = labels - start
-        inside = ops.logical_and(index >= 0, index < size)[..., 0]
-        picked = ops.take_along_axis(piece, ops.clip(index, 0, size - 1), axis=-1)
+        offset = column - start
+        inside = ops.logical_and(offset >= 0, offset < size)
+        index = shard * size + ops.clip(offset, 0, size - 1)
+        picked = ops.take_along_axis(piece, ops.expand_dims(index, -1), axis=-1)
         label_logit = ops.where(inside, picked[..., 0], label_logit)
         row_sum = [found + ops.sum(piece, axis=-1) for found in row_sum]
         return (new_top, total, label_logit, *row_sum)
@@ -166,7 +170,8 @@ def row_sums(logits: Any, labels: Any, size: int, logit_mean: bool) -> tuple:
     zeros = ops.zeros(steps_shape, "float32")
     lowest = ops.full(steps_shape, LOWEST, "float32")
     found = (lowest, zeros, zeros) + ((zeros,) if logit_mean else ())
-    top, total, label_logit, *row_sum = ops.fori_loop(0, classes // size, add, found)
+    steps = classes // (size * shards)
+    top, total, label_logit, *row_sum = ops.fori_loop(0, steps, add, found)
     # A row of -inf has no finite maximum; any shift works there.
     mean = row_sum[0] / classes if row_sum else None
     return _finite(top), ops.log(total), label_logit, mean
@@ -236,24 +241,22 @@ def row_crossentropy_grad(
         z_loss: As for `row_crossentropy`.
         keep_exponentials: Whether the softmax comes from `rows.exponentials`
             rather than being recomputed from `logits`.
-        columns: `(start, size)`: only the gradient's classes `[start, start
-            + size)`, from those columns of `logits` (and of the
-            exponentials and of dense targets); `None` for all of them.
+        columns: `(start, size, shards)`: only the gradient's classes of
+            `column_slice(logits, start, size, shards)`, from those columns
+            of `logits` (and of the exponentials and of dense targets);
+            `None` for all of them.
 
     Returns:
-        The gradient, `logits`' shape (with `columns`, its `size` columns).
+        The gradient, `logits`' shape (with `columns`, its `size * shards`
+        columns).
     """
     classes = logits.shape[-1]
-    start = 0
     if columns is not None:
-        start, size = columns
-        logits = column_slice(logits, start, size)
+        logits = column_slice(logits, *columns)
         if keep_exponentials:
-            rows = rows._replace(
-                exponentials=column_slice(rows.exponentials, start, size)
-            )
+            rows = rows._replace(exponentials=column_slice(rows.exponentials, *columns))
         if len(targets.shape) == len(logits.shape):
-            targets = column_slice(targets, start, size)
+            targets = column_slice(targets, *columns)
     coefficient = where_valid(valid, upstream)
     softmax_weight = rows.target_sum
     if z_loss:
@@ -264,7 +267,10 @@ def row_crossentropy_grad(
     else:
         probs = ops.exp(log_softmax(logits, rows)) * ops.expand_dims(scale, -1)
     if len(targets.shape) < len(logits.shape):
-        ids = ops.arange(logits.shape[-1], dtype="int32") + start
+        if columns is None:
+            ids = ops.arange(classes, dtype="int32")
+        else:
+            ids = column_ids(classes, *columns)
         is_label = ops.equal(ids, ops.expand_dims(targets, -1))
         label_term = ops.expand_dims((1.0 - label_smoothing) * coefficient, -1)
         grad = ops.where(is_label, probs - label_term, probs)
@@ -277,10 +283,74 @@ def row_crossentropy_grad(
     return where_valid(valid, grad)
 
 
-def column_slice(array: Any, start: Any, size: int) -> Any:
-    """`array[..., start:start + size]`: `size` static, `start` an int or a
-    traced index; `array` itself when that is every column."""
-    if size == array.shape[-1]:
+def column_slice(
+    array: Any, start: Any, size: int, shards: int = 1, axis: int = -1
+) -> Any:
+    """The columns `[start, start + size)` of each of `shards` equal shards
+    of `array`'s `axis`, in the shards' order (`size * shards` columns):
+    with one shard `array[..., start:start + size]`. `size` and `shards`
+    static, `start` an int or a traced index; `array` itself when that is
+    every column.
+
+    With `shards` the devices a Keras `ModelParallel` distribution cuts the
+    axis over, each device's slice stays its own: the axis is read as
+    `[shards, columns / shards]` and sliced within (a slice at a traced
+    offset of the sharded axis itself would make XLA gather the whole
+    array on every device)."""
+    axis %= len(array.shape)
+    if size * shards == array.shape[axis]:
         return array
-    rank = len(array.shape)
-    return ops.slice(array, [0] * (rank - 1) + [start], [*array.shape[:-1], size])
+    if shards == 1:
+        corner, extent = [0] * len(array.shape), list(array.shape)
+        corner[axis], extent[axis] = start, size
+        return ops.slice(array, corner, extent)
+    split = _split(array, shards, axis)
+    corner = [0] * len(split.shape)
+    corner[axis + 1] = start
+    extent = list(split.shape)
+    extent[axis + 1] = size
+    piece = ops.slice(split, corner, extent)
+    return _merge(piece, shards, axis)
+
+
+def column_update(
+    array: Any, start: Any, update: Any, shards: int = 1, axis: int = -1
+) -> Any:
+    """`array` with `column_slice(array, start, size, shards, axis)`
+    replaced by `update` (`size * shards` columns on `axis`), in place where
+    a compiler aliases the buffer."""
+    axis %= len(array.shape)
+    if shards == 1:
+        corner = [0] * len(array.shape)
+        corner[axis] = start
+        return ops.slice_update(array, corner, update)
+    corner = [0] * (len(array.shape) + 1)
+    corner[axis + 1] = start
+    split = _split(array, shards, axis)
+    updated = ops.slice_update(split, corner, _split(update, shards, axis))
+    return _merge(updated, shards, axis)
+
+
+def _split(array: Any, shards: int, axis: int) -> Any:
+    """`array` with its `axis` read as `[shards, columns / shards]`."""
+    shape = list(array.shape)
+    return ops.reshape(
+        array, [*shape[:axis], shards, shape[axis] // shards, *shape[axis + 1 :]]
+    )
+
+
+def _merge(array: Any, shards: int, axis: int) -> Any:
+    """`_split` undone: axes `axis` and `axis + 1` made one."""
+    shape = list(array.shape)
+    merged = shards * shape[axis + 1]
+    return ops.reshape(array, [*shape[:axis], merged, *shape[axis + 2 :]])
+
+
+def column_ids(classes: int, start: Any, size: int, shards: int = 1) -> Any:
+    """The class ids (int32) of `column_slice(..., start, size, shards)`'s
+    columns of a `classes`-wide axis."""
+    ids = ops.arange(size, dtype="int32") + start
+    if shards == 1:
+        return ids
+    offsets = ops.arange(shards, dtype="int32") * (classes // shards)
+    return ops.reshape(ops.expand_dims(offsets, -1) + ids, (-1,))

@@ -21,8 +21,8 @@ from kmask.ops._chunks import (
     add_chunk_grads,
     chunk_logits,
     real_first,
-    slice_size,
     to_chunks,
+    vocabulary_slices,
 )
 from kmask.ops._dispatch import KERNELS, backend_kernel
 from kmask.ops._rows import (
@@ -92,9 +92,10 @@ def held_rows(width: int, vocabulary: int, return_stats: bool = False) -> int:
     gradient) and in the `keras.ops` loop over whole rows (the logits before
     and after the bias, which XLA keeps both), as with `return_stats` (whose
     statistics read whole rows); 1 where that loop reads the rows in
-    vocabulary slices (`kmask.ops._chunks.slice_size`): the logits before
-    the bias, whatever made the rest fused into each slice's reads."""
-    sliced = slice_size(width, vocabulary) < vocabulary and not return_stats
+    vocabulary slices (`kmask.ops._chunks.vocabulary_slices`): the logits
+    before the bias, whatever made the rest fused into each slice's reads."""
+    size, shards = vocabulary_slices(width, vocabulary)
+    sliced = size * shards < vocabulary and not return_stats
     return 1 if sliced and backend_kernel("linear_crossentropy") is None else 2
 
 
@@ -268,13 +269,13 @@ def _chunked_crossentropy(
                     chunk_labels,
                     label_smoothing,
                     z_loss,
-                    slice_size=slice_size(chunk_hidden.shape[1], logits.shape[1]),
+                    slices=vocabulary_slices(chunk_hidden.shape[1], logits.shape[1]),
                 )
             if upstream is not None:
                 chunk_upstream = ops.take(upstream, index, axis=0)
                 chunk_valid = ops.take(valid, index, axis=0)
 
-                def d_logits(start, size):
+                def d_logits(columns):
                     # Recomputed from the logits, slice by slice: a whole
                     # chunk of exponentials is never held.
                     return row_crossentropy_grad(
@@ -285,7 +286,7 @@ def _chunked_crossentropy(
                         chunk_valid,
                         label_smoothing,
                         z_loss,
-                        columns=(start, size),
+                        columns=columns,
                     )
 
                 grads = add_chunk_grads(
