@@ -86,6 +86,7 @@ def add_chunk_grads(
     tokens, vocabulary = logits.shape
     width = hidden.shape[1]
     size, shards = vocabulary_slices(width, vocabulary)
+    steps = vocabulary // (size * shards)
     # The kernel's vocabulary axis.
     axis = 0 if options.transpose_kernel else 1
 
@@ -106,7 +107,7 @@ def add_chunk_grads(
             chunk_d_hidden += ops.matmul(piece, ops.transpose(rows))
             kernel_share = ops.matmul(ops.transpose(hidden), piece)
         bias_share = column_slice(d_bias, *columns, axis=0) + ops.sum(piece, axis=0)
-        if size * shards == vocabulary:
+        if steps == 1:
             return d_kernel + kernel_share, bias_share, chunk_d_hidden
         # Updated in place: a compiler aliases the update's buffer.
         added = column_slice(d_kernel, *columns, axis=axis) + kernel_share
@@ -115,7 +116,6 @@ def add_chunk_grads(
         return d_kernel, d_bias, chunk_d_hidden
 
     found = (d_kernel, d_bias, ops.zeros((tokens, width), "float32"))
-    steps = vocabulary // (size * shards)
     if steps == 1:
         found = add_slice(0, found)
     else:

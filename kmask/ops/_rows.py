@@ -95,17 +95,15 @@ def row_crossentropy(
             logits, targets, slices, bool(label_smoothing)
         )
     else:
-        top = ops.max(logits, axis=-1)
         # A row of -inf has no finite maximum; any shift works there.
-        top = ops.where(ops.isfinite(top), top, ops.zeros_like(top))
+        top = _finite(ops.max(logits, axis=-1))
         exponentials = ops.exp(logits - ops.expand_dims(top, -1))
         log_sum = ops.log(ops.sum(exponentials, axis=-1))
         logit_mean = ops.mean(logits, axis=-1) if label_smoothing else None
+        if labels:
+            label = ops.take_along_axis(logits, ops.expand_dims(targets, -1), axis=-1)
+            label_logit = label[..., 0]
     if labels:
-        if exponentials is not None:
-            label_logit = ops.take_along_axis(
-                logits, ops.expand_dims(targets, -1), axis=-1
-            )[..., 0]
         raw_sum = target_sum = 1.0
         target_logit = label_logit - top
     else:
@@ -172,7 +170,6 @@ def row_sums(logits: Any, labels: Any, slices: tuple, logit_mean: bool) -> tuple
     found = (lowest, zeros, zeros) + ((zeros,) if logit_mean else ())
     steps = classes // (size * shards)
     top, total, label_logit, *row_sum = ops.fori_loop(0, steps, add, found)
-    # A row of -inf has no finite maximum; any shift works there.
     mean = row_sum[0] / classes if row_sum else None
     return _finite(top), ops.log(total), label_logit, mean
 
