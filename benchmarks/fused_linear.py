@@ -506,8 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk_size = args.chunk_size
     mesh_shape = _mesh_shape(args.mesh) if args.mesh else None
     if mesh_shape and chunk_size == "auto":
-        # One chunk on both sides, the mesh's: under `ModelParallel` the
-        # head reads whole rows and "auto" holds two per token.
+        # One chunk on both sides, fixed, so that the goal's chunk is the
+        # one both steps ran (the figure in docs/measured.md is at 256).
         chunk_size = 256
     if args.quick and chunk_size != "auto":
         chunk_size = min(chunk_size, 64)

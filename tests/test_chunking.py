@@ -158,6 +158,64 @@ def test_auto_under_keras_fit_and_save(tmp_path):
     close(restored.evaluate([x, y], verbose=0), model.evaluate([x, y], verbose=0))
 
 
+def _np_token_chunks(valid, shards, chunk_size):
+    """NumPy: the chunks' token positions (`-1`: padding) and the number of
+    active chunks, counted one shard at a time: each shard's real tokens
+    first, cut into chunks, and chunk `i` the `i`-th chunk of every shard."""
+    length = len(valid) // shards
+    chunk = min(chunk_size, max(length, 1))
+    chunks = max(-(-length // chunk), 1)
+    cut, active = [], 0
+    for shard in range(shards):
+        positions = np.arange(shard * length, (shard + 1) * length)
+        real = positions[valid[positions]]
+        ordered = np.concatenate([real, positions[~valid[positions]]])
+        ordered = np.pad(ordered, (0, chunks * chunk - length), constant_values=-1)
+        cut.append(ordered.reshape(chunks, chunk))
+        active = max(active, -(-len(real) // chunk))
+    return np.concatenate(cut, axis=1), active
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_token_chunks_cut_each_shard_alone_like_numpy(data):
+    """`token_chunks` against a NumPy count, over 1-4 batch shards (the
+    mesh's batch axis patched): the rows in each chunk, the chunks that hold
+    a real token, `take` of a chunk's rows, and `unchunk` back to the
+    tokens' order."""
+    from kmask.ops import _chunks
+
+    shards = data.draw(st.sampled_from([1, 2, 3, 4]))
+    tokens = shards * data.draw(st.integers(0, 9))
+    chunk_size = data.draw(st.integers(1, 6))
+    valid = np.array(
+        data.draw(st.lists(st.booleans(), min_size=tokens, max_size=tokens)), bool
+    )
+    positions, active = _np_token_chunks(valid, shards, chunk_size)
+    # Each token's row is its position, so a row shows where it came from.
+    rows = np.arange(tokens, dtype="float32")[:, None] * np.ones((1, 3), "float32")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_chunks, "batch_shards", lambda tokens: shards)
+        chunks = _chunks.token_chunks(
+            keras.ops.convert_to_tensor(valid),
+            chunk_size,
+            keras.ops.convert_to_tensor(rows),
+        )
+        assert int(chunks.active) == active
+        cut = keras.ops.convert_to_numpy(chunks.rows[0])
+        close(
+            cut,
+            np.where(positions[..., None] >= 0, positions[..., None], 0.0) * np.ones(3),
+        )
+        for index in range(min(active, len(positions))):
+            taken = keras.ops.convert_to_numpy(
+                chunks.take(keras.ops.convert_to_tensor(rows), index)
+            )
+            real = positions[index] >= 0
+            close(taken[real], rows[positions[index][real]])
+        close(keras.ops.convert_to_numpy(chunks.unchunk(chunks.rows[0])), rows)
+
+
 MESH_HEAD = """
 import json, re, sys
 import jax, keras, numpy as np
@@ -209,13 +267,17 @@ def test_sharded_vocabulary_slices_stay_on_their_device_and_match_numpy(tmp_path
     8 logical CPU devices, its tied `[vocabulary, hidden]` embedding sharded
     over the vocabulary: each chunk is read in slices within each device's
     quarter of the vocabulary (`vocabulary_slices`: 4 steps of 2 columns of
-    each quarter), so XLA gathers no embedding, and the value and gradients
-    match NumPy."""
+    each quarter), so XLA gathers no embedding; the tokens are ordered and
+    chunked within each batch shard (`token_chunks`), so it gathers no
+    hidden states either; and the value and gradients match NumPy."""
     rng = np.random.default_rng(5)
     hidden = rng.normal(size=(4, 6, 8)).astype("float32")
     embedding = rng.normal(size=(32, 8)).astype("float32")
     labels = rng.integers(0, 32, size=(4, 6)).astype("int32")
-    labels[:, 4:] = PAD
+    # Batch shard 0 (rows 0-1) holds 10 real tokens, shard 1 holds 4: the
+    # loops run over shard 0's two chunks, shard 1's second is padding.
+    labels[1, 4:] = PAD
+    labels[2:, 2:] = PAD
     arrays = tmp_path / "arrays.npz"
     np.savez(arrays, hidden=hidden, embedding=embedding, labels=labels)
     env = backend_environment(
@@ -226,8 +288,9 @@ def test_sharded_vocabulary_slices_stay_on_their_device_and_match_numpy(tmp_path
     assert completed.returncode == 0, completed.stderr[-4000:]
     found = json.loads(completed.stdout.strip().splitlines()[-1])
     assert found["slices"] == [2, 4]
-    # Only the tokens' int32 order is gathered: no embedding, no logits.
-    assert not [g for g in found["gathers"] if g.startswith("f32")]
+    # Nothing is gathered across devices: no embedding, no logits, and no
+    # tokens (each batch shard is ordered and chunked on its own device).
+    assert found["gathers"] == []
     expected = references.np_linear(
         hidden, embedding.T, None, labels, labels != PAD, None, "token_mean",
         softcap=3.0, label_smoothing=0.1, z_loss=0.01,

@@ -19,32 +19,128 @@ from keras import ops
 from kmask.ops._rows import column_slice, column_update, softcap, softcap_slope
 
 
-def real_first(valid: Any) -> Any:
-    """The order that puts the `valid` tokens (`[tokens]`) first, each group
-    in its own order: the loops stop after the last chunk that holds one, so
-    padding costs no matmul."""
-    tokens = ops.shape(valid)[0]
-    return ops.argsort(ops.where(valid, 0, tokens) + ops.arange(tokens, dtype="int32"))
+class TokenChunks:
+    """The tokens of a chunked op cut into chunks, the real ones first:
+    made by `token_chunks`.
 
+    A loop over the chunks reads chunk `index`'s rows of an array in one of
+    two ways: cut whole into `rows` (a copy in the chunks' order, read with
+    `ops.take(rows, index, axis=0)`), or `take`n from the `[tokens, ...]`
+    array (a gather of `size` rows each time: no copy). The head `take`s its
+    hidden states, whose copy and its gradient's were a third of its
+    temporary memory; the chunked distillation cuts its two, which it reads
+    twice per chunk (gathered, its backward pass took 1.08x the time).
+    `unchunk` puts a per-chunk output `[chunks, size, ...]` back into the
+    tokens' order.
 
-def to_chunks(tokens: Any, valid: Any, chunk_size: int, *rows: Any):
-    """`(chunks, active, chunked rows)`: `rows` (`[tokens, ...]`) padded to a
-    whole number of chunks and reshaped to `[chunks, chunk, ...]`, and the
-    number of chunks that hold a `valid` token (these come first). A batch
-    smaller than a chunk is one chunk of its own size; an empty one has one
-    chunk of padding, so the buffers have a shape."""
-    chunk = min(chunk_size, max(tokens, 1)) if isinstance(tokens, int) else chunk_size
-    chunks = (tokens + chunk - 1) // chunk
-    chunks = max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
-    active = (ops.sum(ops.cast(valid, "int32")) + chunk - 1) // chunk
-    extra = chunks * chunk - tokens
-    chunked = []
-    for row in rows:
-        padding = [[0, extra]] + [[0, 0]] * (len(row.shape) - 1)
-        chunked.append(
-            ops.reshape(ops.pad(row, padding), (chunks, chunk, *row.shape[1:]))
+    Attributes:
+        chunks: The number of chunks.
+        active: The number of chunks that hold a real token (these come
+            first): the loops stop after them, so padding costs no matmul.
+        size: The rows of a chunk.
+        rows: The `rows` given to `token_chunks`, each `[chunks, size,
+            ...]`, 0 in the last chunk's padding.
+    """
+
+    def __init__(self, valid: Any, chunk_size: int, rows: tuple) -> None:
+        tokens = ops.shape(valid)[0]
+        self.shards = shards = batch_shards(tokens)
+        valid = ops.reshape(valid, (shards, -1))
+        self.length = length = ops.shape(valid)[1]
+        position = ops.arange(length, dtype="int32")
+        order = ops.argsort(ops.where(valid, 0, length) + position, axis=-1)
+        self.restore = ops.argsort(order, axis=-1)
+        chunk = chunk_size
+        if isinstance(length, int):
+            chunk = min(chunk_size, max(length, 1))
+        chunks = (length + chunk - 1) // chunk
+        self.chunk, self.size = chunk, shards * chunk
+        self.chunks = (
+            max(chunks, 1) if isinstance(chunks, int) else ops.maximum(chunks, 1)
         )
-    return chunks, active, chunked
+        most = ops.amax(ops.sum(ops.cast(valid, "int32"), axis=1))
+        self.active = (most + chunk - 1) // chunk
+        # Each chunk's positions in each shard; the last chunk's padding
+        # reads position 0, and is never a real token.
+        self.index = ops.reshape(self._cut(order), (self.chunks, shards, chunk))
+        self.rows = [self._cut(along_shards(self._sharded(row), order)) for row in rows]
+
+    def take(self, array: Any, index: Any) -> Any:
+        """Chunk `index`'s rows of `array` (`[tokens, ...]`): `[size,
+        ...]`."""
+        if isinstance(self.length, int) and self.length == 0:
+            # No token: the one chunk is padding.
+            return ops.zeros((self.size, *array.shape[1:]), array.dtype)
+        positions = ops.take(self.index, index, axis=0)
+        rows = along_shards(self._sharded(array), positions)
+        return ops.reshape(rows, (self.size, *array.shape[1:]))
+
+    def unchunk(self, values: Any) -> Any:
+        """`values` (`[chunks, size, ...]`, one row per chunk row) in the
+        tokens' order: `[tokens, ...]`."""
+        rest = values.shape[2:]
+        values = ops.reshape(values, (self.chunks, self.shards, self.chunk, *rest))
+        values = ops.reshape(ops.moveaxis(values, 1, 0), (self.shards, -1, *rest))[
+            :, : self.length
+        ]
+        return ops.reshape(along_shards(values, self.restore), (-1, *rest))
+
+    def _sharded(self, array: Any) -> Any:
+        """`array` (`[tokens, ...]`) as `[shards, tokens / shards, ...]`."""
+        return ops.reshape(array, (self.shards, -1, *array.shape[1:]))
+
+    def _cut(self, rows: Any) -> Any:
+        """`rows` (`[shards, length, ...]`) padded with 0 to whole chunks,
+        as `[chunks, size, ...]`: chunk `i` is the `i`-th chunk of every
+        shard, side by side."""
+        chunks, chunk, rest = self.chunks, self.chunk, rows.shape[2:]
+        padding = [[0, 0], [0, chunks * chunk - self.length]] + [[0, 0]] * len(rest)
+        rows = ops.reshape(ops.pad(rows, padding), (self.shards, chunks, chunk, *rest))
+        return ops.reshape(ops.moveaxis(rows, 0, 1), (chunks, self.size, *rest))
+
+
+def token_chunks(valid: Any, chunk_size: int, *rows: Any) -> TokenChunks:
+    """The tokens (`valid`, the boolean `[tokens]`: the real ones) in chunks
+    of `chunk_size`, the real tokens first, with `rows` (`[tokens, ...]`)
+    cut alike (`TokenChunks`).
+
+    A batch smaller than a chunk is one chunk of its own size; an empty one
+    has one chunk of padding, so the buffers have a shape.
+
+    Under a Keras distribution that shards the batch over `shards` devices
+    (`batch_shards`), the tokens are reordered within each device's shard,
+    never across it. Chunk `i` is the `i`-th chunk of every shard, side by
+    side: every index the loops take is on an axis that is not sharded, so
+    a device holds only its own tokens (a global reorder would gather every
+    device's hidden states, and their gradient, on each), and the loops run
+    over the chunks of the shard with the most real tokens."""
+    return TokenChunks(valid, chunk_size, rows)
+
+
+def along_shards(rows: Any, order: Any) -> Any:
+    """`rows` (`[shards, length, ...]`) taken in `order` (`[shards, n]`)
+    along their second axis, each shard in its own order: `[shards, n,
+    ...]`."""
+    if order.shape[0] == 1:
+        # One shard: the plain gather of an unsharded op.
+        return ops.expand_dims(ops.take(rows[0], order[0], axis=0), 0)
+    index = ops.reshape(order, (*order.shape, *[1] * (len(rows.shape) - 2)))
+    return ops.take_along_axis(rows, index, axis=1)
+
+
+def batch_shards(tokens: Any) -> int:
+    """The devices a Keras distribution shards the batch over (its mesh's
+    batch axis), when they divide the (static) number of `tokens`; else
+    1."""
+    distribution = keras.distribution.distribution()
+    name = getattr(distribution, "batch_dim_name", None)
+    if name is None or not isinstance(tokens, int):
+        return 1
+    mesh = distribution.device_mesh
+    if name not in mesh.axis_names:
+        return 1
+    size = mesh.shape[list(mesh.axis_names).index(name)]
+    return size if tokens % size == 0 else 1
 
 
 def chunk_logits(hidden: Any, kernel: Any, bias: Any, options: Any) -> Any:
@@ -70,7 +166,8 @@ def add_chunk_grads(
     options: Any,
 ) -> tuple[Any, Any, Any]:
     """`(d_hidden, d_kernel, d_bias)` with chunk `index`'s share added, from
-    the gradient of its capped `logits` and its `hidden` rows.
+    the gradient of its capped `logits` and its `hidden` rows (`d_hidden` is
+    `[chunks, rows, width]`, in the chunks' order).
 
     The share is computed one vocabulary slice at a time (`vocabulary_slices`):
     `d_logits(columns)` gives the gradient's columns `column_slice(...,
@@ -83,9 +180,8 @@ def add_chunk_grads(
     (docs/measured.md, "The gradient in vocabulary slices").
     """
     d_hidden, d_kernel, d_bias = grads
-    tokens, vocabulary = logits.shape
-    width = hidden.shape[1]
-    size, shards = vocabulary_slices(width, vocabulary)
+    vocabulary = logits.shape[1]
+    size, shards = vocabulary_slices(hidden.shape[1], vocabulary)
     steps = vocabulary // (size * shards)
     # The kernel's vocabulary axis.
     axis = 0 if options.transpose_kernel else 1
@@ -115,7 +211,9 @@ def add_chunk_grads(
         d_bias = column_update(d_bias, columns[0], bias_share, shards, 0)
         return d_kernel, d_bias, chunk_d_hidden
 
-    found = (d_kernel, d_bias, ops.zeros((tokens, width), "float32"))
+    # Added to what the chunk's rows hold (a loop may start from a
+    # gradient computed ahead).
+    found = (d_kernel, d_bias, ops.take(d_hidden, index, axis=0))
     if steps == 1:
         found = add_slice(0, found)
     else:

@@ -20,8 +20,7 @@ from kmask._shapes import broadcast_to_steps
 from kmask.ops._chunks import (
     add_chunk_grads,
     chunk_logits,
-    real_first,
-    to_chunks,
+    token_chunks,
     vocabulary_slices,
 )
 from kmask.ops._dispatch import KERNELS, backend_kernel
@@ -194,51 +193,43 @@ def linear_crossentropy_portable(
     and `bias` (or `None`), int32 `labels` `[tokens]` (0 where not `valid`),
     boolean `valid` `[tokens]`, float32 `value_gradient` `[tokens]` or
     `None`; the per-step outputs are `[tokens]`."""
-    tokens = ops.shape(labels)[0]
-    order = real_first(valid)
-    rows = [ops.take(x, order, axis=0) for x in (hidden, labels, valid)]
-    rows[2] = ops.cast(rows[2], "int32")
+    rows = [labels, ops.cast(valid, "int32")]
     if value_gradient is not None:
-        rows.append(ops.take(value_gradient, order, axis=0))
-    chunks, active, chunked = to_chunks(tokens, rows[2], options.chunk_size, *rows)
-    hidden, labels, valid, *gradient = chunked
+        rows.append(value_gradient)
+    chunks = token_chunks(valid, options.chunk_size, *rows)
+    labels, valid, *given = chunks.rows
     valid = ops.cast(valid, "bool")
-    gradient = gradient[0] if gradient else None
+    gradient = given[0] if given else None
     params = [hidden, kernel] if bias is None else [hidden, kernel, bias]
     per_step, stats, value = _chunked_crossentropy(
-        labels, valid, gradient, options, return_stats, (chunks, active), *params
+        labels, valid, gradient, options, return_stats, chunks, *params
     )
-    restore = ops.argsort(order)
-
-    def unchunk(values):
-        return ops.take(ops.reshape(values, (-1,))[:tokens], restore, axis=0)
-
-    per_step = unchunk(per_step)
+    per_step = chunks.unchunk(per_step)
     if stats is not None:
-        stats = tuple(ops.stop_gradient(unchunk(stat)) for stat in stats)
+        stats = tuple(ops.stop_gradient(chunks.unchunk(stat)) for stat in stats)
     return per_step, value, stats
 
 
 def _chunked_crossentropy(
     labels, valid, gradient, options, return_stats, chunks, *params
 ):
-    """The custom gradient over `(hidden [chunks, chunk, width], kernel[,
-    bias])`: `(per_step, stats, value)`, the per-step losses `[chunks,
-    chunk]`, with `return_stats` the statistics `LINEAR_STATS` (stacked on
-    the losses as one output, of which only the losses have a gradient), and
-    with `gradient` (`d value / d per_step`, `[chunks, chunk]`) the value,
-    whose gradient the forward loop computes (else `None`). The backward
-    pass recomputes each chunk's logits only for a nonzero upstream gradient
-    of the per-step losses. `chunks` is `(all, active)`: the loops run over
-    the first `active` chunks (the others are padding: 0, with a 0
+    """The custom gradient over `(hidden [tokens, width], kernel[, bias])`:
+    `(per_step, stats, value)`, the per-step losses `[chunks, size]` of the
+    `TokenChunks` `chunks`, with `return_stats` the statistics
+    `LINEAR_STATS` (stacked on the losses as one output, of which only the
+    losses have a gradient), and with `gradient` (`d value / d per_step`,
+    `[chunks, size]`) the value, whose gradient the forward loop computes
+    (else `None`). The backward pass recomputes each chunk's logits only for
+    a nonzero upstream gradient of the per-step losses. The loops run over
+    the first `chunks.active` chunks (the others are padding: 0, with a 0
     gradient)."""
     label_smoothing, z_loss = options.label_smoothing, options.z_loss
-    chunks, active = chunks
+    active = chunks.active
     # Inside the custom gradient a constant (JAX refuses a differentiated
     # value captured there); its own gradient flows through the product
     # that makes the value, below.
     coefficient = None if gradient is None else ops.stop_gradient(gradient)
-    empty = ops.zeros((chunks, params[0].shape[1]), "float32")
+    empty = ops.zeros((chunks.chunks, chunks.size), "float32")
     # tops, log sums, losses; then correct, nll, predicted, log_prob, entropy.
     buffers = (empty,) * (8 if return_stats else 3)
     ahead = gradient is not None
@@ -246,7 +237,8 @@ def _chunked_crossentropy(
     def zero_grads(hidden, kernel):
         vocabulary = kernel.shape[0 if options.transpose_kernel else 1]
         return (
-            ops.zeros_like(hidden),
+            # Chunk by chunk, in the chunks' order (`chunks.unchunk`).
+            ops.zeros((chunks.chunks, chunks.size, hidden.shape[1]), "float32"),
             ops.zeros_like(kernel),
             ops.zeros((vocabulary,), "float32"),
         )
@@ -258,7 +250,7 @@ def _chunked_crossentropy(
         def chunk_rows(index, rows, upstream, grads):
             """Chunk `index`'s logits; with `upstream` (the gradient of its
             per-step losses), `grads` with its share added."""
-            chunk_hidden = ops.take(hidden, index, axis=0)
+            chunk_hidden = chunks.take(hidden, index)
             logits = chunk_logits(chunk_hidden, kernel, bias, options)
             chunk_labels = ops.take(labels, index, axis=0)
             if rows is None:
@@ -353,14 +345,15 @@ def _chunked_crossentropy(
             # them: the loop then recomputes the logits of every chunk.
             used = ops.any(ops.not_equal(d_per_step, 0.0))
             trips = ops.where(used, active, ops.zeros_like(active))
-            found = ops.fori_loop(0, trips, backward_chunk, zero_grads(hidden, kernel))
+            start = zero_grads(hidden, kernel)
             if ahead_grads is not None:
-                # The anchor is summed: its upstream is the value's, everywhere.
+                # The anchor is summed: its upstream is the value's,
+                # everywhere. The loop adds to the gradients computed
+                # ahead, in their buffers.
                 d_value = upstream[-1][0, 0]
-                found = tuple(
-                    a + b * d_value for a, b in zip(found, ahead_grads, strict=True)
-                )
-            return found[: len(params)]
+                start = tuple(found * d_value for found in ahead_grads)
+            d_hidden, *found = ops.fori_loop(0, trips, backward_chunk, start)
+            return (chunks.unchunk(d_hidden), *found)[: len(params)]
 
         return output, grad
 

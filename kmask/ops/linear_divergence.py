@@ -22,8 +22,7 @@ from kmask.ops._chunks import (
     add_chunk_grads,
     chunk_logits,
     columns_of,
-    real_first,
-    to_chunks,
+    token_chunks,
 )
 from kmask.ops._dispatch import compiling
 from kmask.ops.divergence import Divergence, row_divergence, row_divergence_grad
@@ -63,25 +62,20 @@ def linear_divergence(
     teacher_hidden, teacher_kernel, teacher_bias = (
         None if part is None else ops.stop_gradient(part) for part in teacher
     )
-    tokens = ops.shape(valid)[0]
     student_hidden = ops.where(valid[:, None], student_hidden, 0.0)
     teacher_hidden = ops.where(valid[:, None], teacher_hidden, 0.0)
-    order = real_first(valid)
-    rows = (ops.take(x, order, axis=0) for x in (student_hidden, teacher_hidden, valid))
-    student_hidden, teacher_hidden, valid = rows
-    chunks, active, chunked = to_chunks(
-        tokens,
+    chunks = token_chunks(
         valid,
         chunking.chunk_size,
         student_hidden,
         teacher_hidden,
         ops.cast(valid, "int32"),
     )
-    student_hidden, teacher_hidden, valid = chunked
+    student_hidden, teacher_hidden, valid = chunks.rows
     valid = ops.cast(valid, "bool")
     # torch.compile cannot trace a loop whose bound is a tensor: there every
     # chunk runs, the padding's (last) ones on zeroed rows.
-    active = chunks if compiling() else active
+    active = chunks.chunks if compiling() else chunks.active
     per_chunk = ops.zeros(ops.shape(valid), "float32")
 
     def teacher_logits(index):
@@ -140,6 +134,4 @@ def linear_divergence(
 
         return per_step, grad
 
-    per_step = divergence(*params)
-    restore = ops.argsort(order)
-    return ops.take(ops.reshape(per_step, (-1,))[:tokens], restore, axis=0)
+    return chunks.unchunk(divergence(*params))
