@@ -60,8 +60,9 @@ class TokenChunks:
         )
         most = ops.amax(ops.sum(ops.cast(valid, "int32"), axis=1))
         self.active = (most + chunk - 1) // chunk
-        # Each chunk's positions in each shard; the last chunk's padding
-        # reads position 0, and is never a real token.
+        # Each chunk's positions in each shard. The last chunk's padding
+        # reads position 0 (whatever token it holds: the padding's `valid`
+        # row is 0, so its loss and gradient are 0, and `unchunk` drops it).
         self.index = ops.reshape(self._cut(order), (self.chunks, shards, chunk))
         self.rows = [self._cut(along_shards(self._sharded(row), order)) for row in rows]
 
